@@ -1,0 +1,186 @@
+//! Drawing training samples: the epoch order, batches within one bucket,
+//! and loading one sample (resize, crop, flip, caption ops) as a CHW tensor
+//! in [-1, 1].
+//!
+//! Everything random is derived from `(seed, epoch, batch, position)`, so a
+//! run can be resumed at any batch and samples can be loaded in parallel
+//! without changing a single bit.
+
+use crate::bucket::{Bucket, CropGeometry, crop_geometry};
+use crate::config::SubsetKind;
+use crate::decode::decode_image;
+use crate::problem::Problem;
+use crate::rng::Rng;
+use crate::scan::Dataset;
+use image::imageops::{self, FilterType};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+
+/// Stream tags, so the order and the per-sample streams never coincide.
+const ORDER_STREAM: u64 = 0x006F_7264_6572;
+const SAMPLE_STREAM: u64 = 0x7361_6D70_6C65;
+
+/// One batch of an epoch: image indices (with repeats) that share a bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// The bucket all items train at.
+    pub bucket: Bucket,
+    /// Indices into [`Dataset::images`].
+    pub items: Vec<usize>,
+}
+
+/// One training sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Index into [`Dataset::images`].
+    pub image: usize,
+    /// Pixels in [-1, 1], channel-major: `[3, height, width]` flattened.
+    pub pixels: Vec<f32>,
+    /// Width in pixels (the bucket width).
+    pub width: u32,
+    /// Height in pixels (the bucket height).
+    pub height: u32,
+    /// Caption after caption operations.
+    pub caption: String,
+    /// Instance or class sample.
+    pub kind: SubsetKind,
+    /// Weight of this sample's loss.
+    pub loss_weight: f32,
+    /// Where the crop came from, for latent caching.
+    pub crop: CropGeometry,
+    /// Whether the image was mirrored.
+    pub flipped: bool,
+}
+
+impl Sample {
+    /// Tensor shape `[channels, height, width]`.
+    pub fn shape(&self) -> [usize; 3] {
+        [3, self.height as usize, self.width as usize]
+    }
+}
+
+impl Dataset {
+    /// The batches of epoch `epoch` (0-based): every image `repeats` times,
+    /// grouped by bucket, shuffled within each bucket, cut into batches of at
+    /// most `batch_size`, and the batches shuffled. The last batch of a bucket
+    /// may be smaller.
+    pub fn epoch_batches(&self, epoch: u64, batch_size: usize, seed: u64) -> Vec<BatchPlan> {
+        let batch_size = batch_size.max(1);
+        let mut rng = Rng::derive(&[seed, ORDER_STREAM, epoch]);
+        let mut by_bucket: BTreeMap<Bucket, Vec<usize>> = BTreeMap::new();
+        for (i, e) in self.images.iter().enumerate() {
+            let reps = self.subsets[e.subset].repeats as usize;
+            by_bucket
+                .entry(e.bucket)
+                .or_default()
+                .extend(std::iter::repeat_n(i, reps));
+        }
+        let mut batches = Vec::new();
+        for (bucket, mut items) in by_bucket {
+            rng.shuffle(&mut items);
+            for chunk in items.chunks(batch_size) {
+                batches.push(BatchPlan {
+                    bucket,
+                    items: chunk.to_vec(),
+                });
+            }
+        }
+        rng.shuffle(&mut batches);
+        batches
+    }
+
+    /// Number of batches in every epoch.
+    pub fn batches_per_epoch(&self, batch_size: usize) -> usize {
+        let batch_size = batch_size.max(1);
+        self.bucket_histogram()
+            .values()
+            .map(|n| n.div_ceil(batch_size))
+            .sum()
+    }
+
+    /// Loads the samples of one batch in parallel (deterministically).
+    pub fn load_batch(
+        &self,
+        plan: &BatchPlan,
+        seed: u64,
+        epoch: u64,
+        batch_index: u64,
+    ) -> Result<Vec<Sample>, Problem> {
+        plan.items
+            .par_iter()
+            .enumerate()
+            .map(|(pos, &image)| {
+                let mut rng = Rng::derive(&[seed, SAMPLE_STREAM, epoch, batch_index, pos as u64]);
+                self.load_sample(image, &mut rng)
+            })
+            .collect()
+    }
+
+    /// Loads one image as a sample: decode, resize to cover its bucket, crop
+    /// (centre or random), maybe flip, apply caption operations.
+    pub fn load_sample(&self, image: usize, rng: &mut Rng) -> Result<Sample, Problem> {
+        let entry = &self.images[image];
+        let subset = &self.subsets[entry.subset];
+        let decoded = decode_image(&entry.path, self.config.background_rgb()).map_err(|e| {
+            Problem::error(
+                &entry.path,
+                format!("changed since the dataset was scanned: {e}"),
+            )
+        })?;
+        let rgb = decoded.rgb;
+        if rgb.dimensions() != (entry.width, entry.height) {
+            return Err(Problem::error(
+                &entry.path,
+                "changed size since the dataset was scanned; run again",
+            ));
+        }
+        let geom = crop_geometry(
+            [entry.width, entry.height],
+            entry.bucket,
+            self.config.crop,
+            |range| rng.below(u64::from(range) + 1) as u32,
+        );
+        let resized = if geom.resized == [entry.width, entry.height] {
+            rgb
+        } else {
+            imageops::resize(&rgb, geom.resized[0], geom.resized[1], FilterType::Lanczos3)
+        };
+        let mut cropped = imageops::crop_imm(
+            &resized,
+            geom.offset[0],
+            geom.offset[1],
+            geom.size[0],
+            geom.size[1],
+        )
+        .to_image();
+        let flipped = subset.flip && rng.chance(0.5);
+        if flipped {
+            imageops::flip_horizontal_in_place(&mut cropped);
+        }
+        let caption = subset.caption_ops.apply(&entry.caption, rng);
+        Ok(Sample {
+            image,
+            pixels: to_chw_unit(&cropped),
+            width: geom.size[0],
+            height: geom.size[1],
+            caption,
+            kind: subset.kind,
+            loss_weight: subset.loss_weight,
+            crop: geom,
+            flipped,
+        })
+    }
+}
+
+/// 8-bit HWC RGB → f32 CHW in [-1, 1] (`v / 127.5 − 1`, as diffusers' `Normalize([0.5], [0.5])`).
+pub fn to_chw_unit(img: &image::RgbImage) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = f32::from(p[c]) / 127.5 - 1.0;
+        }
+    }
+    out
+}
