@@ -1,0 +1,130 @@
+//! 2-D convolution over a frozen kernel.
+//!
+//! candle's `conv2d` backward always computes the kernel gradient as well (a
+//! convolution as expensive as the forward) and stores it, even for a constant
+//! kernel; for the input gradient it uses `conv_transpose2d`, which on CPU is a
+//! naive loop, and it derives that op's output padding from the height alone, so
+//! a stride-2 conv on an input whose height and width differ in parity fails in
+//! the backward. [`FrozenConv2d`] computes only the input gradient:
+//!
+//! - stride 1, square kernel: `dx = conv2d(g, W′, padding k−1−p)` where `W′` is
+//!   the kernel flipped in height and width with its in/out channels swapped — the
+//!   same fast im2col path as the forward;
+//! - otherwise (stride 2 for the downsamplers): `conv_transpose2d(g, W)` with the
+//!   output padding that restores the input size.
+//!
+//! The forward runs candle's `conv2d` on detached tensors; the result is attached
+//! to `x` with [`with_grad1`] (candle's conv
+//! parameter structs cannot be built outside candle, so the storage-level conv is
+//! out of reach, unlike the storage-level matmul in [`super::linear`]).
+
+use candle_core::{Module, Result, Tensor, bail};
+
+use super::custom_grad::with_grad1;
+
+/// `y = conv2d(x, W) + b` with a frozen kernel `W: [out, in, kh, kw]` and bias
+/// `b: [out]`, on `x: [batch, in, h, w]`; one group, no dilation. Only `x`
+/// receives a gradient.
+#[derive(Debug, Clone)]
+pub struct FrozenConv2d {
+    /// `[out_channels, in_channels, kh, kw]`, as stored in checkpoints.
+    pub weight: Tensor,
+    /// `[out_channels]`.
+    pub bias: Option<Tensor>,
+    /// The same stride in height and width.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl FrozenConv2d {
+    /// Wraps a kernel and optional bias, checking their shapes.
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let (out_channels, _, _, _) = weight.dims4()?;
+        if let Some(b) = &bias
+            && b.dims1()? != out_channels
+        {
+            bail!(
+                "conv2d bias has shape {:?}, expected [{out_channels}]",
+                b.dims()
+            )
+        }
+        if stride == 0 {
+            bail!("conv2d stride must be at least 1")
+        }
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+
+    /// Applies the convolution to `x: [batch, in, h, w]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (out_channels, _, kh, kw) = self.weight.dims4()?;
+        let weight = self.weight.detach();
+        let mut y = x
+            .detach()
+            .conv2d(&weight, self.padding, self.stride, 1, 1)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.detach().reshape((1, out_channels, 1, 1))?)?;
+        }
+        let (stride, padding) = (self.stride, self.padding);
+        with_grad1("frozen-conv2d", x, y, move |a| {
+            let dx = input_grad(a.grad, &weight, (h, w), (kh, kw), stride, padding)?;
+            Ok([Some(dx)])
+        })
+    }
+}
+
+impl Module for FrozenConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        FrozenConv2d::forward(self, x)
+    }
+}
+
+/// The gradient of `conv2d(x, weight, padding, stride)` with respect to `x`, for
+/// an input of spatial size `hw`.
+fn input_grad(
+    grad: &Tensor,
+    weight: &Tensor,
+    (h, w): (usize, usize),
+    (kh, kw): (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if stride == 1 && kh == kw && padding < kh {
+        // Correlation with the flipped, in/out-transposed kernel is the transposed
+        // convolution for stride 1, and runs on the fast conv2d path.
+        // (`flip` is an index-select, which candle's CPU backend only runs on
+        // contiguous tensors.)
+        let flipped = weight.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
+        return grad.conv2d(&flipped, kh - 1 - padding, 1, 1, 1);
+    }
+    // Rows (columns) past the last window get no gradient; the output padding
+    // restores them. candle takes a single output padding for both axes, so use
+    // the larger one and cut the other axis back to size.
+    let (gh, gw) = (grad.dim(2)?, grad.dim(3)?);
+    let covered = |g: usize, k: usize| (g - 1) * stride + k;
+    let (ch, cw) = (covered(gh, kh), covered(gw, kw));
+    if ch < 2 * padding || cw < 2 * padding {
+        bail!("frozen-conv2d: padding {padding} larger than the kernel coverage")
+    }
+    let (rh, rw) = (
+        h.saturating_sub(ch - 2 * padding),
+        w.saturating_sub(cw - 2 * padding),
+    );
+    let dx = grad.conv_transpose2d(weight, padding, rh.max(rw), stride, 1)?;
+    if dx.dim(2)? == h && dx.dim(3)? == w {
+        Ok(dx)
+    } else {
+        dx.narrow(2, 0, h)?.narrow(3, 0, w)?.contiguous()
+    }
+}

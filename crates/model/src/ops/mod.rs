@@ -1,0 +1,57 @@
+//! Operations with a correct and economical backward pass, which the UNet, the
+//! text encoders and the VAE are built from.
+//!
+//! # Why these exist
+//!
+//! candle 0.11 computes gradients through every primitive op, but several of the
+//! fused ops that models use are applied without a backward, and the gradient
+//! through them is silently zero rather than an error:
+//!
+//! - `candle_nn::ops::softmax_last_dim` (used by every attention in
+//!   candle-transformers): `to_q`/`to_k` get no gradient;
+//! - `candle_nn::LayerNorm::forward` on contiguous inputs (the fused
+//!   `ops::layer_norm`), `RmsNorm`, rotary embeddings and `sdpa`: every path
+//!   through a LayerNorm is cut — all of a text encoder;
+//!
+//! and others compute far more than training a LoRA needs:
+//!
+//! - a matmul or conv computes and stores a gradient for *both* operands, so a
+//!   frozen base weight costs a full extra matmul/conv and a weight-sized buffer
+//!   per layer and step (for `x.matmul(&w.t())` it is stored under the id of the
+//!   temporary `w.t()`, so `grads.get(&w)` is `None` although the work was done);
+//! - adding a constant (a frozen bias, a mask) leaves a zero-filled gradient the
+//!   size of the output in the store;
+//! - `candle_nn::ops::softmax` and `GroupNorm` are differentiable but built from
+//!   many primitives, each keeping an intermediate for the backward.
+//!
+//! candle's `BackpropOp` cannot be built outside candle, so custom ops
+//! (`CustomOp1/2/3` with a `bwd`) are the only way to choose a backward. The
+//! [`custom_grad`] module turns that into one device-agnostic mechanism — compute
+//! the forward with ordinary tensor ops on detached inputs, attach a backward
+//! closure — and every other module uses it, except [`linear`], which runs the
+//! matmul on the backend storages directly to avoid copying the output.
+//!
+//! All ops work on f32 and f64 (the tests check gradients in f64 against finite
+//! differences) and run forward and backward on f16/bf16 storage too (norms compute
+//! their statistics in f32; candle's CPU backend has no bf16 conv). They are
+//! written only in terms of candle tensor ops and backend traits, so the CUDA
+//! backend runs them as well as the CPU one.
+//!
+//! Testing tip: `GradStore` has no `len`; its `Debug` output names each key as
+//! `TensorId(n)`, which is how the tests count entries.
+
+pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod custom_grad;
+pub mod linear;
+pub mod norm;
+pub mod softmax;
+
+pub use activation::{geglu, gelu, quick_gelu, silu};
+pub use attention::{attention, attention_chunked, attention_with_bias};
+pub use conv::FrozenConv2d;
+pub use custom_grad::{BackwardArgs, add_frozen, with_grad1, with_grad2, with_grad3};
+pub use linear::FrozenLinear;
+pub use norm::{group_norm, layer_norm};
+pub use softmax::softmax_last_dim;

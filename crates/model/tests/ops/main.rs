@@ -1,0 +1,12 @@
+//! Tests of `sd_lora_model::ops`: gradients against finite differences in f64,
+//! forwards (and, where candle's are differentiable, gradients) against candle's
+//! own ops in f32, and no GradStore entries for frozen weights.
+
+mod activation;
+mod attention;
+mod common;
+mod conv;
+mod half;
+mod linear;
+mod norm;
+mod softmax;
