@@ -17,3 +17,8 @@
 //! it, and `sd-lora-data` is independent of it.
 
 pub mod ops;
+pub mod blocks;
+pub mod clip;
+pub mod load;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,1 @@
+//! Building blocks shared by the UNet and the VAE: ResNet blocks, down/up-samplers, attention blocks (work in progress).

@@ -1,0 +1,1 @@
+//! CLIP: tokenizer and text encoders (work in progress).

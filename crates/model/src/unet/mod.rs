@@ -1,0 +1,1 @@
+//! The UNet2DConditionModel (work in progress).

@@ -1,0 +1,1 @@
+//! The VAE, AutoencoderKL (work in progress).
