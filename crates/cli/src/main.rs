@@ -1,1 +1,53 @@
-fn main() {}
+//! # sd-lora
+//!
+//! The `sd-lora` command: train Stable Diffusion LoRA adapters that load in
+//! AUTOMATIC1111/Forge, ComfyUI and diffusers. A thin front end: each
+//! sub-command parses its arguments and calls `sd-lora-data` /
+//! `sd-lora-train`.
+
+mod check_data;
+mod config_docs;
+mod config_file;
+mod overrides;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Train Stable Diffusion LoRA adapters that load everywhere.
+#[derive(Debug, Parser)]
+#[command(name = "sd-lora", version, about, long_about = None, arg_required_else_help = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show what would be trained on (subsets, captions, buckets) and every
+    /// problem with the images and captions.
+    #[command(
+        after_help = "Examples:\n  sd-lora check-data ./photos\n  sd-lora check-data ./train --class-data ./reg --class-prompt \"a photo of a dog\"\n  sd-lora check-data --config my_dog.toml --json\n\nExit status: 0 when there is at least one usable image, 1 when there is none (or, with --strict, on any problem)."
+    )]
+    CheckData(check_data::CheckDataArgs),
+    /// Print the configuration reference (docs/config.md) generated from the config definitions.
+    #[command(hide = true)]
+    ConfigDocs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::CheckData(a) => check_data::run(a),
+        Command::ConfigDocs => {
+            print!("{}", config_docs::render());
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -54,6 +54,8 @@ pub struct SubsetReport {
     pub fallback_captions: usize,
     /// The fallback caption, if any.
     pub fallback_caption: Option<String>,
+    /// Where the fallback caption comes from: folder or prompt.
+    pub fallback_source: CaptionSource,
     /// Images with no caption.
     pub uncaptioned: usize,
     /// Loss weight of its samples.
@@ -116,6 +118,7 @@ impl Report {
                     caption_files: s.captions_by_extension.clone(),
                     fallback_captions: s.fallback_captions,
                     fallback_caption: s.fallback_caption.clone(),
+                    fallback_source: s.fallback_source,
                     uncaptioned: s.uncaptioned,
                     loss_weight: s.loss_weight,
                 })
