@@ -70,7 +70,8 @@ pub enum FileRole {
 /// Classifies a file name. `caption_extension` is the configured one (with
 /// its dot); `.txt` and `.caption` are always caption candidates.
 pub fn file_role(path: &Path, caption_extension: &str) -> FileRole {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+    // Lossy: a file name that is not valid UTF-8 is still a file to read.
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy()) else {
         return FileRole::Other;
     };
     // Dotfiles are system metadata (macOS `._photo.jpg`, `.DS_Store`), never
@@ -78,10 +79,10 @@ pub fn file_role(path: &Path, caption_extension: &str) -> FileRole {
     if name.starts_with('.') {
         return FileRole::Other;
     }
-    let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
+    let Some(ext) = path.extension() else {
         return FileRole::Other;
     };
-    let ext = ext.to_ascii_lowercase();
+    let ext = ext.to_string_lossy().to_ascii_lowercase();
     if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
         return FileRole::Image;
     }

@@ -28,5 +28,5 @@ pub mod scan;
 
 pub use config::{CropMode, DatasetConfig, Layout, SubsetConfig, SubsetKind};
 pub use problem::{Problem, Severity};
-pub use sample::{BatchPlan, Sample};
+pub use sample::{BatchPlan, EpochIter, Sample};
 pub use scan::{CaptionSource, Dataset, ImageEntry, Subset};

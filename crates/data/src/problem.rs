@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// How much a problem matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -27,10 +27,17 @@ impl fmt::Display for Severity {
     }
 }
 
+/// Serialises a path as text even when it is not valid UTF-8 (file names on
+/// Linux may be any bytes; a report must never fail because of one).
+pub fn serialize_path_lossy<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string_lossy())
+}
+
 /// One problem with one file or folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// The file or folder concerned.
+    #[serde(serialize_with = "serialize_path_lossy")]
     pub path: PathBuf,
     /// Whether the file is still used.
     pub severity: Severity,

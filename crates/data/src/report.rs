@@ -3,7 +3,7 @@
 
 use crate::SubsetKind;
 use crate::bucket::Bucket;
-use crate::problem::{Problem, Severity};
+use crate::problem::{Problem, Severity, serialize_path_lossy};
 use crate::scan::{CaptionSource, Dataset};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -41,6 +41,7 @@ pub struct Totals {
 #[derive(Debug, Clone, Serialize)]
 pub struct SubsetReport {
     /// Folder.
+    #[serde(serialize_with = "serialize_path_lossy")]
     pub path: PathBuf,
     /// instance or class.
     pub kind: SubsetKind,
@@ -75,6 +76,7 @@ pub struct BucketCount {
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageReport {
     /// File.
+    #[serde(serialize_with = "serialize_path_lossy")]
     pub path: PathBuf,
     /// Width after EXIF rotation.
     pub width: u32,

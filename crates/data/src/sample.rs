@@ -89,6 +89,25 @@ impl Dataset {
         batches
     }
 
+    /// Iterates over the batches of epoch `epoch`, loading each one; see
+    /// [`Dataset::epoch_batches`] for the order. Start at batch `skip` to
+    /// resume a run mid-epoch with exactly the samples it would have drawn.
+    pub fn iter_epoch(
+        &self,
+        epoch: u64,
+        batch_size: usize,
+        seed: u64,
+        skip: usize,
+    ) -> EpochIter<'_> {
+        EpochIter {
+            dataset: self,
+            plans: self.epoch_batches(epoch, batch_size, seed),
+            next: skip,
+            epoch,
+            seed,
+        }
+    }
+
     /// Number of batches in every epoch.
     pub fn batches_per_epoch(&self, batch_size: usize) -> usize {
         let batch_size = batch_size.max(1);
@@ -171,6 +190,39 @@ impl Dataset {
         })
     }
 }
+
+/// The batches of one epoch, loaded one at a time (see [`Dataset::iter_epoch`]).
+pub struct EpochIter<'a> {
+    dataset: &'a Dataset,
+    plans: Vec<BatchPlan>,
+    next: usize,
+    epoch: u64,
+    seed: u64,
+}
+
+impl Iterator for EpochIter<'_> {
+    /// The batch index within the epoch and its samples, or the problem
+    /// with a file that changed since the scan.
+    type Item = (usize, Result<Vec<Sample>, Problem>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let i = self.next;
+        let plan = self.plans.get(i)?;
+        self.next += 1;
+        Some((
+            i,
+            self.dataset
+                .load_batch(plan, self.seed, self.epoch, i as u64),
+        ))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.plans.len().saturating_sub(self.next);
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for EpochIter<'_> {}
 
 /// 8-bit HWC RGB → f32 CHW in [-1, 1] (`v / 127.5 − 1`, as diffusers' `Normalize([0.5], [0.5])`).
 pub fn to_chw_unit(img: &image::RgbImage) -> Vec<f32> {

@@ -35,6 +35,7 @@ pub enum CaptionSource {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Subset {
     /// The folder.
+    #[serde(serialize_with = "crate::problem::serialize_path_lossy")]
     pub path: PathBuf,
     /// Instance or class images.
     pub kind: SubsetKind,
@@ -69,6 +70,7 @@ pub struct Subset {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageEntry {
     /// The image file.
+    #[serde(serialize_with = "crate::problem::serialize_path_lossy")]
     pub path: PathBuf,
     /// Width in pixels after EXIF rotation.
     pub width: u32,
@@ -83,7 +85,7 @@ pub struct ImageEntry {
     /// The bucket it trains in, `[width, height]`.
     pub bucket: Bucket,
     /// The caption file read, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip)]
     pub caption_file: Option<PathBuf>,
 }
 

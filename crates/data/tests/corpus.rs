@@ -212,6 +212,28 @@ fn kohya_root_with_every_broken_input() {
 }
 
 #[test]
+fn non_utf8_file_names_are_reported_and_serialised() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("imgs");
+    fs::create_dir_all(&dir).unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"caf\xE9.png");
+    save_png(&dir.join(name), &gradient(64, 64));
+    fs::write(dir.join(std::ffi::OsStr::from_bytes(b"bad\xFF.png")), b"").unwrap();
+    let ds = Dataset::scan(&config(&[(&dir, SubsetKind::Instance)])).unwrap();
+    assert_eq!(ds.images.len(), 1);
+    assert_eq!(
+        ds.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .count(),
+        1
+    );
+    let json = serde_json::to_string(&sd_lora_data::report::Report::new(&ds)).unwrap();
+    assert!(json.contains("caf\u{FFFD}.png"), "{json}");
+}
+
+#[test]
 fn dreambooth_instance_and_class_folders() {
     let tmp = tempfile::tempdir().unwrap();
     let inst = tmp.path().join("dog");

@@ -95,6 +95,15 @@ fn samples_are_chw_in_unit_range_and_deterministic() {
         assert!(s.caption.starts_with("ohwx"), "{}", s.caption);
         assert_eq!(s.loss_weight, 1.0);
     }
+    // The epoch iterator yields the same samples as loading the plans by hand,
+    // and can resume mid-epoch.
+    let all: Vec<_> = ds.iter_epoch(0, 3, 1, 0).collect();
+    assert_eq!(all.len(), ds.batches_per_epoch(3));
+    assert_eq!(all[0].1.as_ref().unwrap(), &a);
+    let resumed: Vec<_> = ds.iter_epoch(0, 3, 1, 2).collect();
+    assert_eq!(resumed.len(), all.len() - 2);
+    assert_eq!(resumed[0].0, 2);
+    assert_eq!(resumed[0].1.as_ref().unwrap(), all[2].1.as_ref().unwrap());
     // Over many draws, flips and caption orders vary.
     let draws: Vec<_> = (0..16)
         .map(|k| ds.load_sample(3, &mut Rng::new(k)).unwrap())
