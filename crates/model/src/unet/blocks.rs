@@ -1,0 +1,258 @@
+//! The UNet's down, mid and up blocks: diffusers' `CrossAttnDownBlock2D` /
+//! `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D` / `UpBlock2D`.
+//!
+//! The cross-attention and plain variants share one struct each (a plain block has
+//! no `attentions`). Every block's `forward` takes its inputs and returns its
+//! outputs explicitly — the down blocks return their skip tensors, the up blocks
+//! take theirs — so a caller can run (and recompute, for gradient checkpointing)
+//! the UNet one block at a time.
+
+use candle_core::{Result, Tensor, bail};
+use candle_nn::VarBuilder;
+
+use super::config::{BlockKind, UNetConfig};
+use crate::blocks::{
+    Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Transformer2DConfig, Transformer2DModel,
+    Upsample2D,
+};
+
+/// The transformer settings of one level.
+fn transformer_config(cfg: &UNetConfig, level: usize, channels: usize) -> Transformer2DConfig {
+    let heads = cfg.num_attention_heads[level];
+    Transformer2DConfig {
+        in_channels: channels,
+        heads,
+        head_dim: channels / heads,
+        num_layers: cfg.transformer_layers_per_block[level],
+        cross_attention_dim: cfg.cross_attention_dim[level],
+        norm_num_groups: cfg.norm_num_groups,
+        use_linear_projection: cfg.use_linear_projection,
+    }
+}
+
+fn resnet_config(cfg: &UNetConfig, in_channels: usize, out_channels: usize) -> ResnetBlock2DConfig {
+    ResnetBlock2DConfig {
+        in_channels,
+        out_channels,
+        temb_channels: Some(cfg.time_embed_dim),
+        groups: cfg.norm_num_groups,
+        eps: cfg.norm_eps,
+        output_scale_factor: 1.0,
+    }
+}
+
+/// Runs `resnet` then, when there is one, `attention`.
+fn resnet_attention(
+    resnet: &ResnetBlock2D,
+    attention: Option<&Transformer2DModel>,
+    x: &Tensor,
+    temb: &Tensor,
+    context: &Tensor,
+) -> Result<Tensor> {
+    let h = resnet.forward(x, Some(temb))?;
+    match attention {
+        Some(attn) => attn.forward(&h, context),
+        None => Ok(h),
+    }
+}
+
+/// A down block: `layers_per_block` ResNets (each followed by a transformer in a
+/// cross-attention block), then a stride-2 downsampler except on the last level.
+#[derive(Debug, Clone)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    /// Empty for a `DownBlock2D`.
+    pub attentions: Vec<Transformer2DModel>,
+    /// Key `downsamplers.0`; empty on the last level.
+    pub downsamplers: Vec<Downsample2D>,
+}
+
+impl DownBlock {
+    /// Builds level `level` of `cfg` (`vb` is `down_blocks.{level}`).
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig, level: usize) -> Result<Self> {
+        let out = cfg.block_out_channels[level];
+        let input = if level == 0 {
+            cfg.block_out_channels[0]
+        } else {
+            cfg.block_out_channels[level - 1]
+        };
+        let layers = cfg.layers_per_block[level];
+        let resnets = (0..layers)
+            .map(|j| {
+                let cin = if j == 0 { input } else { out };
+                ResnetBlock2D::new(vb.pp("resnets").pp(j), &resnet_config(cfg, cin, out))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = match cfg.down_block_types[level] {
+            BlockKind::CrossAttn => (0..layers)
+                .map(|j| {
+                    Transformer2DModel::new(
+                        vb.pp("attentions").pp(j),
+                        &transformer_config(cfg, level, out),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            BlockKind::Plain => Vec::new(),
+        };
+        let downsamplers = if level + 1 < cfg.block_out_channels.len() {
+            vec![Downsample2D::new(
+                vb.pp("downsamplers.0"),
+                out,
+                out,
+                cfg.downsample_padding,
+            )?]
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            downsamplers,
+        })
+    }
+
+    /// `x: [b, c_in, h, w]` → (output, skip tensors in order: one per ResNet,
+    /// plus the downsampled output when the block downsamples).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut h = x.clone();
+        let mut skips = Vec::with_capacity(self.resnets.len() + self.downsamplers.len());
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            h = resnet_attention(resnet, self.attentions.get(j), &h, temb, context)?;
+            skips.push(h.clone());
+        }
+        for down in &self.downsamplers {
+            h = down.forward(&h)?;
+            skips.push(h.clone());
+        }
+        Ok((h, skips))
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: ResNet, then (transformer, ResNet) per layer.
+#[derive(Debug, Clone)]
+pub struct MidBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+}
+
+impl MidBlock {
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        let last = cfg.block_out_channels.len() - 1;
+        let c = cfg.block_out_channels[last];
+        let mut rcfg = resnet_config(cfg, c, c);
+        rcfg.output_scale_factor = cfg.mid_block_scale_factor;
+        let resnets = (0..2)
+            .map(|j| ResnetBlock2D::new(vb.pp("resnets").pp(j), &rcfg))
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = vec![Transformer2DModel::new(
+            vb.pp("attentions.0"),
+            &transformer_config(cfg, last, c),
+        )?];
+        Ok(Self {
+            resnets,
+            attentions,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let Some((first, rest)) = self.resnets.split_first() else {
+            bail!("UNet mid block has no ResNets")
+        };
+        let mut h = first.forward(x, Some(temb))?;
+        for (attn, resnet) in self.attentions.iter().zip(rest) {
+            h = attn.forward(&h, context)?;
+            h = resnet.forward(&h, Some(temb))?;
+        }
+        Ok(h)
+    }
+}
+
+/// An up block: `layers_per_block + 1` ResNets, each taking the previous output
+/// concatenated (on channels) with one skip tensor, each followed by a transformer
+/// in a cross-attention block; then a ×2 upsampler except on the last level.
+#[derive(Debug, Clone)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    /// Empty for an `UpBlock2D`.
+    pub attentions: Vec<Transformer2DModel>,
+    /// Key `upsamplers.0`; empty on the last level.
+    pub upsamplers: Vec<Upsample2D>,
+}
+
+impl UpBlock {
+    /// Builds up block `i` of `cfg` (`vb` is `up_blocks.{i}`; it works at the
+    /// resolution of down level `levels − 1 − i`).
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig, i: usize) -> Result<Self> {
+        let levels = cfg.block_out_channels.len();
+        let level = levels - 1 - i;
+        let out = cfg.block_out_channels[level];
+        let prev_out = cfg.block_out_channels[(level + 1).min(levels - 1)];
+        // Channels of the down level below this one: the last skip of this block
+        // comes from there (the input of that down block).
+        let input = cfg.block_out_channels[level.saturating_sub(1)];
+        let layers = cfg.layers_per_block[level] + 1;
+        let resnets = (0..layers)
+            .map(|j| {
+                let skip = if j + 1 == layers { input } else { out };
+                let cin = if j == 0 { prev_out } else { out };
+                ResnetBlock2D::new(vb.pp("resnets").pp(j), &resnet_config(cfg, cin + skip, out))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = match cfg.up_block_types[i] {
+            BlockKind::CrossAttn => (0..layers)
+                .map(|j| {
+                    Transformer2DModel::new(
+                        vb.pp("attentions").pp(j),
+                        &transformer_config(cfg, level, out),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            BlockKind::Plain => Vec::new(),
+        };
+        let upsamplers = if i + 1 < levels {
+            vec![Upsample2D::new(vb.pp("upsamplers.0"), out, out)?]
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsamplers,
+        })
+    }
+
+    /// `x`: the previous block's output; `skips`: this block's skip tensors in
+    /// the order the down blocks produced them (the last one is used first);
+    /// `upsample_size`: the spatial size to upsample to (that of the next skip
+    /// tensor), `None` for ×2.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        if skips.len() != self.resnets.len() {
+            bail!(
+                "UNet up block got {} skip tensors for {} ResNets",
+                skips.len(),
+                self.resnets.len()
+            )
+        }
+        let mut h = x.clone();
+        for (j, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
+            let cat = Tensor::cat(&[&h, skip], 1)?;
+            h = resnet_attention(resnet, self.attentions.get(j), &cat, temb, context)?;
+        }
+        for up in &self.upsamplers {
+            h = up.forward(&h, upsample_size)?;
+        }
+        Ok(h)
+    }
+}
