@@ -1,0 +1,365 @@
+//! Single-file `.safetensors` checkpoints with original LDM key names.
+//!
+//! The architecture is told by which text encoder the file holds: `cond_stage_model.transformer.*`
+//! (CLIP-L, SD1), `cond_stage_model.model.*` (OpenCLIP-H, SD2), `conditioner.embedders.*`
+//! (SDXL). A file without a text encoder is classified by its UNet (linear `proj_in` → SD2).
+//! Each component's keys are renamed by [`ldm_keys`] into a lazily loaded
+//! [`ComponentWeights`]; configurations are inferred by [`ldm_config`](super::ldm_config).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::error::LoadError;
+use super::ldm_config::{Keys, UnetLayout, VaeLayout, open_clip_layers, text_config};
+use super::ldm_keys::{self, Conversion, Rename};
+use super::safetensors_file::SafetensorsFile;
+use super::weights::{ComponentWeights, WeightEntry};
+use super::{Architecture, Component, LoadOptions, Prediction};
+
+/// An opened single-file checkpoint.
+#[derive(Debug)]
+pub(crate) struct SingleFile {
+    pub file: Arc<SafetensorsFile>,
+    pub architecture: Architecture,
+    /// Converted weights per component; for SDXL, the original tensors (for counting only).
+    pub weights: BTreeMap<Component, ComponentWeights>,
+    /// False for SDXL: [`weights`](Self::weights) then hold original names.
+    pub convertible: bool,
+    unet: Option<UnetLayout>,
+    vae: Option<VaeLayout>,
+    text_projection_dim: Option<usize>,
+    pub notes: Vec<String>,
+}
+
+impl SingleFile {
+    pub(crate) fn open(path: &Path) -> Result<Self, LoadError> {
+        let file = Arc::new(SafetensorsFile::open(path)?);
+        let has = |prefix: &str| Keys::new(&file, prefix).any("");
+        let unet_keys = Keys::new(&file, ldm_keys::UNET_PREFIX);
+        if !has(ldm_keys::UNET_PREFIX) {
+            return Err(not_a_checkpoint(&file));
+        }
+        let mut notes = Vec::new();
+
+        if has("conditioner.embedders.") {
+            // SDXL: recognised and counted, not converted (yet).
+            let mut weights = BTreeMap::new();
+            // The refiner has only OpenCLIP-bigG, as embedder 0; diffusers calls it
+            // text_encoder_2 in both models.
+            let text_2 = if has(ldm_keys::SDXL_REFINER_TEXT_2_PREFIX) {
+                ldm_keys::SDXL_REFINER_TEXT_2_PREFIX
+            } else {
+                ldm_keys::SDXL_TEXT_2_PREFIX
+            };
+            for (component, prefix) in [
+                (Component::Unet, ldm_keys::UNET_PREFIX),
+                (Component::Vae, ldm_keys::VAE_PREFIX),
+                (Component::TextEncoder, ldm_keys::SDXL_TEXT_PREFIX),
+                (Component::TextEncoder2, text_2),
+            ] {
+                let w = convert(
+                    &file,
+                    prefix,
+                    component,
+                    |k| {
+                        if ldm_keys::is_buffer(k) {
+                            Rename::Drop("buffer")
+                        } else {
+                            Rename::To(vec![ldm_keys::Target {
+                                key: k.to_string(),
+                                conversion: Conversion::Same,
+                            }])
+                        }
+                    },
+                    &mut notes,
+                )?;
+                if !w.is_empty() {
+                    weights.insert(component, w);
+                }
+            }
+            notes.push(
+                "SDXL single-file checkpoints are recognised but not converted yet; parameter \
+                 counts are of the original tensors (buffers excluded), which diffusers' \
+                 conversion keeps one to one"
+                    .into(),
+            );
+            return Ok(Self {
+                file,
+                architecture: Architecture::Sdxl,
+                weights,
+                convertible: false,
+                unet: None,
+                vae: None,
+                text_projection_dim: None,
+                notes,
+            });
+        }
+
+        let unet = UnetLayout::infer(&unet_keys)?;
+        let architecture = if has(ldm_keys::SD2_TEXT_PREFIX) {
+            Architecture::Sd2
+        } else if has(ldm_keys::SD1_TEXT_PREFIX) {
+            Architecture::Sd1
+        } else if unet_keys.any("label_emb.") {
+            Architecture::Sdxl
+        } else {
+            let guess = if unet.use_linear_projection {
+                Architecture::Sd2
+            } else {
+                Architecture::Sd1
+            };
+            notes.push(format!(
+                "the file has no text encoder; architecture {guess} guessed from the UNet's \
+                 {} projections",
+                if unet.use_linear_projection {
+                    "linear"
+                } else {
+                    "convolutional"
+                }
+            ));
+            guess
+        };
+        if architecture == Architecture::Sdxl {
+            return Err(LoadError::Unsupported {
+                path: path.to_path_buf(),
+                what: "an SDXL UNet without its text encoders; give the full checkpoint".into(),
+            });
+        }
+
+        let mut weights = BTreeMap::new();
+        let lpb = unet.layers_per_block;
+        let w = convert(
+            &file,
+            ldm_keys::UNET_PREFIX,
+            Component::Unet,
+            |k| ldm_keys::unet(k, lpb),
+            &mut notes,
+        )?;
+        weights.insert(Component::Unet, w);
+
+        let vae = if has(ldm_keys::VAE_PREFIX) {
+            let layout = VaeLayout::infer(&Keys::new(&file, ldm_keys::VAE_PREFIX))?;
+            let n = layout.channels.len();
+            let w = convert(
+                &file,
+                ldm_keys::VAE_PREFIX,
+                Component::Vae,
+                |k| {
+                    // Old checkpoints sometimes carry the VAE's training loss (discriminator).
+                    if k.starts_with("loss.") {
+                        Rename::Drop("VAE training loss, not part of the model")
+                    } else {
+                        ldm_keys::vae(k, n)
+                    }
+                },
+                &mut notes,
+            )?;
+            weights.insert(Component::Vae, w);
+            Some(layout)
+        } else {
+            None
+        };
+
+        let mut text_projection_dim = None;
+        match architecture {
+            Architecture::Sd1 => {
+                let w = convert(
+                    &file,
+                    ldm_keys::SD1_TEXT_PREFIX,
+                    Component::TextEncoder,
+                    ldm_keys::clip,
+                    &mut notes,
+                )?;
+                weights.insert(Component::TextEncoder, w);
+            }
+            Architecture::Sd2 if has(ldm_keys::SD2_TEXT_PREFIX) => {
+                let keys = Keys::new(&file, ldm_keys::SD2_TEXT_PREFIX);
+                let layers = open_clip_layers(&keys);
+                text_projection_dim = keys
+                    .shape("text_projection")
+                    .filter(|s| s.len() == 2)
+                    .map(|s| s[1]);
+                let w = convert(
+                    &file,
+                    ldm_keys::SD2_TEXT_PREFIX,
+                    Component::TextEncoder,
+                    |k| ldm_keys::open_clip(k, layers),
+                    &mut notes,
+                )?;
+                notes.push(format!(
+                    "SD2 text encoder: OpenCLIP has {layers} layers; as diffusers' conversion, the \
+                     last one and text_projection are dropped (SD2 conditions on the penultimate \
+                     layer), leaving num_hidden_layers = {}",
+                    layers.saturating_sub(1)
+                ));
+                weights.insert(Component::TextEncoder, w);
+            }
+            _ => {}
+        }
+        if let (Some(context), Some(text)) = (
+            unet.cross_attention_dim,
+            weights
+                .get(&Component::TextEncoder)
+                .and_then(|w| w.get("text_model.embeddings.token_embedding.weight"))
+                .and_then(|e| e.shape().get(1).copied()),
+        ) && context != text
+        {
+            notes.push(format!(
+                "the UNet's cross-attention dim {context} differs from the text encoder's hidden \
+                 size {text}: the two do not belong together"
+            ));
+        }
+
+        Ok(Self {
+            file,
+            architecture,
+            weights,
+            convertible: true,
+            unet: Some(unet),
+            vae,
+            text_projection_dim,
+            notes,
+        })
+    }
+
+    /// The inferred diffusers/transformers config of `component` (before overrides).
+    pub(crate) fn config(
+        &self,
+        component: Component,
+        prediction: Prediction,
+        options: &LoadOptions,
+    ) -> Result<Value, LoadError> {
+        let path = self.file.path();
+        // An overridden group count replaces the assumed 32, so do not object to it.
+        let groups_overridden = options
+            .config_overrides
+            .get(&component)
+            .is_some_and(|m| m.contains_key("norm_num_groups"));
+        match component {
+            Component::Unet => self
+                .unet
+                .as_ref()
+                .ok_or_else(|| self.unsupported())?
+                .config(
+                    path,
+                    self.architecture,
+                    prediction,
+                    options.unet_attention_heads.as_ref(),
+                    groups_overridden,
+                ),
+            Component::Vae => self.vae.as_ref().ok_or_else(|| self.unsupported())?.config(
+                path,
+                self.architecture,
+                prediction,
+                groups_overridden,
+            ),
+            Component::TextEncoder => text_config(
+                path,
+                self.weights
+                    .get(&component)
+                    .ok_or_else(|| self.unsupported())?,
+                self.architecture,
+                self.text_projection_dim,
+                options.text_encoder_heads,
+            ),
+            Component::TextEncoder2 => Err(self.unsupported()),
+        }
+    }
+
+    pub(crate) fn unsupported(&self) -> LoadError {
+        LoadError::Unsupported {
+            path: self.file.path().to_path_buf(),
+            what: format!(
+                "{} single-file checkpoints are recognised (inspect works) but cannot be \
+                 converted yet; use the model's diffusers folder instead",
+                self.architecture
+            ),
+        }
+    }
+}
+
+/// Converts every key under `prefix` with `rename`. Unrecognised keys are skipped and noted
+/// (real checkpoints carry odd extras), never silently renamed.
+fn convert(
+    file: &Arc<SafetensorsFile>,
+    prefix: &str,
+    component: Component,
+    rename: impl Fn(&str) -> Rename,
+    notes: &mut Vec<String>,
+) -> Result<ComponentWeights, LoadError> {
+    let mut weights = ComponentWeights::new(component);
+    let mut unknown = Vec::new();
+    let keys: Vec<&str> = Keys::new(file, prefix).suffixes("").collect();
+    for suffix in keys {
+        let full = format!("{prefix}{suffix}");
+        match rename(suffix) {
+            Rename::To(targets) => {
+                for target in targets {
+                    let entry =
+                        WeightEntry::whole(file, &full).ok_or_else(|| LoadError::MissingKey {
+                            file: file.path().to_path_buf(),
+                            key: full.clone(),
+                            context: String::new(),
+                        })?;
+                    let entry = match target.conversion {
+                        Conversion::Same => entry,
+                        Conversion::ConvToLinear => match entry.shape() {
+                            [o, i, 1, 1] => {
+                                let shape = vec![*o, *i];
+                                entry.reshaped(shape)?
+                            }
+                            [_, _] => entry,
+                            other => {
+                                return Err(LoadError::ShapeMismatch {
+                                    file: file.path().to_path_buf(),
+                                    key: full,
+                                    found: other.to_vec(),
+                                    expected: "[out, in, 1, 1] (a 1×1 conv) or [out, in]".into(),
+                                });
+                            }
+                        },
+                        Conversion::Chunk { index, of } => entry.row_chunk(index, of)?,
+                    };
+                    weights.insert(target.key, entry)?;
+                }
+            }
+            Rename::Drop(_) => {}
+            Rename::Unknown => unknown.push(full),
+        }
+    }
+    if !unknown.is_empty() {
+        let shown: Vec<&str> = unknown.iter().take(3).map(String::as_str).collect();
+        notes.push(format!(
+            "{component}: {} unrecognised tensor(s) ignored, e.g. {}",
+            unknown.len(),
+            shown.join(", ")
+        ));
+    }
+    Ok(weights)
+}
+
+/// The error for a `.safetensors` without a Stable Diffusion UNet, saying what it looks like.
+fn not_a_checkpoint(file: &SafetensorsFile) -> LoadError {
+    let keys = file.tensors();
+    let any = |pred: &dyn Fn(&str) -> bool| keys.keys().any(|k| pred(k));
+    let reason = if any(&|k| k.starts_with("lora_") || k.contains(".lora_") || k.contains("lora_A"))
+    {
+        "this is a LoRA file, not a base model; give the base model (a diffusers folder or a \
+         full checkpoint) as the model and the LoRA separately"
+    } else if any(&|k| k.starts_with("down_blocks.") || k.starts_with("encoder.down_blocks.")) {
+        "this looks like one component of a diffusers folder (diffusers key names); give the whole \
+         folder (the one holding model_index.json)"
+    } else if any(&|k| k.starts_with("encoder.down.") || k.starts_with("first_stage_model.")) {
+        "this looks like a VAE on its own, not a full checkpoint"
+    } else {
+        "no Stable Diffusion UNet found (no `model.diffusion_model.*` tensors); expected an SD1, \
+         SD2 or SDXL single-file checkpoint"
+    };
+    LoadError::NotAModel {
+        path: file.path().to_path_buf(),
+        reason: reason.into(),
+    }
+}
