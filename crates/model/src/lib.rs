@@ -16,9 +16,10 @@
 //! It knows nothing of datasets or of the training loop: `sd-lora-train` drives
 //! it, and `sd-lora-data` is independent of it.
 
-pub mod ops;
 pub mod blocks;
 pub mod clip;
 pub mod load;
+pub mod ops;
+pub mod schedule;
 pub mod unet;
 pub mod vae;
