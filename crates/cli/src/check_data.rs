@@ -91,9 +91,9 @@ pub fn run(args: &CheckDataArgs) -> Result<u8> {
     let ds = Dataset::scan(&cfg)?;
     let report = Report::new(&ds);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
-        print!("{}", render(&ds, &report, args.images));
+        crate::emit(&render(&ds, &report, args.images))?;
     }
     if !ds.has_images() {
         eprintln!(

@@ -8,6 +8,7 @@
 mod check_data;
 mod config_docs;
 mod config_file;
+mod inspect;
 mod overrides;
 
 use clap::{Parser, Subcommand};
@@ -29,20 +30,38 @@ enum Command {
         after_help = "Examples:\n  sd-lora check-data ./photos\n  sd-lora check-data ./train --class-data ./reg --class-prompt \"a photo of a dog\"\n  sd-lora check-data --config my_dog.toml --json\n\nExit status: 0 when there is at least one usable image, 1 when there is none (or, with --strict, on any problem)."
     )]
     CheckData(check_data::CheckDataArgs),
+    /// Describe a model: architecture, prediction type, dtype and exact
+    /// parameter counts per component.
+    #[command(
+        after_help = "Examples:\n  sd-lora inspect ./stable-diffusion-v1-5          # a diffusers folder\n  sd-lora inspect v1-5-pruned-emaonly.safetensors   # a single-file checkpoint\n  sd-lora inspect sd21-768.safetensors --prediction v --json"
+    )]
+    Inspect(inspect::InspectArgs),
     /// Print the configuration reference (docs/config.md) generated from the config definitions.
     #[command(hide = true)]
     ConfigDocs,
 }
 
+/// Writes `text` to standard output. A closed pipe (`sd-lora ... | head`)
+/// is not an error worth a panic: the reader has what it wanted.
+pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
+    let result = (|| match &cli.command {
         Command::CheckData(a) => check_data::run(a),
+        Command::Inspect(a) => inspect::run(a),
         Command::ConfigDocs => {
-            print!("{}", config_docs::render());
+            emit(&config_docs::render())?;
             Ok(0)
         }
-    };
+    })();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
