@@ -1,17 +1,26 @@
 //! # sd-lora-model
 //!
-//! Tensors in, tensors out. This crate will hold everything that computes:
-//! operations whose backward pass is correct and economical (frozen Linear and
-//! Conv2d, softmax, LayerNorm, GroupNorm, attention), the CLIP tokenizer and text
-//! encoders, the UNet (SD1/SD2/SDXL), the VAE, noise schedules and samplers,
-//! weight loaders for diffusers folders and single-file checkpoints, and the LoRA
-//! layers and file formats.
+//! Tensors in, tensors out: everything that computes, with forward *and*
+//! backward right (checked against diffusers/transformers on fixtures and
+//! against finite differences).
 //!
-//! So far it holds the first of these, the [`ops`] module: frozen Linear and
-//! Conv2d layers whose backward computes only the input gradient, and softmax,
-//! LayerNorm, GroupNorm, GELU/quick-GELU/GEGLU/SiLU and attention with a working
-//! backward (several of candle-nn's versions silently drop the gradient — see the
-//! module docs).
+//! - [`ops`]: operations with a correct, economical backward — frozen Linear
+//!   and Conv2d that compute only the input gradient, softmax, LayerNorm,
+//!   GroupNorm, GELU/quick-GELU/GEGLU/SiLU and (chunked) attention. Several of
+//!   candle-nn's versions silently drop the gradient; see the module docs.
+//! - [`clip`]: the CLIP tokenizer (embedded vocabulary or a model's own) and
+//!   the text encoders (SD1 CLIP-L, SD2 OpenCLIP-H) with clip-skip.
+//! - [`blocks`], [`unet`], [`vae`]: ResNet/transformer building blocks, the
+//!   UNet2DConditionModel (per-sample timesteps, block-by-block steps for
+//!   checkpointing, SDXL hooks) and the AutoencoderKL.
+//! - [`load`]: diffusers folders and single-file LDM checkpoints (SD1.x/SD2.x),
+//!   pickles refused, exact parameter counts for `sd-lora inspect`.
+//! - [`schedule`]: the DDPM training schedule and SNR weights.
+//! - [`pipeline`]: all of the above assembled from one model path.
+//!
+//! Module structs and fields mirror checkpoint key paths
+//! (`down_blocks[i].attentions[j].transformer_blocks[k].attn1.to_q`), and every
+//! layer is a public field, so LoRA can wrap any of them.
 //!
 //! It knows nothing of datasets or of the training loop: `sd-lora-train` drives
 //! it, and `sd-lora-data` is independent of it.
@@ -20,6 +29,7 @@ pub mod blocks;
 pub mod clip;
 pub mod load;
 pub mod ops;
+pub mod pipeline;
 pub mod schedule;
 pub mod unet;
 pub mod vae;

@@ -4,19 +4,8 @@
 //! Values are computed in f64 (diffusers computes them in f32; the two agree
 //! to ~1e-7 relative, far below anything training can see).
 
+pub use crate::load::Prediction;
 use serde::Deserialize;
-
-/// What the UNet predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
-    /// The added noise ε (SD1.x, SD2-base, SDXL).
-    #[default]
-    Epsilon,
-    /// v = √ᾱ·ε − √(1−ᾱ)·x₀ (SD2-768 "v" models).
-    #[serde(rename = "v_prediction")]
-    VPrediction,
-}
 
 /// The fields of a diffusers `scheduler_config.json` that define the schedule.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -35,7 +24,7 @@ pub struct ScheduleConfig {
     /// Rescale so the last step has zero SNR (Lin et al. 2023).
     pub rescale_betas_zero_snr: bool,
     /// What the model predicts.
-    pub prediction_type: PredictionType,
+    pub prediction_type: Prediction,
 }
 
 impl Default for ScheduleConfig {
@@ -48,7 +37,7 @@ impl Default for ScheduleConfig {
             beta_schedule: "scaled_linear".into(),
             trained_betas: None,
             rescale_betas_zero_snr: false,
-            prediction_type: PredictionType::Epsilon,
+            prediction_type: Prediction::Epsilon,
         }
     }
 }
@@ -64,7 +53,7 @@ pub struct NoiseSchedule {
     /// ᾱ_t = Π (1 − β_s), s ≤ t.
     pub alphas_cumprod: Vec<f64>,
     /// What the model predicts.
-    pub prediction: PredictionType,
+    pub prediction: Prediction,
 }
 
 impl NoiseSchedule {
@@ -157,9 +146,9 @@ impl NoiseSchedule {
     pub fn min_snr_weight(&self, t: usize, gamma: f64) -> f64 {
         let snr = self.snr(t);
         match self.prediction {
-            PredictionType::Epsilon if snr > 0.0 => snr.min(gamma) / snr,
-            PredictionType::Epsilon => 1.0,
-            PredictionType::VPrediction => snr.min(gamma) / (snr + 1.0),
+            Prediction::Epsilon if snr > 0.0 => snr.min(gamma) / snr,
+            Prediction::Epsilon => 1.0,
+            Prediction::V => snr.min(gamma) / (snr + 1.0),
         }
     }
 }
@@ -288,7 +277,7 @@ mod tests {
         assert!(eps.min_snr_weight(0, 5.0) < 0.01);
         assert_eq!(eps.min_snr_weight(999, 5.0), 1.0);
         let v = NoiseSchedule::new(&ScheduleConfig {
-            prediction_type: PredictionType::VPrediction,
+            prediction_type: Prediction::V,
             ..Default::default()
         })
         .unwrap();
@@ -304,7 +293,7 @@ mod tests {
             r#"{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "skip_prk_steps": true}"#,
         )
         .unwrap();
-        assert_eq!(cfg.prediction_type, PredictionType::VPrediction);
+        assert_eq!(cfg.prediction_type, Prediction::V);
         assert_eq!(cfg.num_train_timesteps, 1000);
         let bad = ScheduleConfig {
             beta_schedule: "sigmoid".into(),

@@ -105,7 +105,7 @@ impl fmt::Display for Architecture {
 }
 
 /// What the UNet predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Prediction {
     /// The added noise ε (diffusers `epsilon`).
     #[serde(rename = "epsilon")]

@@ -1,0 +1,198 @@
+//! A whole Stable Diffusion model — tokenizer, text encoder, UNet, VAE and
+//! noise schedule — built from a [`ModelSource`] (a diffusers folder or a
+//! single-file checkpoint).
+
+use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipTokenizer, PadStyle};
+use crate::load::{Architecture, Component, LoadError, ModelSource, Prediction};
+use crate::schedule::{NoiseSchedule, ScheduleConfig};
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKL, VaeConfig};
+use candle_core::{DType, Device};
+
+/// Why a model could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Opening or reading the model files failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A component's configuration is unusable.
+    #[error("{path}: {component} config: {message}")]
+    Config {
+        /// The model path.
+        path: String,
+        /// Which component.
+        component: Component,
+        /// What is wrong.
+        message: String,
+    },
+    /// Building a component from its weights failed (a missing or mis-shaped tensor).
+    #[error("{path}: building the {component}: {source}")]
+    Build {
+        /// The model path.
+        path: String,
+        /// Which component.
+        component: Component,
+        /// The underlying error, naming the tensor.
+        source: candle_core::Error,
+    },
+    /// Something this version cannot do yet.
+    #[error("{path}: {message}")]
+    Unsupported {
+        /// The model path.
+        path: String,
+        /// What and why.
+        message: String,
+    },
+}
+
+/// An SD1.x/SD2.x model ready to run.
+pub struct StableDiffusion {
+    /// sd1 or sd2.
+    pub architecture: Architecture,
+    /// What the UNet predicts.
+    pub prediction: Prediction,
+    /// The CLIP tokenizer (the folder's, else the embedded vocabulary).
+    pub tokenizer: ClipTokenizer,
+    /// How prompts are padded to 77 tokens (SD1: end token; SD2: `!`).
+    pub pad_style: PadStyle,
+    /// Text encoder configuration.
+    pub text_encoder_config: ClipTextConfig,
+    /// The text encoder.
+    pub text_encoder: ClipTextTransformer,
+    /// UNet configuration.
+    pub unet_config: UNetConfig,
+    /// The UNet.
+    pub unet: UNet2DConditionModel,
+    /// VAE configuration.
+    pub vae_config: VaeConfig,
+    /// The VAE.
+    pub vae: AutoencoderKL,
+    /// The training noise schedule.
+    pub schedule: NoiseSchedule,
+    /// Things the user may want to know (e.g. a tokenizer/text-encoder vocabulary mismatch).
+    pub notes: Vec<String>,
+}
+
+impl StableDiffusion {
+    /// Builds every component of `source` with weights stored as `dtype` on `device`.
+    pub fn load(
+        source: &ModelSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
+        let path = source.path().display().to_string();
+        let architecture = source.architecture();
+        if architecture == Architecture::Sdxl {
+            return Err(PipelineError::Unsupported {
+                path,
+                message: "SDXL models can be inspected but not yet run or trained".into(),
+            });
+        }
+        let config_err = |component: Component, message: String| PipelineError::Config {
+            path: path.clone(),
+            component,
+            message,
+        };
+        let build_err = |component: Component| {
+            let path = path.clone();
+            move |source: candle_core::Error| PipelineError::Build {
+                path,
+                component,
+                source,
+            }
+        };
+        let json =
+            |c: Component| -> Result<String, PipelineError> { Ok(source.config(c)?.to_string()) };
+
+        let te = Component::TextEncoder;
+        let text_encoder_config =
+            ClipTextConfig::from_json_str(&json(te)?).map_err(|e| config_err(te, e.to_string()))?;
+        text_encoder_config
+            .validate()
+            .map_err(|e| config_err(te, e.to_string()))?;
+        let text_encoder = ClipTextTransformer::new(
+            source.weights(te)?.clone().into_var_builder(dtype, device),
+            &text_encoder_config,
+        )
+        .map_err(build_err(te))?;
+
+        let unet_config = UNetConfig::from_json_str(&json(Component::Unet)?)
+            .map_err(|e| config_err(Component::Unet, e.to_string()))?;
+        let unet = UNet2DConditionModel::new(
+            source
+                .weights(Component::Unet)?
+                .clone()
+                .into_var_builder(dtype, device),
+            &unet_config,
+        )
+        .map_err(build_err(Component::Unet))?;
+
+        let vae_config = VaeConfig::from_json_str(&json(Component::Vae)?)
+            .map_err(|e| config_err(Component::Vae, e.to_string()))?;
+        let vae = AutoencoderKL::new(
+            source
+                .weights(Component::Vae)?
+                .clone()
+                .into_var_builder(dtype, device),
+            &vae_config,
+        )
+        .map_err(build_err(Component::Vae))?;
+
+        let mut schedule_config = match source.scheduler_config() {
+            Some(v) => serde_json::from_value::<ScheduleConfig>(v.clone()).map_err(|e| {
+                PipelineError::Unsupported {
+                    path: path.clone(),
+                    message: format!("scheduler/scheduler_config.json: {e}"),
+                }
+            })?,
+            None => ScheduleConfig::default(),
+        };
+        // The source's prediction already accounts for a user override.
+        schedule_config.prediction_type = source.prediction();
+        let schedule =
+            NoiseSchedule::new(&schedule_config).map_err(|e| PipelineError::Unsupported {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+
+        let default_pad = match architecture {
+            Architecture::Sd1 => PadStyle::EndToken,
+            _ => PadStyle::Exclamation,
+        };
+        let tok_err = |e: candle_core::Error| PipelineError::Unsupported {
+            path: path.clone(),
+            message: format!("tokenizer: {e}"),
+        };
+        let (tokenizer, pad_style) = match source.tokenizer_dir(te) {
+            Some(dir) => (
+                ClipTokenizer::from_folder(dir).map_err(tok_err)?,
+                ClipTokenizer::folder_pad_style(dir)
+                    .map_err(tok_err)?
+                    .unwrap_or(default_pad),
+            ),
+            None => (ClipTokenizer::embedded().map_err(tok_err)?, default_pad),
+        };
+        let mut notes = source.notes().to_vec();
+        if tokenizer.vocab_size() != text_encoder_config.vocab_size {
+            notes.push(format!(
+                "the tokenizer has {} tokens but the text encoder's vocabulary has {}; prompts may produce ids it cannot embed",
+                tokenizer.vocab_size(),
+                text_encoder_config.vocab_size
+            ));
+        }
+        Ok(StableDiffusion {
+            architecture,
+            prediction: source.prediction(),
+            tokenizer,
+            pad_style,
+            text_encoder_config,
+            text_encoder,
+            unet_config,
+            unet,
+            vae_config,
+            vae,
+            schedule,
+            notes,
+        })
+    }
+}
