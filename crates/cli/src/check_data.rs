@@ -86,7 +86,7 @@ pub fn run(args: &CheckDataArgs) -> Result<u8> {
         .config
         .as_ref()
         .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "the command line".to_string());
+        .unwrap_or_else(|| "command-line options".to_string());
     let cfg = config_file::dataset_config(&doc, &base, &origin)?;
     let ds = Dataset::scan(&cfg)?;
     let report = Report::new(&ds);
@@ -171,9 +171,9 @@ fn render(ds: &Dataset, r: &Report, list_images: bool) -> String {
         let _ = writeln!(o, "  [{i}] {} ({})", s.path.display(), s.kind);
         let _ = writeln!(
             o,
-            "      {} × {} repeats, loss weight {}; captions: {}",
+            "      {} × {}, loss weight {}; captions: {}",
             plural(s.images, "image", "images"),
-            s.repeats,
+            plural(s.repeats as usize, "repeat", "repeats"),
             s.loss_weight,
             if caps.is_empty() {
                 "none".to_string()

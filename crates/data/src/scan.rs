@@ -382,7 +382,18 @@ fn list_subset(si: usize, s: &Subset, out: &mut Vec<Candidate>, problems: &mut V
     let mut images = Vec::new();
     // stem → caption files (extension lower-case with dot, path)
     let mut captions: BTreeMap<String, Vec<(String, PathBuf)>> = BTreeMap::new();
-    for p in entries.into_iter().filter(|p| p.is_file()) {
+    for p in entries {
+        if !p.is_file() {
+            // `is_file` follows links: a link whose target is gone is neither
+            // file nor folder, and would otherwise vanish without a word.
+            if !p.is_dir() && file_role(&p, &s.caption_extension) == FileRole::Image {
+                problems.push(Problem::error(
+                    &p,
+                    "broken link: its target does not exist; fix or remove the link",
+                ));
+            }
+            continue;
+        }
         match file_role(&p, &s.caption_extension) {
             FileRole::Image => images.push(p),
             FileRole::Caption(ext) => {

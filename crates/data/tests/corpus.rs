@@ -96,6 +96,7 @@ fn kohya_root_with_every_broken_input() {
     fs::write(sub.join("x_orphan.txt"), "caption without image").unwrap();
     fs::write(sub.join("x_phone.heic"), b"\0\0\0\x18ftypheic").unwrap();
     fs::write(sub.join("notes.json"), "{}").unwrap(); // ignored quietly
+    std::os::unix::fs::symlink(tmp.path().join("gone.png"), sub.join("x_dangling.png")).unwrap();
     fs::write(sub.join("._a_good.png"), b"\0\x05\x16\x07").unwrap(); // macOS junk, ignored
     // A sub-folder that does not follow the naming pattern, and a stray root image.
     fs::create_dir_all(root.join("misc")).unwrap();
@@ -201,9 +202,10 @@ fn kohya_root_with_every_broken_input() {
         Severity::Warning,
         "kohya root is not used",
     );
+    one(&ds, "x_dangling.png", Severity::Error, "broken link");
     assert!(problem(&ds, "notes.json").is_empty());
     assert!(problem(&ds, "._a_good.png").is_empty());
-    assert_eq!(ds.problems.len(), 13, "{:#?}", ds.problems);
+    assert_eq!(ds.problems.len(), 14, "{:#?}", ds.problems);
 
     // Deterministic: a second scan is identical, order included.
     let again = Dataset::scan(&ds.config).unwrap();
