@@ -15,6 +15,9 @@
 //!   checkpointing, SDXL hooks) and the AutoencoderKL.
 //! - [`load`]: diffusers folders and single-file LDM checkpoints (SD1.x/SD2.x),
 //!   pickles refused, exact parameter counts for `sd-lora inspect`.
+//! - [`lora`]: LoRA adapters on any frozen Linear/Conv2d (presets and
+//!   patterns, attach, merge), and LoRA files: kohya (default), PEFT and
+//!   diffusers formats, read, written, validated against a model.
 //! - [`schedule`]: the DDPM training schedule and SNR weights.
 //! - [`pipeline`]: all of the above assembled from one model path.
 //!
@@ -28,6 +31,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod load;
+pub mod lora;
 pub mod ops;
 pub mod pipeline;
 pub mod schedule;

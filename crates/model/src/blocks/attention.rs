@@ -147,3 +147,15 @@ impl FeedForward {
         self.net_2.forward(&self.net_0.forward(x)?)
     }
 }
+
+crate::lora::visit::impl_visit_layers!(Attention {
+    to_q => "to_q",
+    to_k => "to_k",
+    to_v => "to_v",
+    to_out_0 => "to_out.0",
+});
+crate::lora::visit::impl_visit_layers!(GegluProj { proj => "proj" });
+crate::lora::visit::impl_visit_layers!(FeedForward {
+    net_0 => "net.0",
+    net_2 => "net.2",
+});

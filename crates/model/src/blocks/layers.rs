@@ -62,6 +62,9 @@ pub fn conv2d_forward(conv: &FrozenConv2d, x: &Tensor) -> Result<Tensor> {
                 .transpose()?,
             stride: conv.stride,
             padding: conv.padding,
+            // The LoRA term is computed in f32 anyway; it is added to the f32
+            // base output before the conversion back.
+            lora: conv.lora.clone(),
         };
         return f32_conv.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
     }

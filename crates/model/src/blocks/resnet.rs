@@ -88,3 +88,10 @@ impl ResnetBlock2D {
         }
     }
 }
+
+crate::lora::visit::impl_visit_layers!(ResnetBlock2D {
+    conv1 => "conv1",
+    time_emb_proj => "time_emb_proj",
+    conv2 => "conv2",
+    conv_shortcut => "conv_shortcut",
+});

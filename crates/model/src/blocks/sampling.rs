@@ -88,3 +88,6 @@ pub fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
     x.index_select(&indices(th, h)?, 2)?
         .index_select(&indices(tw, w)?, 3)
 }
+
+crate::lora::visit::impl_visit_layers!(Downsample2D { conv => "conv" });
+crate::lora::visit::impl_visit_layers!(Upsample2D { conv => "conv" });

@@ -182,3 +182,38 @@ impl Transformer2DModel {
         out + x
     }
 }
+
+crate::lora::visit::impl_visit_layers!(BasicTransformerBlock {
+    attn1 => "attn1",
+    attn2 => "attn2",
+    ff => "ff",
+});
+crate::lora::visit::impl_visit_layers!(Transformer2DModel {
+    proj_in => "proj_in",
+    transformer_blocks => "transformer_blocks",
+    proj_out => "proj_out",
+});
+
+/// Either projection is the layer at the projection's own path.
+impl crate::lora::visit::VisitLayers for Projection {
+    fn visit_layers_at(
+        &self,
+        path: &str,
+        f: &mut dyn FnMut(&str, crate::lora::visit::LayerRef<'_>),
+    ) {
+        match self {
+            Projection::Linear(l) => l.visit_layers_at(path, f),
+            Projection::Conv(c) => c.visit_layers_at(path, f),
+        }
+    }
+    fn visit_layers_mut_at(
+        &mut self,
+        path: &str,
+        f: &mut dyn FnMut(&str, crate::lora::visit::LayerMut<'_>),
+    ) {
+        match self {
+            Projection::Linear(l) => l.visit_layers_mut_at(path, f),
+            Projection::Conv(c) => c.visit_layers_mut_at(path, f),
+        }
+    }
+}

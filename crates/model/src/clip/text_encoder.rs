@@ -469,3 +469,61 @@ fn gather_rows(x: &Tensor, positions: &[usize]) -> Result<Tensor> {
     let index = Tensor::new(index, x.device())?;
     x.reshape((b * t, d))?.index_select(&index, 0)
 }
+
+crate::lora::visit::impl_visit_layers!(ClipAttention {
+    q_proj => "q_proj",
+    k_proj => "k_proj",
+    v_proj => "v_proj",
+    out_proj => "out_proj",
+});
+crate::lora::visit::impl_visit_layers!(ClipMlp {
+    fc1 => "fc1",
+    fc2 => "fc2",
+});
+crate::lora::visit::impl_visit_layers!(ClipEncoderLayer {
+    self_attn => "self_attn",
+    mlp => "mlp",
+});
+crate::lora::visit::impl_visit_layers!(ClipEncoder { layers => "layers" });
+
+/// Paths are the transformers keys: `text_model.encoder.layers.N.…` and, when
+/// present, `text_projection` (outside `text_model`).
+impl crate::lora::visit::VisitLayers for ClipTextTransformer {
+    fn visit_layers_at(
+        &self,
+        path: &str,
+        f: &mut dyn FnMut(&str, crate::lora::visit::LayerRef<'_>),
+    ) {
+        use crate::lora::visit::join;
+        let text_model = join(path, "text_model");
+        self.encoder
+            .visit_layers_at(&join(&text_model, "encoder"), f);
+        self.text_projection
+            .visit_layers_at(&join(path, "text_projection"), f);
+    }
+    fn visit_layers_mut_at(
+        &mut self,
+        path: &str,
+        f: &mut dyn FnMut(&str, crate::lora::visit::LayerMut<'_>),
+    ) {
+        use crate::lora::visit::join;
+        let text_model = join(path, "text_model");
+        self.encoder
+            .visit_layers_mut_at(&join(&text_model, "encoder"), f);
+        self.text_projection
+            .visit_layers_mut_at(&join(path, "text_projection"), f);
+    }
+}
+
+impl ClipTextTransformer {
+    /// Calls `f(path, layer)` for every Linear layer, `path` being its
+    /// transformers key minus `.weight` (`text_model.encoder.layers.0.self_attn.q_proj`, …).
+    pub fn visit_layers(&self, f: &mut dyn FnMut(&str, crate::lora::visit::LayerRef<'_>)) {
+        crate::lora::visit::VisitLayers::visit_layers_at(self, "", f)
+    }
+
+    /// The mutable version of [`Self::visit_layers`] (to attach LoRA adapters).
+    pub fn visit_layers_mut(&mut self, f: &mut dyn FnMut(&str, crate::lora::visit::LayerMut<'_>)) {
+        crate::lora::visit::VisitLayers::visit_layers_mut_at(self, "", f)
+    }
+}

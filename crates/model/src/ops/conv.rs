@@ -17,14 +17,18 @@
 //! to `x` with [`with_grad1`] (candle's conv
 //! parameter structs cannot be built outside candle, so the storage-level conv is
 //! out of reach, unlike the storage-level matmul in [`super::linear`]).
+//!
+//! A layer may carry a LoRA adapter in its `lora` slot (see [`crate::lora::layer`]):
+//! its term is added to the frozen output with differentiable ops.
 
 use candle_core::{Module, Result, Tensor, bail};
 
 use super::custom_grad::with_grad1;
+use crate::lora::layer::LoraAdapter;
 
 /// `y = conv2d(x, W) + b` with a frozen kernel `W: [out, in, kh, kw]` and bias
 /// `b: [out]`, on `x: [batch, in, h, w]`; one group, no dilation. Only `x`
-/// receives a gradient.
+/// receives a gradient (and the LoRA adapter's `down`/`up`, when there is one).
 #[derive(Debug, Clone)]
 pub struct FrozenConv2d {
     /// `[out_channels, in_channels, kh, kw]`, as stored in checkpoints.
@@ -35,6 +39,9 @@ pub struct FrozenConv2d {
     pub stride: usize,
     /// Zero padding on every side.
     pub padding: usize,
+    /// An optional LoRA adapter whose term is added to the output (skipped while
+    /// merged into `weight`).
+    pub lora: Option<LoraAdapter>,
 }
 
 impl FrozenConv2d {
@@ -62,11 +69,22 @@ impl FrozenConv2d {
             bias,
             stride,
             padding,
+            lora: None,
         })
     }
 
-    /// Applies the convolution to `x: [batch, in, h, w]`.
+    /// Applies the convolution to `x: [batch, in, h, w]`: the frozen base plus the
+    /// LoRA term when an unmerged adapter is attached.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_base(x)?;
+        match &self.lora {
+            Some(lora) if !lora.is_merged() => y + lora.conv_delta(x, self.stride, self.padding)?,
+            _ => Ok(y),
+        }
+    }
+
+    /// The frozen convolution alone, ignoring any LoRA adapter.
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (out_channels, _, kh, kw) = self.weight.dims4()?;
         let weight = self.weight.detach();
@@ -91,8 +109,8 @@ impl Module for FrozenConv2d {
 }
 
 /// The gradient of `conv2d(x, weight, padding, stride)` with respect to `x`, for
-/// an input of spatial size `hw`.
-fn input_grad(
+/// an input of spatial size `hw` (also used by the LoRA conv's `down`).
+pub(crate) fn input_grad(
     grad: &Tensor,
     weight: &Tensor,
     (h, w): (usize, usize),

@@ -5,6 +5,9 @@
 //! ever read it): a full `[out, in]` matmul and buffer per layer per step, for
 //! nothing. [`FrozenLinear`] runs the forward matmul as a custom op on `x` that
 //! holds `w`, so the backward computes `dx = g·w` and nothing else.
+//!
+//! A layer may carry a LoRA adapter in its `lora` slot (see [`crate::lora::layer`]):
+//! its term is added to the frozen output with ordinary, differentiable ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
@@ -13,14 +16,20 @@ use candle_core::{
     Tensor, bail,
 };
 
+use crate::lora::layer::LoraAdapter;
+
 /// `y = x·Wᵀ + b` with frozen `W: [out, in]` and `b: [out]`; `x` may have any rank
-/// `(..., in)`. Only `x` receives a gradient.
+/// `(..., in)`. Only `x` receives a gradient (and the LoRA adapter's `down`/`up`,
+/// when there is one).
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
     /// `[out_features, in_features]`, as stored in checkpoints.
     pub weight: Tensor,
     /// `[out_features]`.
     pub bias: Option<Tensor>,
+    /// An optional LoRA adapter whose term is added to the output (skipped while
+    /// merged into `weight`).
+    pub lora: Option<LoraAdapter>,
 }
 
 impl FrozenLinear {
@@ -35,7 +44,11 @@ impl FrozenLinear {
                 b.dims()
             )
         }
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     /// `in_features`.
@@ -48,8 +61,18 @@ impl FrozenLinear {
         Ok(self.weight.dims2()?.0)
     }
 
-    /// Applies the layer to `x: (..., in)`, giving `(..., out)`.
+    /// Applies the layer to `x: (..., in)`, giving `(..., out)`: the frozen base
+    /// plus the LoRA term when an unmerged adapter is attached.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_base(x)?;
+        match &self.lora {
+            Some(lora) if !lora.is_merged() => y + lora.linear_delta(x)?,
+            _ => Ok(y),
+        }
+    }
+
+    /// The frozen layer alone, `x·Wᵀ + b`, ignoring any LoRA adapter.
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let (out_features, in_features) = self.weight.dims2()?;
         if x.rank() == 0 || x.dim(D::Minus1)? != in_features {
             bail!(

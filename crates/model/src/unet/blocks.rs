@@ -256,3 +256,18 @@ impl UpBlock {
         Ok(h)
     }
 }
+
+crate::lora::visit::impl_visit_layers!(DownBlock {
+    resnets => "resnets",
+    attentions => "attentions",
+    downsamplers => "downsamplers",
+});
+crate::lora::visit::impl_visit_layers!(MidBlock {
+    resnets => "resnets",
+    attentions => "attentions",
+});
+crate::lora::visit::impl_visit_layers!(UpBlock {
+    resnets => "resnets",
+    attentions => "attentions",
+    upsamplers => "upsamplers",
+});

@@ -70,3 +70,8 @@ impl TimestepEmbedding {
             .forward(&ops::silu(&self.linear_1.forward(x)?)?)
     }
 }
+
+crate::lora::visit::impl_visit_layers!(TimestepEmbedding {
+    linear_1 => "linear_1",
+    linear_2 => "linear_2",
+});

@@ -263,3 +263,26 @@ impl UNet2DConditionModel {
         self.forward_conv_out(&h)
     }
 }
+
+crate::lora::visit::impl_visit_layers!(UNet2DConditionModel {
+    conv_in => "conv_in",
+    time_embedding => "time_embedding",
+    add_embedding => "add_embedding",
+    down_blocks => "down_blocks",
+    mid_block => "mid_block",
+    up_blocks => "up_blocks",
+    conv_out => "conv_out",
+});
+
+impl UNet2DConditionModel {
+    /// Calls `f(path, layer)` for every Linear/Conv2d layer, `path` being its
+    /// diffusers key minus `.weight` (`down_blocks.0.attentions.0.proj_in`, …).
+    pub fn visit_layers(&self, f: &mut dyn FnMut(&str, crate::lora::visit::LayerRef<'_>)) {
+        crate::lora::visit::VisitLayers::visit_layers_at(self, "", f)
+    }
+
+    /// The mutable version of [`Self::visit_layers`] (to attach LoRA adapters).
+    pub fn visit_layers_mut(&mut self, f: &mut dyn FnMut(&str, crate::lora::visit::LayerMut<'_>)) {
+        crate::lora::visit::VisitLayers::visit_layers_mut_at(self, "", f)
+    }
+}

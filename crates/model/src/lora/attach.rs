@@ -1,0 +1,521 @@
+//! Putting LoRA adapters on a model and taking them off again.
+//!
+//! - [`create_trainable`]: fresh trainable adapters on the layers a
+//!   [`TargetSpec`] selects (`down` kaiming-uniform from a seeded generator,
+//!   `up` zero), returning the [`Var`]s for the optimizer;
+//! - [`attach`]: adapters from loaded [`LoraWeights`] (inference, or resuming);
+//!   every module must find its layer with fitting shapes, or nothing is
+//!   attached and the error lists every offending module;
+//! - [`extract`]: the current values as [`LoraWeights`] (for saving);
+//! - [`collect_trainable`]: the variables of adapters already attached (to
+//!   resume training from a loaded LoRA);
+//! - [`remove_all`], [`set_multiplier`];
+//! - [`merge`] / [`unmerge`]: fold `multiplier · alpha/rank · up·down` into the
+//!   base weights (for fast inference) and back.
+//!
+//! # Merge precision
+//!
+//! The merged weight is computed in the LoRA dtype (f32) and rounded once to the
+//! base dtype, so in f32 a merged forward equals the unmerged one up to float
+//! reassociation (~1e-6 relative), and in f16/bf16 up to that one rounding of the
+//! weight. Unmerging does not subtract: the adapter keeps the original weight
+//! tensor while merged (`LoraAdapter::merged_from`) and puts it back, so unmerge
+//! restores the weights bit for bit in every dtype — at the cost of holding both
+//! the original and the merged weight of each adapted layer while merged.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use candle_core::{DType, Result, Tensor, Var, bail};
+
+use super::layer::{
+    DropoutControl, LoraAdapter, LoraDropout, lora_dtype, module_seed, splitmix64, unit,
+};
+use super::targets::{TargetSpec, model_targets, select};
+use super::visit::{LayerMut, LayerRef};
+use super::{LayerKind, LoraComponent, LoraModule, LoraWeights, TargetInfo};
+use crate::clip::ClipTextTransformer;
+use crate::unet::UNet2DConditionModel;
+
+/// Options of [`create_trainable`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TrainOptions {
+    /// Seed of the `down` initialisation and of the dropout masks; each module
+    /// derives its own from this and its path.
+    pub seed: u64,
+    /// Dropout probability on the LoRA input (0 = none).
+    pub dropout: f32,
+}
+
+/// One trainable module: where it is and its parameters.
+#[derive(Debug, Clone)]
+pub struct TrainableModule {
+    pub target: TargetInfo,
+    pub down: Var,
+    pub up: Var,
+    pub alpha: f32,
+}
+
+/// What [`create_trainable`] made.
+#[derive(Debug, Clone)]
+pub struct TrainableLora {
+    /// The modules, UNet first, in model order.
+    pub modules: Vec<TrainableModule>,
+    /// The dropout switch shared by all modules (starts in eval mode: call
+    /// `set_training(true)` in the training loop, `set_step` every step).
+    pub dropout: DropoutControl,
+}
+
+impl TrainableLora {
+    /// Every trainable variable (`down` then `up` of each module), for the optimizer.
+    pub fn vars(&self) -> Vec<Var> {
+        self.modules
+            .iter()
+            .flat_map(|m| [m.down.clone(), m.up.clone()])
+            .collect()
+    }
+
+    /// Number of modules.
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// Whether there are no modules.
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+}
+
+/// Calls `f(component, path, layer)` for every layer of the UNet and the text
+/// encoder.
+fn for_each_layer_mut(
+    unet: &mut UNet2DConditionModel,
+    text_encoder: Option<&mut ClipTextTransformer>,
+    f: &mut dyn FnMut(LoraComponent, &str, LayerMut<'_>),
+) {
+    unet.visit_layers_mut(&mut |p, l| f(LoraComponent::Unet, p, l));
+    if let Some(te) = text_encoder {
+        te.visit_layers_mut(&mut |p, l| f(LoraComponent::TextEncoder, p, l));
+    }
+}
+
+/// Shared-reference version of [`for_each_layer_mut`].
+fn for_each_layer(
+    unet: &UNet2DConditionModel,
+    text_encoder: Option<&ClipTextTransformer>,
+    f: &mut dyn FnMut(LoraComponent, &str, LayerRef<'_>),
+) {
+    unet.visit_layers(&mut |p, l| f(LoraComponent::Unet, p, l));
+    if let Some(te) = text_encoder {
+        te.visit_layers(&mut |p, l| f(LoraComponent::TextEncoder, p, l));
+    }
+}
+
+/// `"unet:down_blocks.0…"`: how errors name a module.
+fn display(component: LoraComponent, path: &str) -> String {
+    let c = match component {
+        LoraComponent::Unet => "unet",
+        LoraComponent::TextEncoder => "text_encoder",
+        LoraComponent::TextEncoder2 => "text_encoder_2",
+    };
+    format!("{c}:{path}")
+}
+
+/// Fails with all `problems` listed (at most 20 shown), or succeeds if none.
+fn report(what: &str, problems: &[String]) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = problems.iter().take(20).map(String::as_str).collect();
+    let more = if problems.len() > shown.len() {
+        format!("\n  … and {} more", problems.len() - shown.len())
+    } else {
+        String::new()
+    };
+    bail!(
+        "{what}: {} problem(s):\n  {}{more}",
+        problems.len(),
+        shown.join("\n  ")
+    )
+}
+
+/// The `down` and `up` shapes for a target of rank `rank`.
+fn lora_shapes(target: &TargetInfo, rank: usize) -> (Vec<usize>, Vec<usize>) {
+    let (i, o) = (target.in_features, target.out_features);
+    match target.kind {
+        LayerKind::Linear => (vec![rank, i], vec![o, rank]),
+        LayerKind::Conv2d { kernel, .. } => {
+            (vec![rank, i, kernel[0], kernel[1]], vec![o, rank, 1, 1])
+        }
+    }
+}
+
+/// A seeded kaiming-uniform `down` (PyTorch's `kaiming_uniform_(a = √5)`, as
+/// kohya: bound `1/√fan_in`, `fan_in = in · kh · kw`).
+fn kaiming_down(
+    shape: &[usize],
+    seed: u64,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let fan_in: usize = shape[1..].iter().product();
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let n: usize = shape.iter().product();
+    let mut state = seed;
+    let data: Vec<f64> = (0..n)
+        .map(|_| {
+            state = splitmix64(state);
+            (2.0 * unit(state) - 1.0) * bound
+        })
+        .collect();
+    Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
+}
+
+/// Creates trainable adapters on every layer `spec` selects and returns their
+/// variables. Fails (attaching nothing) when a pattern matches no layer, a rank
+/// is 0, nothing is selected, or a selected layer already has an adapter.
+pub fn create_trainable(
+    unet: &mut UNet2DConditionModel,
+    text_encoder: Option<&mut ClipTextTransformer>,
+    spec: &TargetSpec,
+    options: &TrainOptions,
+) -> Result<TrainableLora> {
+    if !(0.0..1.0).contains(&options.dropout) {
+        bail!("LoRA dropout must be in [0, 1), got {}", options.dropout)
+    }
+    let all = model_targets(unet, text_encoder.as_deref());
+    if let Err(e) = spec.check_patterns(&all) {
+        bail!("{e}")
+    }
+    let selected: BTreeMap<(LoraComponent, String), TargetInfo> = select(&all, spec)
+        .into_iter()
+        .map(|t| ((t.component, t.path.clone()), t))
+        .collect();
+    if selected.is_empty() {
+        bail!("LoRA targets: the preset and patterns select no layer")
+    }
+    let mut problems = Vec::new();
+    for_each_layer(unet, text_encoder.as_deref(), &mut |c, p, l| {
+        if l.lora().is_some() && selected.contains_key(&(c, p.to_string())) {
+            problems.push(format!("{} already has a LoRA adapter", display(c, p)));
+        }
+    });
+    report("cannot create LoRA", &problems)?;
+
+    let control = DropoutControl::new();
+    let mut modules = Vec::with_capacity(selected.len());
+    let mut errors: Vec<String> = Vec::new();
+    for_each_layer_mut(unet, text_encoder, &mut |c, p, mut layer| {
+        let Some(target) = selected.get(&(c, p.to_string())) else {
+            return;
+        };
+        let ra = spec.params(target);
+        let seed = module_seed(options.seed, c, p);
+        let made = (|| -> Result<LoraAdapter> {
+            let weight = layer.as_ref().weight();
+            let (dtype, device) = (lora_dtype(weight.dtype()), weight.device().clone());
+            let (down_shape, up_shape) = lora_shapes(target, ra.rank);
+            let down = Var::from_tensor(&kaiming_down(&down_shape, seed, dtype, &device)?)?;
+            let up = Var::zeros(up_shape, dtype, &device)?;
+            let mut adapter = LoraAdapter::new(down, up, ra.alpha)?;
+            if options.dropout > 0.0 {
+                adapter.dropout = Some(LoraDropout {
+                    p: options.dropout,
+                    seed: splitmix64(seed ^ 0xD50F),
+                    control: control.clone(),
+                });
+            }
+            Ok(adapter)
+        })();
+        match made {
+            Ok(adapter) => {
+                modules.push(TrainableModule {
+                    target: target.clone(),
+                    down: adapter.down.clone(),
+                    up: adapter.up.clone(),
+                    alpha: adapter.alpha,
+                });
+                *layer.lora_mut() = Some(adapter);
+            }
+            Err(e) => errors.push(format!("{}: {e}", display(c, p))),
+        }
+    });
+    report("cannot create LoRA", &errors)?;
+    Ok(TrainableLora {
+        modules,
+        dropout: control,
+    })
+}
+
+/// The adapters already on the model (e.g. put there by [`attach`] to resume
+/// training) as a [`TrainableLora`], with dropout set up as `options` says
+/// (`options.seed` only seeds the dropout masks here). Merged adapters are an
+/// error: their variables no longer act on the output.
+pub fn collect_trainable(
+    unet: &mut UNet2DConditionModel,
+    text_encoder: Option<&mut ClipTextTransformer>,
+    options: &TrainOptions,
+) -> Result<TrainableLora> {
+    if !(0.0..1.0).contains(&options.dropout) {
+        bail!("LoRA dropout must be in [0, 1), got {}", options.dropout)
+    }
+    let control = DropoutControl::new();
+    let mut modules = Vec::new();
+    let mut problems = Vec::new();
+    for_each_layer_mut(unet, text_encoder, &mut |c, p, mut layer| {
+        let target = layer.as_ref().target(c, p);
+        let Some(adapter) = layer.lora_mut().as_mut() else {
+            return;
+        };
+        if adapter.is_merged() {
+            problems.push(format!(
+                "{}: merged (unmerge before training)",
+                display(c, p)
+            ));
+            return;
+        }
+        adapter.dropout = (options.dropout > 0.0).then(|| LoraDropout {
+            p: options.dropout,
+            seed: splitmix64(module_seed(options.seed, c, p) ^ 0xD50F),
+            control: control.clone(),
+        });
+        modules.push(TrainableModule {
+            target,
+            down: adapter.down.clone(),
+            up: adapter.up.clone(),
+            alpha: adapter.alpha,
+        });
+    });
+    report("cannot train the attached LoRA", &problems)?;
+    if modules.is_empty() {
+        bail!("no LoRA adapter is attached to the model")
+    }
+    Ok(TrainableLora {
+        modules,
+        dropout: control,
+    })
+}
+
+/// Checks one module of a file against its target layer.
+fn check_module(target: &TargetInfo, m: &LoraModule) -> Option<String> {
+    let rank = m.rank();
+    let (want_down, want_up) = lora_shapes(target, rank);
+    let name = display(target.component, &target.path);
+    if rank == 0 || m.down.dims() != want_down.as_slice() || m.up.dims() != want_up.as_slice() {
+        return Some(format!(
+            "{name}: lora down {:?} / up {:?} do not fit the layer ({:?}, in {}, out {}): \
+             expected down {want_down:?} / up {want_up:?}",
+            m.down.dims(),
+            m.up.dims(),
+            target.kind,
+            target.in_features,
+            target.out_features
+        ));
+    }
+    if !m.alpha.is_finite() {
+        return Some(format!("{name}: alpha is {}", m.alpha));
+    }
+    None
+}
+
+/// Attaches every module of `weights` to its layer with inference scale
+/// `multiplier`, returning the number attached. All modules are checked first:
+/// a module whose path is no layer of the model, whose component is not given
+/// (or is SDXL's second text encoder), whose shapes do not fit, or whose layer
+/// already has an adapter is an error listing every such module, and then
+/// nothing is attached.
+pub fn attach(
+    unet: &mut UNet2DConditionModel,
+    text_encoder: Option<&mut ClipTextTransformer>,
+    weights: &LoraWeights,
+    multiplier: f32,
+) -> Result<usize> {
+    let mut targets: BTreeMap<(LoraComponent, String), (TargetInfo, bool)> = BTreeMap::new();
+    for_each_layer(unet, text_encoder.as_deref(), &mut |c, p, l| {
+        targets.insert((c, p.to_string()), (l.target(c, p), l.lora().is_some()));
+    });
+    let mut problems = Vec::new();
+    for ((c, p), m) in &weights.modules {
+        match targets.get(&(*c, p.clone())) {
+            Some((target, has_lora)) => {
+                if let Some(problem) = check_module(target, m) {
+                    problems.push(problem);
+                } else if *has_lora {
+                    problems.push(format!(
+                        "{} already has a LoRA adapter (remove it first; stacking LoRAs on one \
+                         layer is done by merging)",
+                        display(*c, p)
+                    ));
+                }
+            }
+            None => {
+                let why = match c {
+                    LoraComponent::TextEncoder2 => "SDXL's second text encoder is not supported",
+                    LoraComponent::TextEncoder if text_encoder.is_none() => {
+                        "no text encoder was given"
+                    }
+                    _ => "no such Linear/Conv2d layer in the model",
+                };
+                problems.push(format!("{}: {why}", display(*c, p)));
+            }
+        }
+    }
+    report("cannot attach LoRA", &problems)?;
+
+    let mut count = 0;
+    let mut errors = Vec::new();
+    for_each_layer_mut(unet, text_encoder, &mut |c, p, mut layer| {
+        let Some(m) = weights.modules.get(&(c, p.to_string())) else {
+            return;
+        };
+        let made = (|| -> Result<LoraAdapter> {
+            let weight = layer.as_ref().weight();
+            let (dtype, device) = (lora_dtype(weight.dtype()), weight.device().clone());
+            // `Var::from_tensor` copies, so the adapter never aliases `weights`.
+            let down = Var::from_tensor(&m.down.to_device(&device)?.to_dtype(dtype)?)?;
+            let up = Var::from_tensor(&m.up.to_device(&device)?.to_dtype(dtype)?)?;
+            let mut adapter = LoraAdapter::new(down, up, m.alpha)?;
+            adapter.multiplier = multiplier;
+            Ok(adapter)
+        })();
+        match made {
+            Ok(adapter) => {
+                *layer.lora_mut() = Some(adapter);
+                count += 1;
+            }
+            Err(e) => errors.push(format!("{}: {e}", display(c, p))),
+        }
+    });
+    report("cannot attach LoRA", &errors)?;
+    Ok(count)
+}
+
+/// The current LoRA of the model as f32 [`LoraWeights`] (copies, so later
+/// training steps do not change them). The multiplier is not folded in.
+pub fn extract(
+    unet: &UNet2DConditionModel,
+    text_encoder: Option<&ClipTextTransformer>,
+) -> Result<LoraWeights> {
+    let mut out = LoraWeights::default();
+    let mut errors = Vec::new();
+    for_each_layer(unet, text_encoder, &mut |c, p, l| {
+        let Some(a) = l.lora() else { return };
+        let snapshot =
+            |v: &Var| -> Result<Tensor> { v.as_tensor().detach().to_dtype(DType::F32)?.copy() };
+        match (snapshot(&a.down), snapshot(&a.up)) {
+            (Ok(down), Ok(up)) => {
+                out.modules.insert(
+                    (c, p.to_string()),
+                    LoraModule {
+                        down,
+                        up,
+                        alpha: a.alpha,
+                    },
+                );
+            }
+            (Err(e), _) | (_, Err(e)) => errors.push(format!("{}: {e}", display(c, p))),
+        }
+    });
+    report("cannot extract LoRA", &errors)?;
+    Ok(out)
+}
+
+/// Removes every adapter (unmerging merged ones first); returns how many.
+pub fn remove_all(
+    unet: &mut UNet2DConditionModel,
+    text_encoder: Option<&mut ClipTextTransformer>,
+) -> usize {
+    let mut count = 0;
+    for_each_layer_mut(unet, text_encoder, &mut |_, _, mut layer| {
+        if let Some(adapter) = layer.lora_mut().take() {
+            if let Some(original) = adapter.merged_from {
+                *layer.weight_mut() = original;
+            }
+            count += 1;
+        }
+    });
+    count
+}
+
+/// Sets the inference scale of every (unmerged) adapter; returns how many.
+/// Merged adapters keep the multiplier they were merged with (unmerge first).
+pub fn set_multiplier(
+    unet: &mut UNet2DConditionModel,
+    text_encoder: Option<&mut ClipTextTransformer>,
+    multiplier: f32,
+) -> usize {
+    let mut count = 0;
+    for_each_layer_mut(unet, text_encoder, &mut |_, _, mut layer| {
+        if let Some(a) = layer.lora_mut().as_mut().filter(|a| !a.is_merged()) {
+            a.multiplier = multiplier;
+            count += 1;
+        }
+    });
+    count
+}
+
+/// Merges `multiplier · alpha/rank · up·down` of every unmerged adapter into its
+/// base weight (see the module docs for precision); returns how many. The
+/// adapters stay attached (skipped by the forward) until [`unmerge`] or
+/// [`remove_all`].
+pub fn merge(
+    unet: &mut UNet2DConditionModel,
+    text_encoder: Option<&mut ClipTextTransformer>,
+    multiplier: f32,
+) -> Result<usize> {
+    let mut count = 0;
+    let mut errors = Vec::new();
+    for_each_layer_mut(unet, text_encoder, &mut |c, p, mut layer| {
+        let weight = layer.as_ref().weight().clone();
+        let Some(adapter) = layer.lora_mut().as_mut().filter(|a| !a.is_merged()) else {
+            return;
+        };
+        adapter.multiplier = multiplier;
+        let merged = (|| -> Result<Tensor> {
+            let delta = adapter.delta_weight()?;
+            (weight.to_dtype(delta.dtype())? + delta)?
+                .to_dtype(weight.dtype())
+                .map(|w| w.detach())
+        })();
+        match merged {
+            Ok(merged) => {
+                adapter.merged_from = Some(weight);
+                *layer.weight_mut() = merged;
+                count += 1;
+            }
+            Err(e) => errors.push(format!("{}: {e}", display(c, p))),
+        }
+    });
+    report("cannot merge LoRA", &errors)?;
+    Ok(count)
+}
+
+/// Restores the original weight of every merged adapter (bit for bit) and
+/// re-enables its LoRA path; returns how many.
+pub fn unmerge(
+    unet: &mut UNet2DConditionModel,
+    text_encoder: Option<&mut ClipTextTransformer>,
+) -> usize {
+    let mut count = 0;
+    for_each_layer_mut(unet, text_encoder, &mut |_, _, mut layer| {
+        let original = layer.lora_mut().as_mut().and_then(|a| a.merged_from.take());
+        if let Some(original) = original {
+            *layer.weight_mut() = original;
+            count += 1;
+        }
+    });
+    count
+}
+
+/// The (component, path) keys of every layer that holds an adapter.
+pub fn adapted_layers(
+    unet: &UNet2DConditionModel,
+    text_encoder: Option<&ClipTextTransformer>,
+) -> BTreeSet<(LoraComponent, String)> {
+    let mut out = BTreeSet::new();
+    for_each_layer(unet, text_encoder, &mut |c, p, l| {
+        if l.lora().is_some() {
+            out.insert((c, p.to_string()));
+        }
+    });
+    out
+}

@@ -1,0 +1,357 @@
+//! The LoRA adapter a frozen layer can hold, and its forward pass.
+//!
+//! [`crate::ops::FrozenLinear`] and [`crate::ops::FrozenConv2d`] have a `lora`
+//! slot; when it holds a [`LoraAdapter`] (and the adapter is not merged) their
+//! forward adds `multiplier · (alpha / rank) · up(down(dropout(x)))` to the
+//! frozen base output. The base path is unchanged (it still computes only the
+//! input gradient); the LoRA path is built from ordinary candle matmuls, plus a
+//! custom-gradient conv for the conv `down`, so `down` and `up` — candle
+//! [`Var`]s — receive gradients.
+//!
+//! # Dtypes
+//!
+//! The LoRA tensors are f32 whatever the base dtype (f64 only when the base is
+//! f64, for finite-difference tests): the input is converted to the LoRA dtype,
+//! the delta is computed there and converted back to the base dtype before it
+//! is added. On the CPU this also sidesteps candle's missing bf16 conv.
+//!
+//! # Conv LoRA
+//!
+//! `down` is a conv with the base layer's kernel size, stride and padding, `up` a
+//! 1×1 conv (computed as a matmul over pixels). The `down` conv has a hand-written
+//! backward: the input gradient is [`crate::ops::conv`]'s (candle's own fails for a
+//! stride-2 conv on inputs whose height and width differ in parity, and is a naive
+//! loop on the CPU), the kernel gradient a conv of the input with the output
+//! gradient dilated by the stride.
+//!
+//! # Dropout
+//!
+//! Optional, off by default, and only applied while its [`DropoutControl`] says
+//! "training". The mask is a pure function of (seed, module, step, element
+//! index) — a counter-based hash, not a stateful generator — so it is
+//! reproducible, independent of the order in which layers run, and identical
+//! when a block is recomputed for gradient checkpointing within the same step.
+//! The trainer advances the step with [`DropoutControl::set_step`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use candle_core::{DType, Result, Tensor, Var, bail};
+
+use super::LayerKind;
+use crate::ops::conv::input_grad;
+use crate::ops::with_grad2;
+
+/// The dtype of the LoRA tensors for a base layer of dtype `base`: f64 for an
+/// f64 base (tests), f32 otherwise.
+pub fn lora_dtype(base: DType) -> DType {
+    if base == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Shared switches for the dropout of many adapters: training on/off and the
+/// current step (which, with the seed and module, determines the mask).
+/// Cloning shares the state.
+#[derive(Debug, Clone, Default)]
+pub struct DropoutControl(Arc<DropoutState>);
+
+#[derive(Debug, Default)]
+struct DropoutState {
+    training: AtomicBool,
+    step: AtomicU64,
+}
+
+impl DropoutControl {
+    /// A control in eval mode (no dropout) at step 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Turns dropout on (training) or off (eval).
+    pub fn set_training(&self, training: bool) {
+        self.0.training.store(training, Ordering::Relaxed);
+    }
+
+    /// Whether dropout is applied.
+    pub fn is_training(&self) -> bool {
+        self.0.training.load(Ordering::Relaxed)
+    }
+
+    /// Sets the step that selects the masks (call once per optimizer step).
+    pub fn set_step(&self, step: u64) {
+        self.0.step.store(step, Ordering::Relaxed);
+    }
+
+    /// The current step.
+    pub fn step(&self) -> u64 {
+        self.0.step.load(Ordering::Relaxed)
+    }
+}
+
+/// Dropout on the input of the LoRA path (as PEFT's `lora_dropout`).
+#[derive(Debug, Clone)]
+pub struct LoraDropout {
+    /// Probability of zeroing an element, in `[0, 1)`.
+    pub p: f32,
+    /// Seed of this module's masks (derive it from a global seed and the module
+    /// path, see [`module_seed`]).
+    pub seed: u64,
+    /// Training switch and step, usually shared by all adapters of a model.
+    pub control: DropoutControl,
+}
+
+impl LoraDropout {
+    /// The mask for an input of `shape` at the current step: each element 0 with
+    /// probability `p`, else `1 / (1 − p)`.
+    fn mask(&self, shape: &[usize], dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let key = splitmix64(self.seed ^ splitmix64(self.control.step()));
+        let keep = 1.0 / (1.0 - self.p as f64);
+        let p = self.p as f64;
+        let data: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let u = unit(splitmix64(key.wrapping_add(i.wrapping_mul(GOLDEN))));
+                if u < p { 0.0 } else { keep as f32 }
+            })
+            .collect();
+        Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
+    }
+}
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The splitmix64 finaliser of `z + golden`: a good 64-bit mix.
+pub(crate) fn splitmix64(z: u64) -> u64 {
+    let mut z = z.wrapping_add(GOLDEN);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A 64-bit value to a uniform number in `[0, 1)`.
+pub(crate) fn unit(z: u64) -> f64 {
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// FNV-1a of a string, to give each module its own seed.
+pub(crate) fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The seed of module `path` of `component` under a global `seed`: initialisation
+/// and dropout masks of a module do not depend on which other modules exist.
+pub fn module_seed(seed: u64, component: super::LoraComponent, path: &str) -> u64 {
+    splitmix64(seed ^ splitmix64(fnv1a(path) ^ component as u64))
+}
+
+/// A LoRA adapter on one frozen layer. Shapes: Linear: `down [rank, in]`,
+/// `up [out, rank]`; Conv2d: `down [rank, in, kh, kw]`, `up [out, rank, 1, 1]`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// The down projection (trainable), f32 (f64 on an f64 base).
+    pub down: Var,
+    /// The up projection (trainable), same dtype as `down`.
+    pub up: Var,
+    /// The path is scaled by `alpha / rank`.
+    pub alpha: f32,
+    /// Extra inference scale (1 for training).
+    pub multiplier: f32,
+    /// Dropout on the LoRA path's input; `None` for none.
+    pub dropout: Option<LoraDropout>,
+    /// While merged: the base weight as it was before merging (restored bit for
+    /// bit by unmerging), and the forward skips the LoRA path.
+    pub merged_from: Option<Tensor>,
+}
+
+impl LoraAdapter {
+    /// An adapter with multiplier 1, no dropout, not merged; `down` and `up` must
+    /// agree on the rank and have the same float dtype.
+    pub fn new(down: Var, up: Var, alpha: f32) -> Result<Self> {
+        let (dr, ur) = (down.dims().first().copied(), up.dims().get(1).copied());
+        if dr.is_none() || dr != ur || dr == Some(0) {
+            bail!(
+                "LoRA down {:?} and up {:?} do not agree on a (non-zero) rank",
+                down.dims(),
+                up.dims()
+            )
+        }
+        if down.dtype() != up.dtype() || !down.dtype().is_float() {
+            bail!(
+                "LoRA down ({:?}) and up ({:?}) must have the same float dtype",
+                down.dtype(),
+                up.dtype()
+            )
+        }
+        Ok(Self {
+            down,
+            up,
+            alpha,
+            multiplier: 1.0,
+            dropout: None,
+            merged_from: None,
+        })
+    }
+
+    /// The rank (`down`'s first dimension).
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// The factor of the LoRA path: `multiplier · alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        self.multiplier as f64 * self.alpha as f64 / self.rank() as f64
+    }
+
+    /// Whether the adapter is merged into the base weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged_from.is_some()
+    }
+
+    /// Checks that `down`/`up` fit a layer of `kind` with the given features;
+    /// the error names the expected and actual shapes.
+    pub fn check_shapes(
+        &self,
+        kind: LayerKind,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<()> {
+        let r = self.rank();
+        let (want_down, want_up): (Vec<usize>, Vec<usize>) = match kind {
+            LayerKind::Linear => (vec![r, in_features], vec![out_features, r]),
+            LayerKind::Conv2d { kernel, .. } => (
+                vec![r, in_features, kernel[0], kernel[1]],
+                vec![out_features, r, 1, 1],
+            ),
+        };
+        if self.down.dims() != want_down.as_slice() || self.up.dims() != want_up.as_slice() {
+            bail!(
+                "LoRA shapes down {:?} / up {:?} do not fit the layer: expected down {want_down:?} / up {want_up:?}",
+                self.down.dims(),
+                self.up.dims()
+            )
+        }
+        Ok(())
+    }
+
+    /// The active dropout, if any (set, non-zero and in training mode).
+    fn active_dropout(&self) -> Option<&LoraDropout> {
+        self.dropout
+            .as_ref()
+            .filter(|d| d.p > 0.0 && d.control.is_training())
+    }
+
+    /// `x` in the LoRA dtype, with dropout applied when active. The mask is a
+    /// constant, applied through a custom gradient so that no gradient buffer is
+    /// stored for it.
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(self.down.dtype())?;
+        match self.active_dropout() {
+            None => Ok(x),
+            Some(d) => {
+                let mask = d.mask(x.dims(), x.dtype(), x.device())?;
+                let y = x.detach().mul(&mask)?;
+                crate::ops::with_grad1("lora-dropout", &x, y, move |a| {
+                    Ok([Some(a.grad.mul(&mask)?)])
+                })
+            }
+        }
+    }
+
+    /// The LoRA term of a Linear layer for `x: (..., in)` (base dtype), in the
+    /// base dtype: `scale · x·downᵀ·upᵀ`.
+    pub fn linear_delta(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, in_features) = self.down.dims2()?;
+        let (out_features, _) = self.up.dims2()?;
+        if x.rank() == 0 || x.dim(candle_core::D::Minus1)? != in_features {
+            bail!(
+                "LoRA: input shape {:?} does not end in in_features {in_features}",
+                x.dims()
+            )
+        }
+        let m = x.elem_count() / in_features;
+        let h = self.input(x)?.reshape((m, in_features))?;
+        let h = h.matmul(&self.down.as_tensor().t()?)?;
+        let h = (h.matmul(&self.up.as_tensor().t()?)? * self.scale())?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_features;
+        }
+        h.reshape(dims)?.to_dtype(x.dtype())
+    }
+
+    /// The LoRA term of a Conv2d layer (stride `stride`, padding `padding`) for
+    /// `x: [b, in, h, w]` (base dtype), in the base dtype.
+    pub fn conv_delta(&self, x: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+        let (r, _, _, _) = self.down.dims4()?;
+        let (out, _, _, _) = self.up.dims4()?;
+        let h = conv2d_down(&self.input(x)?, self.down.as_tensor(), stride, padding)?;
+        let (b, _, oh, ow) = h.dims4()?;
+        // The 1×1 `up` conv as a matmul over pixels: [out, r] · [b, r, oh·ow].
+        let up = self.up.as_tensor().reshape((out, r))?;
+        let y = up.broadcast_matmul(&h.reshape((b, r, oh * ow))?)?;
+        (y * self.scale())?
+            .reshape((b, out, oh, ow))?
+            .to_dtype(x.dtype())
+    }
+
+    /// `scale · up·down` shaped like the base weight (`[out, in]` or
+    /// `[out, in, kh, kw]`), in the LoRA dtype: what merging adds to the weight.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let down = self.down.as_tensor();
+        let up = self.up.as_tensor();
+        let r = self.rank();
+        let out = up.dims()[0];
+        let flat_down = down.reshape((r, down.elem_count() / r))?;
+        let w = up.reshape((out, r))?.matmul(&flat_down)?;
+        let mut shape = vec![out];
+        shape.extend_from_slice(&down.dims()[1..]);
+        (w * self.scale())?.reshape(shape)
+    }
+}
+
+/// `conv2d(x, down)` with a backward that computes the input gradient with the
+/// frozen conv's method and the kernel gradient directly (see the module docs).
+fn conv2d_down(x: &Tensor, down: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (_, _, kh, kw) = down.dims4()?;
+    let y = x.detach().conv2d(&down.detach(), padding, stride, 1, 1)?;
+    with_grad2("lora-conv-down", [x, down], y, move |a| {
+        let [x, down] = a.inputs;
+        let dx = if a.needs_grad[0] {
+            Some(input_grad(a.grad, down, (h, w), (kh, kw), stride, padding)?)
+        } else {
+            None
+        };
+        let dk = if a.needs_grad[1] {
+            Some(kernel_grad(x, a.grad, (kh, kw), stride, padding)?)
+        } else {
+            None
+        };
+        Ok([dx, dk])
+    })
+}
+
+/// The gradient of `conv2d(x, k, padding, stride)` with respect to the kernel
+/// `k: [r, in, kh, kw]` given the output gradient `g: [b, r, oh, ow]`:
+/// `dk[r, i, a, c] = Σ g[n, r, p, q] · x_pad[n, i, p·s + a, q·s + c]`, which is a
+/// conv of `x` (batch and channels swapped) with `g` as the kernel, dilated by `s`.
+fn kernel_grad(
+    x: &Tensor,
+    g: &Tensor,
+    (kh, kw): (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let xt = x.transpose(0, 1)?.contiguous()?;
+    let gt = g.transpose(0, 1)?.contiguous()?;
+    let dk = xt.conv2d(&gt, padding, 1, stride, 1)?;
+    dk.narrow(2, 0, kh)?
+        .narrow(3, 0, kw)?
+        .transpose(0, 1)?
+        .contiguous()
+}
