@@ -1,0 +1,349 @@
+//! kohya module names ↔ (component, diffusers module path).
+//!
+//! Forward is mechanical: prefix + path with `.` → `_`
+//! (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` →
+//! `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`). The reverse is
+//! ambiguous in general (`to_out_0` is `to_out.0`, but `ff_net_0_proj` is `ff.net.0.proj`), so it
+//! is done two ways:
+//! - with a model's targets, by building the forward map from them and looking names up exactly
+//!   ([`KohyaNameMap`]) — the authoritative way;
+//! - without a model, by a grammar of the SD1/SD2 diffusers UNet and CLIP text-encoder names
+//!   ([`parse_kohya_name`]): a tokenizer that knows the multi-word segments (`down_blocks`,
+//!   `to_q`, `time_emb_proj`, `linear_1`, ...) followed by a check that the dotted path is a
+//!   module those models actually have. Anything else is an error, never a guess: a wrong path
+//!   would make the module silently do nothing.
+//!
+//! SDXL kohya files name the UNet with the original LDM paths (`lora_unet_input_blocks_4_1_...`)
+//! and the text encoders `lora_te1_`/`lora_te2_`; those are recognised and reported as not
+//! supported yet rather than mistranslated.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use crate::lora::{LoraComponent, TargetInfo};
+
+/// kohya prefix of UNet modules.
+pub const PREFIX_UNET: &str = "lora_unet_";
+/// kohya prefix of the SD1/SD2 text encoder's modules.
+pub const PREFIX_TE: &str = "lora_te_";
+/// kohya prefix of SDXL's first text encoder (CLIP-L).
+pub const PREFIX_TE1: &str = "lora_te1_";
+/// kohya prefix of SDXL's second text encoder (OpenCLIP-bigG).
+pub const PREFIX_TE2: &str = "lora_te2_";
+
+/// Why a kohya module name could not be turned into a module path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameError {
+    /// Not a name of any SD1/SD2 module we know.
+    Unknown(String),
+    /// An SDXL-style name (LDM UNet paths, `lora_te1_`/`lora_te2_`).
+    Sdxl(String),
+}
+
+/// The kohya prefix of `component`. `sdxl` selects `lora_te1_` over `lora_te_` for the first text
+/// encoder (the second one is always `lora_te2_`).
+pub fn kohya_prefix(component: LoraComponent, sdxl: bool) -> &'static str {
+    match component {
+        LoraComponent::Unet => PREFIX_UNET,
+        LoraComponent::TextEncoder if sdxl => PREFIX_TE1,
+        LoraComponent::TextEncoder => PREFIX_TE,
+        LoraComponent::TextEncoder2 => PREFIX_TE2,
+    }
+}
+
+/// The SD1/SD2 kohya name of a module: prefix + path with `.` → `_`.
+pub fn kohya_name(component: LoraComponent, path: &str) -> String {
+    kohya_name_with(component, path, false)
+}
+
+fn kohya_name_with(component: LoraComponent, path: &str, sdxl: bool) -> String {
+    format!(
+        "{}{}",
+        kohya_prefix(component, sdxl),
+        path.replace('.', "_")
+    )
+}
+
+/// Path segments that themselves contain `_`, and the single-word ones, of the SD1/SD2 UNet and
+/// CLIP text encoder. The tokenizer takes the longest match at each position.
+const SEGMENTS: &[&str] = &[
+    // UNet
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "attentions",
+    "resnets",
+    "transformer_blocks",
+    "attn1",
+    "attn2",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "ff",
+    "net",
+    "proj",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers",
+    "upsamplers",
+    "conv",
+    "conv_in",
+    "conv_out",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
+    // CLIP text encoder
+    "text_model",
+    "encoder",
+    "layers",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "mlp",
+    "fc1",
+    "fc2",
+    "embeddings",
+    "token_embedding",
+    "position_embedding",
+];
+
+/// Longest multi-word segment, in `_`-separated words (`time_emb_proj`).
+const MAX_SEGMENT_WORDS: usize = 3;
+
+/// Every adaptable (2-D or 4-D weight) module path of an SD1/SD2 diffusers UNet.
+static UNET_PATH: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"^(?:(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.(?:attentions\.\d+\.(?:proj_in|proj_out|transformer_blocks\.\d+\.(?:(?:attn1|attn2)\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2)))|resnets\.\d+\.(?:conv1|conv2|time_emb_proj|conv_shortcut))|down_blocks\.\d+\.downsamplers\.0\.conv|up_blocks\.\d+\.upsamplers\.0\.conv|conv_in|conv_out|time_embedding\.linear_[12])$",
+    )
+    .expect("static regex")
+});
+
+/// Every adaptable module path of a CLIP text encoder (transformers names).
+static TEXT_ENCODER_PATH: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"^text_model\.(?:encoder\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.(?:fc1|fc2))|embeddings\.(?:token_embedding|position_embedding))$",
+    )
+    .expect("static regex")
+});
+
+/// Whether `path` is a module path an SD1/SD2 `component` has (by the grammar, without a model).
+pub fn is_known_path(component: LoraComponent, path: &str) -> bool {
+    match component {
+        LoraComponent::Unet => UNET_PATH.is_match(path),
+        LoraComponent::TextEncoder => TEXT_ENCODER_PATH.is_match(path),
+        // SD1/SD2 have no second text encoder.
+        LoraComponent::TextEncoder2 => false,
+    }
+}
+
+/// Whether a kohya module name is SDXL-style: LDM UNet names or `lora_te1_`/`lora_te2_`.
+pub fn is_sdxl_name(name: &str) -> bool {
+    if name.starts_with(PREFIX_TE1) || name.starts_with(PREFIX_TE2) {
+        return true;
+    }
+    name.strip_prefix(PREFIX_UNET).is_some_and(|rest| {
+        [
+            "input_blocks_",
+            "middle_block_",
+            "output_blocks_",
+            "label_emb_",
+        ]
+        .iter()
+        .any(|p| rest.starts_with(p))
+    })
+}
+
+/// The (component, diffusers path) of an SD1/SD2 kohya module name, by grammar (no model needed).
+///
+/// `lora_te_text_model_encoder_layers_0_mlp_fc1` → `(TextEncoder, text_model.encoder.layers.0.mlp.fc1)`.
+pub fn parse_kohya_name(name: &str) -> Result<(LoraComponent, String), NameError> {
+    if is_sdxl_name(name) {
+        return Err(NameError::Sdxl(name.to_string()));
+    }
+    let (component, rest) = if let Some(rest) = name.strip_prefix(PREFIX_UNET) {
+        (LoraComponent::Unet, rest)
+    } else if let Some(rest) = name.strip_prefix(PREFIX_TE) {
+        (LoraComponent::TextEncoder, rest)
+    } else {
+        return Err(NameError::Unknown(name.to_string()));
+    };
+    let path = underscores_to_path(rest).ok_or_else(|| NameError::Unknown(name.to_string()))?;
+    if is_known_path(component, &path) {
+        Ok((component, path))
+    } else {
+        Err(NameError::Unknown(name.to_string()))
+    }
+}
+
+/// `down_blocks_0_attentions_1_proj_in` → `down_blocks.0.attentions.1.proj_in`, or `None` when a
+/// word is neither a number nor (the start of) a known segment.
+fn underscores_to_path(rest: &str) -> Option<String> {
+    let words: Vec<&str> = rest.split('_').collect();
+    let mut segments: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let word = words[i];
+        if !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit()) {
+            segments.push(word.to_string());
+            i += 1;
+            continue;
+        }
+        let max = MAX_SEGMENT_WORDS.min(words.len() - i);
+        let (n, segment) = (1..=max)
+            .rev()
+            .map(|n| (n, words[i..i + n].join("_")))
+            .find(|(_, candidate)| SEGMENTS.contains(&candidate.as_str()))?;
+        i += n;
+        segments.push(segment);
+    }
+    Some(segments.join("."))
+}
+
+/// Exact kohya name → (component, path) lookup, built forward from a model's targets.
+#[derive(Debug, Clone, Default)]
+pub struct KohyaNameMap {
+    map: HashMap<String, (LoraComponent, String)>,
+}
+
+impl KohyaNameMap {
+    /// The names of every target. A model with a second text encoder is SDXL, whose first text
+    /// encoder is `lora_te1_`.
+    pub fn from_targets(targets: &[TargetInfo]) -> Self {
+        let sdxl = targets
+            .iter()
+            .any(|t| t.component == LoraComponent::TextEncoder2);
+        let map = targets
+            .iter()
+            .map(|t| {
+                (
+                    kohya_name_with(t.component, &t.path, sdxl),
+                    (t.component, t.path.clone()),
+                )
+            })
+            .collect();
+        Self { map }
+    }
+
+    /// The module a kohya name stands for, if the model has it.
+    pub fn lookup(&self, name: &str) -> Option<(LoraComponent, &str)> {
+        self.map.get(name).map(|(c, p)| (*c, p.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Resolves kohya names either exactly against `map` or, without one, by the SD1/SD2 grammar.
+pub fn resolve_kohya_name(
+    name: &str,
+    map: Option<&KohyaNameMap>,
+) -> Result<(LoraComponent, String), NameError> {
+    match map {
+        Some(map) => map
+            .lookup(name)
+            .map(|(c, p)| (c, p.to_string()))
+            .ok_or_else(|| {
+                if is_sdxl_name(name) && !map.map.keys().any(|k| is_sdxl_name(k)) {
+                    NameError::Sdxl(name.to_string())
+                } else {
+                    NameError::Unknown(name.to_string())
+                }
+            }),
+        None => parse_kohya_name(name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grammar_examples() {
+        let cases = [
+            (
+                "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_q",
+                "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q",
+            ),
+            (
+                "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0",
+                "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0",
+            ),
+            (
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj",
+                "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+            ),
+            (
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2",
+                "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+            ),
+            (
+                "lora_unet_down_blocks_1_resnets_0_time_emb_proj",
+                "down_blocks.1.resnets.0.time_emb_proj",
+            ),
+            (
+                "lora_unet_up_blocks_0_upsamplers_0_conv",
+                "up_blocks.0.upsamplers.0.conv",
+            ),
+            (
+                "lora_unet_time_embedding_linear_1",
+                "time_embedding.linear_1",
+            ),
+        ];
+        for (name, path) in cases {
+            assert_eq!(
+                parse_kohya_name(name),
+                Ok((LoraComponent::Unet, path.to_string())),
+                "{name}"
+            );
+            assert_eq!(kohya_name(LoraComponent::Unet, path), name);
+        }
+        assert_eq!(
+            parse_kohya_name("lora_te_text_model_encoder_layers_11_self_attn_out_proj"),
+            Ok((
+                LoraComponent::TextEncoder,
+                "text_model.encoder.layers.11.self_attn.out_proj".to_string()
+            ))
+        );
+    }
+
+    #[test]
+    fn grammar_rejects() {
+        for name in [
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_x",
+            "lora_unet_down_blocks_0_attentions_0_to_q",
+            "lora_unet_",
+            "lora_unet_down_blocks__0",
+            "lora_foo_bar",
+            "lora_te_text_model_encoder_layers_0_mlp_fc3",
+        ] {
+            assert_eq!(
+                parse_kohya_name(name),
+                Err(NameError::Unknown(name.to_string()))
+            );
+        }
+        for name in [
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+        ] {
+            assert_eq!(
+                parse_kohya_name(name),
+                Err(NameError::Sdxl(name.to_string()))
+            );
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! Reading LoRA files of any of the three formats, detected from the keys.
+//!
+//! The container is opened with the header-checked reader of [`crate::load::safetensors_file`]
+//! (header length, JSON, dtypes, `shape × dtype = byte length`, data inside the file); on top of
+//! it a LoRA file must not have overlapping tensor data and its metadata values must be strings,
+//! as the format requires (the model reader tolerates both, a LoRA reader has no reason to).
+//!
+//! Then every key must be understood: a tensor we cannot place, a module name no SD1/SD2 model
+//! has, a module missing its up or down half, ranks that disagree — each is an error listing
+//! every offending key, never a silently smaller LoRA.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+use super::names::{self, KohyaNameMap, NameError};
+use super::{LoraFile, LoraFormat, LoraFormatError};
+use crate::load::safetensors_file::SafetensorsFile;
+use crate::lora::{LoraComponent, LoraModule, LoraWeights, TargetInfo};
+
+/// Reads a LoRA file, resolving module names by the SD1/SD2 grammar.
+pub fn read_lora(path: &Path) -> Result<LoraFile, LoraFormatError> {
+    read(path, None)
+}
+
+/// Reads a LoRA file, resolving module names exactly against `targets` (the model's adaptable
+/// layers): a name the model does not have is an error. Shapes are checked by
+/// [`super::validate()`].
+pub fn read_lora_for_model(
+    path: &Path,
+    targets: &[TargetInfo],
+) -> Result<LoraFile, LoraFormatError> {
+    read(path, Some(targets))
+}
+
+/// Which half of a module a tensor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Down,
+    Up,
+    Alpha,
+}
+
+/// A key understood: its format (`None` for a dotted `.alpha`, which PEFT and diffusers files
+/// may both carry), the module it belongs to (as named in the file) and which part it is.
+struct KeyInfo {
+    format: Option<LoraFormat>,
+    module: String,
+    part: Part,
+}
+
+fn classify(key: &str) -> Option<KeyInfo> {
+    let kohya = |module: &str, part| {
+        (module.starts_with("lora_") && !module.contains('.')).then(|| KeyInfo {
+            format: Some(LoraFormat::Kohya),
+            module: module.to_string(),
+            part,
+        })
+    };
+    let dotted = |format, module: &str, part| {
+        (!module.is_empty()).then(|| KeyInfo {
+            format,
+            module: module.to_string(),
+            part,
+        })
+    };
+    if let Some(m) = key.strip_suffix(".lora_down.weight") {
+        return kohya(m, Part::Down);
+    }
+    if let Some(m) = key.strip_suffix(".lora_up.weight") {
+        return kohya(m, Part::Up);
+    }
+    if let Some(m) = key.strip_suffix(".alpha") {
+        return if m.contains('.') {
+            dotted(None, m, Part::Alpha)
+        } else {
+            kohya(m, Part::Alpha)
+        };
+    }
+    if let Some(m) = key.strip_suffix(".lora_A.weight") {
+        return dotted(Some(LoraFormat::Peft), m, Part::Down);
+    }
+    if let Some(m) = key.strip_suffix(".lora_B.weight") {
+        return dotted(Some(LoraFormat::Peft), m, Part::Up);
+    }
+    for (suffix, part) in [
+        (".lora.down.weight", Part::Down),
+        (".lora.up.weight", Part::Up),
+        (".lora_linear_layer.down.weight", Part::Down),
+        (".lora_linear_layer.up.weight", Part::Up),
+    ] {
+        if let Some(m) = key.strip_suffix(suffix) {
+            return dotted(Some(LoraFormat::Diffusers), m, part);
+        }
+    }
+    // Attention processors of old diffusers: `<attn>.processor.to_q_lora.down.weight`.
+    for (suffix, part) in [
+        ("_lora.down.weight", Part::Down),
+        ("_lora.up.weight", Part::Up),
+    ] {
+        if let Some(m) = key.strip_suffix(suffix)
+            && let Some((attn, proj)) = m.rsplit_once(".processor.")
+        {
+            let proj = match proj {
+                "to_q" | "to_k" | "to_v" => proj,
+                "to_out" => "to_out.0",
+                _ => return None,
+            };
+            return dotted(Some(LoraFormat::Diffusers), &format!("{attn}.{proj}"), part);
+        }
+    }
+    None
+}
+
+/// Why a set of unreadable keys is unreadable, when we can tell.
+fn unsupported_hint(keys: &[String]) -> String {
+    let any = |pat: &str| keys.iter().any(|k| k.contains(pat));
+    if any("hada_") {
+        " (LyCORIS LoHa is not supported)".into()
+    } else if any("lokr_") {
+        " (LyCORIS LoKr is not supported)".into()
+    } else if any("dora_scale") || any("lora_magnitude_vector") {
+        " (DoRA is not supported)".into()
+    } else if any(".diff") {
+        " (LyCORIS full-weight diffs are not supported)".into()
+    } else {
+        String::new()
+    }
+}
+
+#[derive(Default)]
+struct Parts<'a> {
+    down: Option<&'a str>,
+    up: Option<&'a str>,
+    alpha: Option<&'a str>,
+}
+
+fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFormatError> {
+    let st = SafetensorsFile::open(path)?;
+    check_no_overlap(path, &st)?;
+    check_metadata_strings(path)?;
+    let file_size = std::fs::metadata(path)
+        .map_err(|source| LoraFormatError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let not_a_lora = |reason: String| LoraFormatError::NotALora {
+        file: path.to_path_buf(),
+        reason,
+    };
+
+    // 1. Every key must be a LoRA tensor of a known format.
+    let mut unknown = Vec::new();
+    let mut formats = BTreeMap::new();
+    let mut modules: BTreeMap<String, Parts> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for key in st.tensors().keys() {
+        let Some(info) = classify(key) else {
+            unknown.push(key.clone());
+            continue;
+        };
+        if let Some(f) = info.format {
+            *formats.entry(f.to_string()).or_insert(0usize) += 1;
+        }
+        let parts = modules.entry(info.module).or_default();
+        let slot = match info.part {
+            Part::Down => &mut parts.down,
+            Part::Up => &mut parts.up,
+            Part::Alpha => &mut parts.alpha,
+        };
+        if let Some(previous) = slot.replace(key) {
+            problems.push(format!("`{previous}` and `{key}` are the same tensor"));
+        }
+    }
+    let format = match formats.keys().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => {
+            let sample: Vec<&str> = st.tensors().keys().take(3).map(String::as_str).collect();
+            let looks_like_model = st.tensors().keys().any(|k| {
+                k.starts_with("model.diffusion_model.")
+                    || k.starts_with("down_blocks.")
+                    || k.starts_with("text_model.")
+                    || k.starts_with("encoder.down")
+            });
+            return Err(not_a_lora(if st.tensors().is_empty() {
+                "it holds no tensors".into()
+            } else if looks_like_model {
+                format!(
+                    "its keys ({}, …) are those of a model's weights, not of a LoRA",
+                    sample.join(", ")
+                )
+            } else {
+                format!(
+                    "no key ends in .lora_down.weight, .lora_A.weight or .lora.down.weight \
+                     (first keys: {})",
+                    sample.join(", ")
+                )
+            }));
+        }
+        ["kohya"] => LoraFormat::Kohya,
+        ["peft"] => LoraFormat::Peft,
+        ["diffusers"] => LoraFormat::Diffusers,
+        ref several => {
+            return Err(not_a_lora(format!(
+                "it mixes LoRA key conventions ({}); convert it with the tool that wrote it",
+                several.join(", ")
+            )));
+        }
+    };
+    if !unknown.is_empty() {
+        let hint = unsupported_hint(&unknown);
+        return Err(LoraFormatError::UnsupportedKeys {
+            file: path.to_path_buf(),
+            keys: unknown,
+            hint,
+        });
+    }
+    // A dotted `.alpha` in a kohya file belongs to no kohya module.
+    if format == LoraFormat::Kohya {
+        let stray: Vec<String> = modules
+            .keys()
+            .filter(|m| m.contains('.'))
+            .map(|m| format!("{m}.alpha"))
+            .collect();
+        if !stray.is_empty() {
+            return Err(LoraFormatError::UnsupportedKeys {
+                file: path.to_path_buf(),
+                keys: stray,
+                hint: " (dotted alpha keys in a kohya file)".into(),
+            });
+        }
+    }
+
+    // 2. Every module must name a module of the model.
+    let map = targets.map(KohyaNameMap::from_targets);
+    let target_set: Option<HashSet<(LoraComponent, &str)>> =
+        targets.map(|t| t.iter().map(|t| (t.component, t.path.as_str())).collect());
+    let mut resolved: Vec<(&str, (LoraComponent, String))> = Vec::new();
+    let (mut unknown_names, mut sdxl_names) = (Vec::new(), Vec::new());
+    for name in modules.keys() {
+        let result = match format {
+            LoraFormat::Kohya => names::resolve_kohya_name(name, map.as_ref()),
+            LoraFormat::Peft | LoraFormat::Diffusers => resolve_dotted(name, target_set.as_ref()),
+        };
+        match result {
+            Ok(r) => resolved.push((name, r)),
+            Err(NameError::Sdxl(n)) => sdxl_names.push(n),
+            Err(NameError::Unknown(n)) => unknown_names.push(n),
+        }
+    }
+    if !sdxl_names.is_empty() {
+        return Err(LoraFormatError::Sdxl {
+            file: path.to_path_buf(),
+            names: sdxl_names,
+        });
+    }
+    if !unknown_names.is_empty() {
+        return Err(LoraFormatError::UnknownModules {
+            file: path.to_path_buf(),
+            names: unknown_names,
+            target: if targets.is_some() {
+                "the model".into()
+            } else {
+                "an SD1/SD2 model".into()
+            },
+        });
+    }
+
+    // 3. Load and check each module.
+    let mut weights = LoraWeights::default();
+    let mut dtype_counts: HashMap<DType, usize> = HashMap::new();
+    let mut seen: HashMap<(LoraComponent, String), &str> = HashMap::new();
+    for (name, key) in resolved {
+        let parts = &modules[name];
+        let (Some(down_key), Some(up_key)) = (parts.down, parts.up) else {
+            let missing = match (parts.down, parts.up) {
+                (None, None) => "has an alpha but no weights",
+                (None, Some(_)) => "has no down weight",
+                _ => "has no up weight",
+            };
+            problems.push(format!("module `{name}` {missing}"));
+            continue;
+        };
+        if let Some(other) = seen.insert(key.clone(), name) {
+            problems.push(format!(
+                "modules `{other}` and `{name}` both adapt {:?} `{}`",
+                key.0, key.1
+            ));
+            continue;
+        }
+        let mut load = |key: &str| -> Result<Option<candle_core::Tensor>, LoraFormatError> {
+            let info = &st.tensors()[key];
+            let t = st.load_range(
+                key,
+                &info.dtype,
+                &info.shape,
+                info.start,
+                info.end,
+                &Device::Cpu,
+            )?;
+            if !t.dtype().is_float() {
+                problems.push(format!(
+                    "`{key}` has dtype {}, not a float type",
+                    info.dtype
+                ));
+                return Ok(None);
+            }
+            *dtype_counts.entry(t.dtype()).or_default() += 1;
+            let t = t
+                .to_dtype(DType::F32)
+                .map_err(|source| LoraFormatError::Tensor {
+                    what: format!("{}: converting `{key}` to f32", path.display()),
+                    source,
+                })?;
+            Ok(Some(t))
+        };
+        let (Some(down), Some(up)) = (load(down_key)?, load(up_key)?) else {
+            continue;
+        };
+        let rank = down.dims().first().copied().unwrap_or(0);
+        let alpha = match parts.alpha {
+            None => rank as f32,
+            Some(alpha_key) => {
+                let info = &st.tensors()[alpha_key];
+                let alpha_tensor = st.load_range(
+                    alpha_key,
+                    &info.dtype,
+                    &info.shape,
+                    info.start,
+                    info.end,
+                    &Device::Cpu,
+                )?;
+                let value = (alpha_tensor.elem_count() == 1 && alpha_tensor.dtype().is_float())
+                    .then(|| {
+                        alpha_tensor
+                            .to_dtype(DType::F32)
+                            .and_then(|t| t.flatten_all())
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .ok()
+                            .and_then(|v| v.first().copied())
+                    })
+                    .flatten();
+                match value {
+                    // kohya: an alpha of 0 (or none) means alpha = rank.
+                    Some(0.0) => rank as f32,
+                    Some(a) if a.is_finite() && a > 0.0 => a,
+                    _ => {
+                        problems.push(format!(
+                            "`{alpha_key}` must hold one positive float (it is {} {:?})",
+                            info.dtype, info.shape
+                        ));
+                        continue;
+                    }
+                }
+            }
+        };
+        let module = LoraModule { down, up, alpha };
+        let before = problems.len();
+        problems.extend(module_problems(name, &module));
+        if problems.len() == before {
+            weights.modules.insert(key, module);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(LoraFormatError::BadModules {
+            file: path.to_path_buf(),
+            problems,
+        });
+    }
+    let dtype = dtype_counts
+        .into_iter()
+        .max_by_key(|(d, n)| (*n, d.as_str()))
+        .map(|(d, _)| d)
+        .unwrap_or(DType::F32);
+    Ok(LoraFile {
+        path: path.to_path_buf(),
+        format,
+        weights,
+        metadata: st.metadata().clone(),
+        dtype,
+        file_size,
+    })
+}
+
+/// The (component, path) of a PEFT/diffusers module name such as
+/// `unet.down_blocks.0.attentions.0.proj_in`, `text_encoder.text_model.…`,
+/// `base_model.model.<path>` or an unprefixed path.
+fn resolve_dotted(
+    name: &str,
+    targets: Option<&HashSet<(LoraComponent, &str)>>,
+) -> Result<(LoraComponent, String), NameError> {
+    let infer = |path: &str| {
+        if path.starts_with("text_model.") {
+            LoraComponent::TextEncoder
+        } else {
+            LoraComponent::Unet
+        }
+    };
+    let (component, path) = if let Some(p) = name.strip_prefix("unet.") {
+        (LoraComponent::Unet, p)
+    } else if let Some(p) = name.strip_prefix("text_encoder_2.") {
+        (LoraComponent::TextEncoder2, p)
+    } else if let Some(p) = name.strip_prefix("text_encoder.") {
+        (LoraComponent::TextEncoder, p)
+    } else if let Some(p) = name.strip_prefix("base_model.model.") {
+        (infer(p), p)
+    } else {
+        (infer(name), name)
+    };
+    let known = match targets {
+        Some(set) => set.contains(&(component, path)),
+        None => {
+            if component == LoraComponent::TextEncoder2 {
+                return Err(NameError::Sdxl(name.to_string()));
+            }
+            names::is_known_path(component, path)
+        }
+    };
+    if known {
+        Ok((component, path.to_string()))
+    } else {
+        Err(NameError::Unknown(name.to_string()))
+    }
+}
+
+/// Problems of a module on its own (whatever the model): dimensions, rank agreement, alpha.
+pub(crate) fn module_problems(name: &str, m: &LoraModule) -> Vec<String> {
+    let (down, up) = (m.down.dims(), m.up.dims());
+    let mut out = Vec::new();
+    match (down.len(), up.len()) {
+        (2, 2) | (4, 4) => {}
+        _ => {
+            out.push(format!(
+                "module `{name}`: down {down:?} and up {up:?} must both be 2-D (Linear) or both \
+                 4-D (Conv2d)"
+            ));
+            return out;
+        }
+    }
+    if down[0] == 0 {
+        out.push(format!("module `{name}`: rank 0 (down {down:?})"));
+    }
+    if up[1] != down[0] {
+        out.push(format!(
+            "module `{name}`: rank mismatch: down {down:?} has rank {} but up {up:?} has {}",
+            down[0], up[1]
+        ));
+    }
+    if up.len() == 4 && (up[2], up[3]) != (1, 1) {
+        out.push(format!(
+            "module `{name}`: up {up:?} must be a 1×1 convolution"
+        ));
+    }
+    if !(m.alpha.is_finite() && m.alpha > 0.0) {
+        out.push(format!(
+            "module `{name}`: alpha {} is not positive",
+            m.alpha
+        ));
+    }
+    out
+}
+
+/// Tensor data ranges must not overlap (two tensors sharing bytes is a corrupt or crafted file).
+fn check_no_overlap(path: &Path, st: &SafetensorsFile) -> Result<(), LoraFormatError> {
+    let mut ranges: Vec<(usize, usize, &str)> = st
+        .tensors()
+        .iter()
+        .filter(|(_, t)| t.end > t.start)
+        .map(|(k, t)| (t.start, t.end, k.as_str()))
+        .collect();
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        let ((_, end_a, a), (start_b, _, b)) = (pair[0], pair[1]);
+        if start_b < end_a {
+            return Err(LoraFormatError::Malformed {
+                file: path.to_path_buf(),
+                reason: format!("the data of tensors `{a}` and `{b}` overlap"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `__metadata__`, when present, must be an object of strings. (The generic reader turns
+/// non-strings into their JSON text; a LoRA with them was written by a broken tool.)
+fn check_metadata_strings(path: &Path) -> Result<(), LoraFormatError> {
+    let malformed = |reason: String| LoraFormatError::Malformed {
+        file: path.to_path_buf(),
+        reason,
+    };
+    let io = |source| LoraFormatError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    // SafetensorsFile::open has already checked the header length against the file and limit.
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let n = usize::try_from(u64::from_le_bytes(len))
+        .map_err(|_| malformed("the header length does not fit in memory".into()))?;
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header).map_err(io)?;
+    let value: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| malformed(format!("the header is not valid JSON: {e}")))?;
+    match value.get("__metadata__") {
+        None => Ok(()),
+        Some(serde_json::Value::Object(map)) => {
+            let bad: Vec<&str> = map
+                .iter()
+                .filter(|(_, v)| !v.is_string())
+                .map(|(k, _)| k.as_str())
+                .collect();
+            if bad.is_empty() {
+                Ok(())
+            } else {
+                Err(malformed(format!(
+                    "metadata values must be strings, but {} {} not: {}",
+                    bad.len(),
+                    if bad.len() == 1 { "is" } else { "are" },
+                    bad.join(", ")
+                )))
+            }
+        }
+        Some(other) => {
+            let kind = match other {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+            };
+            Err(malformed(format!(
+                "`__metadata__` must be an object of strings, not {kind}"
+            )))
+        }
+    }
+}
