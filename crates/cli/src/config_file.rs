@@ -59,8 +59,48 @@ pub fn dataset_config(doc: &Table, base: &Path, origin: &str) -> Result<DatasetC
     })?;
     for s in &mut cfg.subsets {
         if s.path.is_relative() && !base.as_os_str().is_empty() {
-            s.path = base.join(&s.path);
+            s.path = clean(&base.join(&s.path));
         }
     }
     Ok(cfg)
+}
+
+/// Removes `.` and `name/..` pairs without touching the file system, so
+/// `configs/../assets/x` is shown as `assets/x` (links are not resolved: a
+/// leading `..` is kept).
+fn clean(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            // `/..` is `/`.
+            Component::ParentDir if matches!(out.last(), Some(Component::RootDir)) => {}
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean;
+    use std::path::Path;
+
+    #[test]
+    fn lexical_cleaning() {
+        assert_eq!(
+            clean(Path::new("configs/../assets/x")),
+            Path::new("assets/x")
+        );
+        assert_eq!(clean(Path::new("../a/./b")), Path::new("../a/b"));
+        assert_eq!(clean(Path::new("/a/b/../../..")), Path::new("/"));
+        assert_eq!(clean(Path::new("a/..")), Path::new("."));
+    }
 }

@@ -8,6 +8,7 @@
 mod check_data;
 mod config_docs;
 mod config_file;
+mod convert;
 mod inspect;
 mod overrides;
 
@@ -30,12 +31,18 @@ enum Command {
         after_help = "Examples:\n  sd-lora check-data ./photos\n  sd-lora check-data ./train --class-data ./reg --class-prompt \"a photo of a dog\"\n  sd-lora check-data --config my_dog.toml --json\n\nExit status: 0 when there is at least one usable image, 1 when there is none (or, with --strict, on any problem)."
     )]
     CheckData(check_data::CheckDataArgs),
-    /// Describe a model: architecture, prediction type, dtype and exact
-    /// parameter counts per component.
+    /// Describe a model (architecture, prediction type, dtype, exact parameter
+    /// counts) or a LoRA file (format, base model, modules, ranks, alphas,
+    /// training metadata).
     #[command(
-        after_help = "Examples:\n  sd-lora inspect ./stable-diffusion-v1-5          # a diffusers folder\n  sd-lora inspect v1-5-pruned-emaonly.safetensors   # a single-file checkpoint\n  sd-lora inspect sd21-768.safetensors --prediction v --json"
+        after_help = "Examples:\n  sd-lora inspect ./stable-diffusion-v1-5          # a diffusers folder\n  sd-lora inspect v1-5-pruned-emaonly.safetensors   # a single-file checkpoint\n  sd-lora inspect sd21-768.safetensors --prediction v --json\n  sd-lora inspect my_dog.safetensors --model v1-5-pruned-emaonly.safetensors   # a LoRA, checked against its model"
     )]
     Inspect(inspect::InspectArgs),
+    /// Convert a LoRA file between kohya and PEFT/diffusers formats (lossless).
+    #[command(
+        after_help = "Examples:\n  sd-lora convert my_dog.safetensors my_dog_peft.safetensors --to peft\n  sd-lora convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya"
+    )]
+    Convert(convert::ConvertArgs),
     /// Print the configuration reference (docs/config.md) generated from the config definitions.
     #[command(hide = true)]
     ConfigDocs,
@@ -57,6 +64,7 @@ fn main() -> ExitCode {
     let result = (|| match &cli.command {
         Command::CheckData(a) => check_data::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::ConfigDocs => {
             emit(&config_docs::render())?;
             Ok(0)

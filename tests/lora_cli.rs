@@ -1,0 +1,107 @@
+//! End-to-end tests of `sd-lora inspect` on LoRA files and `sd-lora convert`.
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn sd_lora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sd-lora"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .output()
+        .expect("run sd-lora")
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let o = sd_lora(args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+const KOHYA: &str = "tests/fixtures/lora/sd1_lora_kohya.safetensors";
+const PEFT: &str = "tests/fixtures/lora/sd1_lora_peft.safetensors";
+
+#[test]
+fn inspect_reports_a_lora_and_checks_it_against_its_model() {
+    let v = ok_json(&[
+        "inspect",
+        KOHYA,
+        "--model",
+        "tests/fixtures/sd1_tiny",
+        "--json",
+    ]);
+    assert_eq!(v["kind"], "lora");
+    assert_eq!(v["format"], "kohya");
+    assert_eq!(v["base_model_version"], "sd_v1");
+    // The module counts diffusers attached for this file (tests/fixtures/lora/README.md).
+    assert_eq!(v["modules"]["unet"], 192);
+    assert_eq!(v["modules"]["text_encoder"], 18);
+    assert_eq!(v["ranks"], serde_json::json!([4]));
+    assert_eq!(v["alphas"], serde_json::json!([2.0]));
+    assert_eq!(v["scales"], serde_json::json!([0.5]));
+    assert_eq!(v["model_check"]["matched_modules"], 210);
+
+    let v = ok_json(&["inspect", PEFT, "--json"]);
+    assert_eq!(v["format"], "peft");
+    assert_eq!(v["modules"]["unet"], 192);
+
+    // A LoRA for another model is an error that lists the modules that do not fit.
+    let o = sd_lora(&["inspect", KOHYA, "--model", "tests/fixtures/sd2_tiny"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("do not map onto the model"), "{err}");
+    assert!(
+        err.contains("lora_te_text_model_encoder_layers_2_self_attn_q_proj"),
+        "{err}"
+    );
+
+    // --model is for LoRA files only.
+    let o = sd_lora(&[
+        "inspect",
+        "tests/fixtures/sd1_tiny",
+        "--model",
+        "tests/fixtures/sd1_tiny",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn convert_round_trips_between_kohya_and_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peft = tmp.path().join("peft.safetensors");
+    let back = tmp.path().join("kohya.safetensors");
+    let (p, b) = (peft.to_str().unwrap(), back.to_str().unwrap());
+    let o = sd_lora(&["convert", KOHYA, p, "--to", "peft"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = ok_json(&["inspect", p, "--json"]);
+    assert_eq!(v["format"], "peft");
+    // PEFT has no alpha: the scale is folded into the weights, alpha = rank.
+    assert_eq!(v["alphas"], serde_json::json!([4.0]));
+    let o = sd_lora(&["convert", p, b, "--to", "kohya"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = ok_json(&["inspect", b, "--model", "tests/fixtures/sd1_tiny", "--json"]);
+    assert_eq!(v["format"], "kohya");
+    assert_eq!(v["scales"], serde_json::json!([1.0]));
+    assert_eq!(v["model_check"]["matched_modules"], 210);
+
+    // Refuses to overwrite, and to read what is not a LoRA.
+    let o = sd_lora(&["convert", KOHYA, b, "--to", "peft"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    let out = tmp.path().join("x.safetensors");
+    let o = sd_lora(&[
+        "convert",
+        "tests/fixtures/sd1_tiny.safetensors",
+        out.to_str().unwrap(),
+        "--to",
+        "peft",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!out.exists());
+    let o = sd_lora(&[
+        "convert",
+        "README.md",
+        out.to_str().unwrap(),
+        "--to",
+        "peft",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+}
