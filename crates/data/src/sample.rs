@@ -65,11 +65,37 @@ impl Dataset {
     /// most `batch_size`, and the batches shuffled. The last batch of a bucket
     /// may be smaller.
     pub fn epoch_batches(&self, epoch: u64, batch_size: usize, seed: u64) -> Vec<BatchPlan> {
+        self.epoch_batches_of(None, epoch, batch_size, seed)
+    }
+
+    /// [`Dataset::epoch_batches`] over the images of one kind only (`None`:
+    /// all). DreamBooth with prior preservation draws an instance batch and a
+    /// class batch every step, each from its own epoch order.
+    pub fn epoch_batches_of(
+        &self,
+        kind: Option<SubsetKind>,
+        epoch: u64,
+        batch_size: usize,
+        seed: u64,
+    ) -> Vec<BatchPlan> {
         let batch_size = batch_size.max(1);
-        let mut rng = Rng::derive(&[seed, ORDER_STREAM, epoch]);
+        let stream = match kind {
+            None => 0,
+            Some(SubsetKind::Instance) => 1,
+            Some(SubsetKind::Class) => 2,
+        };
+        let mut rng = if stream == 0 {
+            Rng::derive(&[seed, ORDER_STREAM, epoch])
+        } else {
+            Rng::derive(&[seed, ORDER_STREAM, epoch, stream])
+        };
         let mut by_bucket: BTreeMap<Bucket, Vec<usize>> = BTreeMap::new();
         for (i, e) in self.images.iter().enumerate() {
-            let reps = self.subsets[e.subset].repeats as usize;
+            let subset = &self.subsets[e.subset];
+            if kind.is_some_and(|k| k != subset.kind) {
+                continue;
+            }
+            let reps = subset.repeats as usize;
             by_bucket
                 .entry(e.bucket)
                 .or_default()
@@ -87,6 +113,20 @@ impl Dataset {
         }
         rng.shuffle(&mut batches);
         batches
+    }
+
+    /// Number of batches per epoch over the images of one kind (`None`: all).
+    pub fn batches_per_epoch_of(&self, kind: Option<SubsetKind>, batch_size: usize) -> usize {
+        let batch_size = batch_size.max(1);
+        let mut per_bucket: BTreeMap<Bucket, usize> = BTreeMap::new();
+        for e in &self.images {
+            let subset = &self.subsets[e.subset];
+            if kind.is_some_and(|k| k != subset.kind) {
+                continue;
+            }
+            *per_bucket.entry(e.bucket).or_insert(0) += subset.repeats as usize;
+        }
+        per_bucket.values().map(|n| n.div_ceil(batch_size)).sum()
     }
 
     /// Iterates over the batches of epoch `epoch`, loading each one; see
@@ -110,11 +150,7 @@ impl Dataset {
 
     /// Number of batches in every epoch.
     pub fn batches_per_epoch(&self, batch_size: usize) -> usize {
-        let batch_size = batch_size.max(1);
-        self.bucket_histogram()
-            .values()
-            .map(|n| n.div_ceil(batch_size))
-            .sum()
+        self.batches_per_epoch_of(None, batch_size)
     }
 
     /// Loads the samples of one batch in parallel (deterministically).

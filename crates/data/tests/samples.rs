@@ -67,6 +67,18 @@ fn epochs_honour_repeats_buckets_and_seeds() {
     assert_eq!(ds.epoch_batches(0, 2, 42), batches);
     assert_ne!(ds.epoch_batches(1, 2, 42), batches);
     assert_ne!(ds.epoch_batches(0, 2, 43), batches);
+    // The unfiltered order is unchanged by the kind filter's existence, and a
+    // kind filter keeps only that kind.
+    assert_eq!(ds.epoch_batches_of(None, 0, 2, 42), batches);
+    let inst = ds.epoch_batches_of(Some(SubsetKind::Instance), 0, 2, 42);
+    assert_eq!(
+        inst.len(),
+        ds.batches_per_epoch_of(Some(SubsetKind::Instance), 2)
+    );
+    assert!(
+        ds.epoch_batches_of(Some(SubsetKind::Class), 0, 2, 42)
+            .is_empty()
+    );
     // Buckets: squares, landscape, portrait.
     let hist = ds.bucket_histogram();
     assert_eq!(hist.get(&[64, 64]), Some(&8));
