@@ -29,6 +29,7 @@
 //! it, and `sd-lora-data` is independent of it.
 
 pub mod blocks;
+pub mod builtin;
 pub mod clip;
 pub mod load;
 pub mod lora;
