@@ -1,0 +1,406 @@
+//! AdamW with parameter groups, gradient accumulation and gradient clipping.
+//!
+//! candle-nn's `AdamW` is not used because it has no parameter groups (the UNet
+//! and text-encoder LoRA train with different learning rates), and because its
+//! step count advances for every Var even when that Var got no gradient, which
+//! scales the first real update of such a Var wrongly. This one follows
+//! PyTorch's `torch.optim.AdamW` exactly: decoupled weight decay
+//! (`p ← p·(1 − lr·wd)`), bias correction with a per-parameter step count that
+//! advances only when the parameter has a gradient, and a parameter without a
+//! gradient is left untouched (no decay either).
+//!
+//! Optimizer state (first and second moments) is kept in f32 whatever the
+//! parameter's dtype, and can be saved and restored for resuming a run.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, Var};
+
+/// A set of parameters sharing a learning rate and weight decay.
+#[derive(Debug, Clone)]
+pub struct ParamGroup {
+    /// Name used in error messages and state keys (e.g. `unet`, `text_encoder`);
+    /// unique within an optimizer.
+    pub name: String,
+    /// The trained parameters.
+    pub vars: Vec<Var>,
+    /// Base learning rate (multiplied by the schedule's factor at each step).
+    pub lr: f64,
+    /// Decoupled weight decay coefficient (0 = none).
+    pub weight_decay: f64,
+}
+
+/// Adam's hyper-parameters shared by all groups.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to the denominator for numerical stability.
+    pub eps: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults: 0.9, 0.999, 1e-8.
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+/// Per-parameter state.
+#[derive(Debug, Clone)]
+struct ParamState {
+    /// First moment (f32, the parameter's shape).
+    exp_avg: Tensor,
+    /// Second moment (f32, the parameter's shape).
+    exp_avg_sq: Tensor,
+    /// Number of updates this parameter has received.
+    step: u64,
+}
+
+/// AdamW (decoupled weight decay, bias correction per parameter: a parameter's
+/// step count only advances when it receives a gradient). State f32.
+#[derive(Debug)]
+pub struct AdamW {
+    groups: Vec<ParamGroup>,
+    cfg: AdamWConfig,
+    /// `state[g][i]` belongs to `groups[g].vars[i]`.
+    state: Vec<Vec<ParamState>>,
+}
+
+/// Key prefix of parameter `i` of group `group` in [`AdamW::state_tensors`].
+fn state_key(group: &str, i: usize, what: &str) -> String {
+    format!("{group}.{i}.{what}")
+}
+
+/// Checks that `grads` has one entry per Var of each group.
+fn check_grads_layout(groups: &[ParamGroup], grads: &[Vec<Option<Tensor>>]) -> Result<()> {
+    if grads.len() != groups.len() {
+        candle_core::bail!(
+            "optimizer: got gradients for {} parameter groups, the optimizer has {}",
+            grads.len(),
+            groups.len()
+        );
+    }
+    for (group, g) in groups.iter().zip(grads) {
+        if g.len() != group.vars.len() {
+            candle_core::bail!(
+                "optimizer: parameter group {:?} has {} parameters but {} gradient slots were given",
+                group.name,
+                group.vars.len(),
+                g.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+impl AdamW {
+    /// An optimizer over `groups`, with zero moments.
+    ///
+    /// Errors if a group name repeats, a Var is listed twice (it would be
+    /// stepped twice), a Var is not a float tensor, or a hyper-parameter is out
+    /// of range.
+    pub fn new(groups: Vec<ParamGroup>, cfg: AdamWConfig) -> Result<Self> {
+        if !(0.0..1.0).contains(&cfg.beta1) || !(0.0..1.0).contains(&cfg.beta2) {
+            candle_core::bail!(
+                "AdamW: betas must be in [0, 1), got beta1 = {}, beta2 = {}",
+                cfg.beta1,
+                cfg.beta2
+            );
+        }
+        if cfg.eps.is_nan() || cfg.eps < 0.0 {
+            candle_core::bail!("AdamW: eps must be ≥ 0, got {}", cfg.eps);
+        }
+        let mut names = HashSet::new();
+        let mut ids = HashSet::new();
+        let mut state = Vec::with_capacity(groups.len());
+        for group in &groups {
+            if !names.insert(group.name.as_str()) {
+                candle_core::bail!("AdamW: parameter group name {:?} is used twice", group.name);
+            }
+            if !group.lr.is_finite() || group.lr < 0.0 {
+                candle_core::bail!(
+                    "AdamW: learning rate of group {:?} must be finite and ≥ 0, got {}",
+                    group.name,
+                    group.lr
+                );
+            }
+            if !group.weight_decay.is_finite() || group.weight_decay < 0.0 {
+                candle_core::bail!(
+                    "AdamW: weight decay of group {:?} must be finite and ≥ 0, got {}",
+                    group.name,
+                    group.weight_decay
+                );
+            }
+            let mut gstate = Vec::with_capacity(group.vars.len());
+            for (i, var) in group.vars.iter().enumerate() {
+                if !ids.insert(var.id()) {
+                    candle_core::bail!(
+                        "AdamW: parameter {i} of group {:?} is listed twice; each Var may appear once",
+                        group.name
+                    );
+                }
+                if !var.dtype().is_float() {
+                    candle_core::bail!(
+                        "AdamW: parameter {i} of group {:?} has dtype {:?}; only float parameters can be trained",
+                        group.name,
+                        var.dtype()
+                    );
+                }
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                gstate.push(ParamState {
+                    exp_avg: zeros.clone(),
+                    exp_avg_sq: zeros,
+                    step: 0,
+                });
+            }
+            state.push(gstate);
+        }
+        Ok(AdamW { groups, cfg, state })
+    }
+
+    /// One update. `grads[g][i]` is the gradient of `groups[g].vars[i]` (None =
+    /// no gradient this step: that parameter is left as it is and its step
+    /// count does not advance). `lr_factor` multiplies every group's base lr.
+    ///
+    /// Gradients are not checked for NaN/inf here: check [`grad_norm`] (or the
+    /// value [`clip_grad_norm`] returns) first and skip the step if it is not
+    /// finite, or the moments are poisoned for good.
+    pub fn step(&mut self, grads: &[Vec<Option<Tensor>>], lr_factor: f64) -> Result<()> {
+        check_grads_layout(&self.groups, grads)?;
+        let AdamWConfig { beta1, beta2, eps } = self.cfg;
+        for ((group, gstate), ggrads) in self.groups.iter().zip(&mut self.state).zip(grads) {
+            let lr = group.lr * lr_factor;
+            for (i, ((var, st), grad)) in group.vars.iter().zip(gstate).zip(ggrads).enumerate() {
+                let Some(grad) = grad else { continue };
+                if grad.dims() != var.dims() {
+                    candle_core::bail!(
+                        "AdamW: gradient of parameter {i} of group {:?} has shape {:?}, the parameter {:?}",
+                        group.name,
+                        grad.dims(),
+                        var.dims()
+                    );
+                }
+                let grad = grad.to_dtype(DType::F32)?;
+                st.step += 1;
+                let t = st.step as i32;
+                st.exp_avg = ((&st.exp_avg * beta1)? + (&grad * (1.0 - beta1))?)?;
+                st.exp_avg_sq = ((&st.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+                let bias1 = 1.0 - beta1.powi(t);
+                let bias2 = 1.0 - beta2.powi(t);
+                // PyTorch: denom = √v / √bias2 + eps; p -= (lr / bias1) · m / denom.
+                let denom = ((st.exp_avg_sq.sqrt()? / bias2.sqrt())? + eps)?;
+                let update = ((&st.exp_avg / denom)? * (lr / bias1))?;
+                let p = var.as_tensor().to_dtype(DType::F32)?;
+                let p = if group.weight_decay != 0.0 {
+                    (p * (1.0 - lr * group.weight_decay))?
+                } else {
+                    p
+                };
+                let p = (p - update)?;
+                var.set(&p.to_dtype(var.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The parameter groups, with their base learning rates.
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    /// The optimizer's hyper-parameters.
+    pub fn config(&self) -> AdamWConfig {
+        self.cfg
+    }
+
+    /// Named tensors for resume: for parameter `i` of group `G`,
+    /// `G.i.exp_avg` and `G.i.exp_avg_sq` (f32, the parameter's shape) and
+    /// `G.i.step` (a one-element I64 tensor on the CPU).
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (group, gstate) in self.groups.iter().zip(&self.state) {
+            for (i, st) in gstate.iter().enumerate() {
+                out.push((state_key(&group.name, i, "exp_avg"), st.exp_avg.clone()));
+                out.push((
+                    state_key(&group.name, i, "exp_avg_sq"),
+                    st.exp_avg_sq.clone(),
+                ));
+                let step = Tensor::from_vec(vec![st.step as i64], 1, &candle_core::Device::Cpu)?;
+                out.push((state_key(&group.name, i, "step"), step));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores what [`AdamW::state_tensors`] saved, for an optimizer built over
+    /// the same groups. Keys not belonging to this optimizer are ignored; a
+    /// missing key or a shape mismatch is an error naming the key, and leaves
+    /// the optimizer unchanged.
+    pub fn load_state_tensors(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |key: &str| -> Result<&Tensor> {
+            t.get(key).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "optimizer state: tensor {key:?} is missing; the checkpoint was saved with different \
+                     parameter groups or LoRA settings — resume with the same config, or start a new run"
+                ))
+            })
+        };
+        let mut new_state = Vec::with_capacity(self.state.len());
+        for group in &self.groups {
+            let mut ng = Vec::with_capacity(group.vars.len());
+            for (i, var) in group.vars.iter().enumerate() {
+                let moment = |what: &str| -> Result<Tensor> {
+                    let key = state_key(&group.name, i, what);
+                    let m = get(&key)?;
+                    if m.dims() != var.dims() {
+                        candle_core::bail!(
+                            "optimizer state: tensor {key:?} has shape {:?} but the parameter has {:?}; \
+                             the checkpoint belongs to a different LoRA configuration",
+                            m.dims(),
+                            var.dims()
+                        );
+                    }
+                    m.to_dtype(DType::F32)?.to_device(var.device())
+                };
+                let exp_avg = moment("exp_avg")?;
+                let exp_avg_sq = moment("exp_avg_sq")?;
+                let key = state_key(&group.name, i, "step");
+                let step = get(&key)?
+                    .flatten_all()?
+                    .to_dtype(DType::I64)?
+                    .to_vec1::<i64>()?;
+                let step = match step.as_slice() {
+                    [s] if *s >= 0 => *s as u64,
+                    _ => candle_core::bail!(
+                        "optimizer state: tensor {key:?} must hold one non-negative step count, got {step:?}"
+                    ),
+                };
+                ng.push(ParamState {
+                    exp_avg,
+                    exp_avg_sq,
+                    step,
+                });
+            }
+            new_state.push(ng);
+        }
+        self.state = new_state;
+        Ok(())
+    }
+}
+
+/// Gradient accumulation over micro-batches for a list of groups of Vars:
+/// [`add`](Self::add) sums each Var's gradient (cast to f32),
+/// [`take`](Self::take) returns the sums divided by the number of adds (so the
+/// result is the gradient of the mean micro-batch loss) and resets.
+#[derive(Debug)]
+pub struct GradAccumulator {
+    vars: Vec<Vec<Var>>,
+    sums: Vec<Vec<Option<Tensor>>>,
+    count: usize,
+}
+
+impl GradAccumulator {
+    /// An empty accumulator for the Vars of `groups`, in their order.
+    pub fn new(groups: &[ParamGroup]) -> Self {
+        GradAccumulator {
+            vars: groups.iter().map(|g| g.vars.clone()).collect(),
+            sums: groups.iter().map(|g| vec![None; g.vars.len()]).collect(),
+            count: 0,
+        }
+    }
+
+    /// Adds one micro-batch's gradients. A Var absent from `grads` counts as a
+    /// zero gradient for this micro-batch.
+    pub fn add(&mut self, grads: &GradStore) -> Result<()> {
+        for (vars, sums) in self.vars.iter().zip(&mut self.sums) {
+            for (var, sum) in vars.iter().zip(sums.iter_mut()) {
+                let Some(g) = grads.get(var.as_tensor()) else {
+                    continue;
+                };
+                let g = g.to_dtype(DType::F32)?;
+                *sum = Some(match sum.take() {
+                    Some(s) => (s + g)?,
+                    // Detach the first one, so the sum holds no graph.
+                    None => g.detach(),
+                });
+            }
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Number of micro-batches added since the last [`take`](Self::take).
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The mean gradients (`[g][i]` for `groups[g].vars[i]`; None where no
+    /// micro-batch gave one), and resets the accumulator.
+    pub fn take(&mut self) -> Vec<Vec<Option<Tensor>>> {
+        let n = self.count.max(1) as f64;
+        self.count = 0;
+        self.sums
+            .iter_mut()
+            .map(|sums| {
+                sums.iter_mut()
+                    .map(|s| {
+                        s.take().map(|s| {
+                            if n == 1.0 {
+                                s
+                            } else {
+                                // Division by a scalar only fails on a device error,
+                                // which the next op would report anyway; keep the sum
+                                // rather than lose the gradient.
+                                (&s / n).unwrap_or(s)
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Global L2 norm over all gradients (f64). NaN or infinite if any gradient
+/// element is non-finite, so this doubles as the all-finite check.
+pub fn grad_norm(grads: &[Vec<Option<Tensor>>]) -> Result<f64> {
+    let mut sum = 0.0f64;
+    for g in grads.iter().flatten().flatten() {
+        // Square and sum in f32 on the device (f64 is missing on some
+        // backends); accumulate the per-tensor sums in f64.
+        let s = g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        sum += s as f64;
+    }
+    Ok(sum.sqrt())
+}
+
+/// Scales the gradients in place so that their global norm is at most
+/// `max_norm`, and returns the norm before clipping. Like PyTorch's
+/// `clip_grad_norm_`, the scale is `max_norm / (norm + 1e-6)`. Gradients are
+/// left alone when the norm is not finite (the caller should skip the step) or
+/// when `max_norm ≤ 0` (clipping off).
+pub fn clip_grad_norm(grads: &mut [Vec<Option<Tensor>>], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
+    if max_norm > 0.0 && norm.is_finite() {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for t in grads.iter_mut().flatten().flatten() {
+                *t = (&*t * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
