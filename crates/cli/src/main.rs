@@ -10,7 +10,7 @@ mod config_docs;
 mod config_file;
 mod convert;
 mod inspect;
-mod overrides;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +25,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train a LoRA: from a config file (see docs/config.md), quick flags, or both.
+    #[command(
+        after_help = "Examples:\n  sd-lora train --config configs/quickstart.toml\n  sd-lora train --model v1-5-pruned-emaonly.safetensors --data ./photos --instance-prompt \"a photo of ohwx dog\" --output ./out --name my_dog\n  sd-lora train --config my_dog.toml --dry-run\n  sd-lora train --config my_dog.toml --resume ./out\n\nQuick flags and --set override the config file; see docs/training.md."
+    )]
+    // Boxed: the train flags make this variant much larger than the others.
+    Train(Box<train_cmd::TrainArgs>),
     /// Show what would be trained on (subsets, captions, buckets) and every
     /// problem with the images and captions.
     #[command(
@@ -62,6 +68,7 @@ pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = (|| match &cli.command {
+        Command::Train(a) => train_cmd::run(a),
         Command::CheckData(a) => check_data::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),

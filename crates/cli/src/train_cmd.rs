@@ -1,0 +1,706 @@
+//! `sd-lora train`: train a LoRA from a config file and/or quick flags.
+//!
+//! Everything that can be wrong with the inputs is checked before any work
+//! starts, in the order a user would fix it: the config (unknown keys,
+//! invalid values), the model (exists, opens), the output folder (writable),
+//! the resume folder, and the dataset (at least one usable image). `--dry-run`
+//! stops there and prints what would be done: the resolved config, the
+//! dataset, the number of steps and epochs, and a memory estimate.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use sd_lora_data::Dataset;
+use sd_lora_data::report::Report;
+use sd_lora_model::load::{Component, LoadOptions, ModelSource};
+use sd_lora_model::lora::targets::TargetSpec;
+use sd_lora_model::lora::{LayerKind, LoraComponent, TargetInfo};
+use sd_lora_model::unet::{BlockKind, UNetConfig};
+use sd_lora_train::config::TrainConfig;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `train`. Each quick flag is a `--set` override of one config
+/// key (applied before the explicit `--set`s, so those win).
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The training config (TOML; see docs/config.md). Without it, the quick
+    /// flags and `--set`s are the whole config.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Base model: a diffusers folder, a `.safetensors` checkpoint or `builtin:tiny` (`model.path`).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<String>,
+    /// Folder of training images (`dataset.subsets[0].path`, an instance subset).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Caption of the training images without a caption file, e.g. "a photo of ohwx dog" (`dataset.subsets[0].caption`).
+    #[arg(long, value_name = "TEXT")]
+    pub instance_prompt: Option<String>,
+    /// Folder of class (prior-preservation) images (`dataset.subsets[1].path`, a class subset).
+    #[arg(long, value_name = "DIR")]
+    pub class_data: Option<PathBuf>,
+    /// Caption of the class images, e.g. "a photo of a dog" (`dataset.subsets[1].caption`).
+    #[arg(long, value_name = "TEXT", requires = "class_data")]
+    pub class_prompt: Option<String>,
+    /// Output folder (`output.dir`).
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Name of the LoRA file, without extension (`output.name`).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// LoRA rank (`network.rank`).
+    #[arg(long, value_name = "N")]
+    pub rank: Option<usize>,
+    /// LoRA alpha (`network.alpha`).
+    #[arg(long, value_name = "X")]
+    pub alpha: Option<f32>,
+    /// UNet learning rate (`train.unet_lr`).
+    #[arg(long, value_name = "X")]
+    pub lr: Option<f64>,
+    /// Number of optimizer steps (`train.steps`).
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+    /// Training resolution (`dataset.resolution`).
+    #[arg(long, value_name = "N")]
+    pub resolution: Option<u32>,
+    /// Samples per batch (`train.batch_size`).
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Random seed (`train.seed`).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Also train the text encoder (`network.train_text_encoder = true`).
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// Saved key layout: kohya or peft (`output.save_format`).
+    #[arg(long, value_name = "FORMAT")]
+    pub save_format: Option<String>,
+    /// cpu, cuda, cuda:N or metal (`model.device`).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// Set any config key, e.g. `--set train.lr_scheduler=cosine` (repeatable; see docs/config.md).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Check everything and print the resolved config, the dataset, the
+    /// schedule and a memory estimate, without training.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Continue the run saved in this output folder (its newest state).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+}
+
+/// A TOML string literal.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+impl TrainArgs {
+    /// The quick flags as `--set` overrides, followed by the user's `--set`s.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut sets = Vec::new();
+        let path = |p: &Path| toml_str(&p.to_string_lossy());
+        if let Some(m) = &self.model {
+            sets.push(format!("model.path={}", toml_str(m)));
+        }
+        if let Some(d) = &self.data {
+            sets.push(format!("dataset.subsets[0].path={}", path(d)));
+            sets.push("dataset.subsets[0].kind=\"instance\"".to_string());
+        }
+        if let Some(t) = &self.instance_prompt {
+            sets.push(format!("dataset.subsets[0].caption={}", toml_str(t)));
+        }
+        if let Some(c) = &self.class_data {
+            sets.push(format!("dataset.subsets[1].path={}", path(c)));
+            sets.push("dataset.subsets[1].kind=\"class\"".to_string());
+        }
+        if let Some(t) = &self.class_prompt {
+            sets.push(format!("dataset.subsets[1].caption={}", toml_str(t)));
+        }
+        if let Some(o) = &self.output {
+            sets.push(format!("output.dir={}", path(o)));
+        }
+        if let Some(n) = &self.name {
+            sets.push(format!("output.name={}", toml_str(n)));
+        }
+        if let Some(r) = self.rank {
+            sets.push(format!("network.rank={r}"));
+        }
+        if let Some(a) = self.alpha {
+            sets.push(format!("network.alpha={}", toml::Value::Float(a as f64)));
+        }
+        if let Some(lr) = self.lr {
+            sets.push(format!("train.unet_lr={}", toml::Value::Float(lr)));
+        }
+        if let Some(s) = self.steps {
+            sets.push(format!("train.steps={s}"));
+        }
+        if let Some(r) = self.resolution {
+            sets.push(format!("dataset.resolution={r}"));
+        }
+        if let Some(b) = self.batch_size {
+            sets.push(format!("train.batch_size={b}"));
+        }
+        if let Some(s) = self.seed {
+            sets.push(format!("train.seed={s}"));
+        }
+        if self.train_text_encoder {
+            sets.push("network.train_text_encoder=true".to_string());
+        }
+        if let Some(f) = &self.save_format {
+            sets.push(format!("output.save_format={}", toml_str(f)));
+        }
+        if let Some(d) = &self.device {
+            sets.push(format!("model.device={}", toml_str(d)));
+        }
+        sets.extend(self.sets.iter().cloned());
+        sets
+    }
+}
+
+/// Runs the command; returns the process exit code.
+pub fn run(args: &TrainArgs) -> Result<u8> {
+    let cfg = TrainConfig::load(args.config.as_deref(), &args.overrides())?;
+    for (flag, p) in [("--data", &args.data), ("--class-data", &args.class_data)] {
+        if let Some(p) = p
+            && !p.is_dir()
+        {
+            bail!(
+                "{flag} {}: {}",
+                p.display(),
+                if p.exists() {
+                    "not a folder; give the folder that holds the images"
+                } else {
+                    "no such folder"
+                }
+            );
+        }
+    }
+    let model = model_facts(&cfg)?;
+    check_output_dir(&cfg.output.dir, args.dry_run)?;
+    if let Some(r) = &args.resume
+        && !r.is_dir()
+    {
+        bail!(
+            "--resume {}: no such folder; give the output folder of the run to continue",
+            r.display()
+        );
+    }
+    let ds = Dataset::scan(&cfg.dataset)?;
+    let report = Report::new(&ds);
+    if !ds.has_images() {
+        let mut msg = String::from("no usable images found in the dataset; ");
+        if report.problems.is_empty() {
+            msg.push_str("put PNG/JPEG/WebP images in the folder (or N_caption sub-folders)");
+        } else {
+            msg.push_str("problems:");
+            for p in &report.problems {
+                let _ = write!(msg, "\n  {}: {}", p.path.display(), p.message);
+            }
+            msg.push_str("\n(run `sd-lora check-data` with the same options for the full report)");
+        }
+        bail!(msg);
+    }
+
+    for w in identifier_warnings(&ds) {
+        eprintln!("warning: {w}");
+    }
+    if args.dry_run {
+        crate::emit(&dry_run_report(&cfg, &ds, &report, &model)?)?;
+        return Ok(0);
+    }
+    start_training(&cfg, &ds, args.resume.as_deref())
+}
+
+/// Rare-token advice for the identifier of every instance subset's prompt
+/// (its `caption`, or the caption part of its `N_caption` folder name).
+fn identifier_warnings(ds: &Dataset) -> Vec<String> {
+    // The embedded tokenizer is CLIP's BPE vocabulary, which SD1 and SD2 share.
+    let Ok(tokenizer) = sd_lora_model::clip::ClipTokenizer::embedded() else {
+        return Vec::new();
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for s in &ds.subsets {
+        let Some(prompt) = s.fallback_caption.as_deref() else {
+            continue;
+        };
+        if s.kind != sd_lora_data::SubsetKind::Instance || !seen.insert(prompt.to_string()) {
+            continue;
+        }
+        for a in sd_lora_train::rare_token::check_identifier(&tokenizer, prompt) {
+            let mut w = format!("identifier {:?} in \"{prompt}\": {}", a.word, a.problem);
+            if !a.suggestions.is_empty() {
+                let _ = write!(
+                    w,
+                    "; rare single tokens to use instead: {}",
+                    a.suggestions.join(", ")
+                );
+            }
+            out.push(w);
+        }
+    }
+    out
+}
+
+/// Hands over to the training loop.
+/// Runs the training loop with a progress display, then writes the plot and
+/// the summary. Exit code 130 when stopped by Ctrl-C (after saving).
+fn start_training(cfg: &TrainConfig, ds: &Dataset, resume: Option<&Path>) -> Result<u8> {
+    let mut progress = sd_lora_train::progress::ProgressReporter::new(10);
+    sd_lora_train::trainer::install_interrupt_handler();
+    let outcome = sd_lora_train::trainer::train(cfg, ds, resume, &mut progress)?;
+    finish_outputs(
+        cfg,
+        &outcome.files,
+        outcome.steps,
+        outcome.final_loss,
+        &outcome.step_seconds,
+        outcome.skipped_steps,
+        outcome.interrupted,
+    )?;
+    Ok(if outcome.interrupted { 130 } else { 0 })
+}
+
+/// Writes `loss.png` (from `logs/loss.csv`) and `train_summary.json` into
+/// the output folder after a run, and prints where everything is.
+pub fn finish_outputs(
+    cfg: &TrainConfig,
+    files: &[PathBuf],
+    steps: usize,
+    final_loss: Option<f64>,
+    step_seconds: &[f64],
+    skipped_steps: usize,
+    interrupted: bool,
+) -> Result<()> {
+    use sd_lora_train::outputs;
+    let dir = &cfg.output.dir;
+    let csv = dir.join("logs").join("loss.csv");
+    let mut all = files.to_vec();
+    if csv.exists() {
+        let rows = outputs::read_loss_csv(&csv)?;
+        let png = dir.join("loss.png");
+        outputs::plot_loss_png(&rows, &png)?;
+        all.push(csv);
+        all.push(png);
+    }
+    let summary_path = dir.join("train_summary.json");
+    all.push(summary_path.clone());
+    let summary = outputs::TrainSummary {
+        steps,
+        median_seconds_per_step: outputs::median(step_seconds),
+        peak_memory_bytes: outputs::peak_rss_bytes(),
+        final_loss,
+        skipped_steps,
+        interrupted,
+        files: all.clone(),
+    };
+    summary.write(&summary_path)?;
+    eprintln!(
+        "{} after {steps} steps{}; files:",
+        if interrupted { "stopped" } else { "done" },
+        final_loss
+            .map(|l| format!(", final loss {l:.4}"))
+            .unwrap_or_default()
+    );
+    for f in &all {
+        eprintln!("  {}", f.display());
+    }
+    if interrupted {
+        eprintln!(
+            "continue with: sd-lora train <same options> --resume {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless `dir` is (or can be created as) a writable folder. A dry run
+/// creates nothing: it checks the nearest existing ancestor instead.
+fn check_output_dir(dir: &Path, dry_run: bool) -> Result<()> {
+    let what = || format!("output.dir = {}", dir.display());
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "{}: exists and is not a folder; choose another output folder",
+            what()
+        );
+    }
+    // The nearest existing ancestor must be a folder (not a file).
+    let mut anc = Some(dir);
+    while let Some(a) = anc {
+        if a.as_os_str().is_empty() {
+            break;
+        }
+        if a.exists() {
+            if !a.is_dir() {
+                bail!(
+                    "{}: cannot create it, {} is a file; choose another output folder",
+                    what(),
+                    a.display()
+                );
+            }
+            if !dry_run {
+                break;
+            }
+            let ro = std::fs::metadata(a).map(|m| m.permissions().readonly());
+            if matches!(ro, Ok(true)) {
+                bail!(
+                    "{}: {} is read-only; choose another output folder",
+                    what(),
+                    a.display()
+                );
+            }
+            return Ok(());
+        }
+        anc = a.parent();
+    }
+    if dry_run {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "{}: cannot create the folder; choose another output folder",
+            what()
+        )
+    })?;
+    let probe = dir.join(format!(".sd-lora-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| {
+        format!(
+            "{}: the folder is not writable; choose another output folder",
+            what()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// What the dry run needs to know about the model, from file headers only.
+pub struct ModelFacts {
+    /// Parameter elements per component.
+    pub params: Vec<(Component, u64)>,
+    /// Every weight matrix / kernel: component, module path, shape.
+    pub layers: Vec<TargetInfo>,
+    /// The UNet's config, for the activation estimate.
+    pub unet: Option<UNetConfig>,
+    /// Pixels per latent pixel along a side (8 for SD).
+    pub vae_factor: usize,
+}
+
+/// Opens the model (headers only, or the built-in definition) so a missing
+/// or broken model stops the run before the dataset is even scanned.
+fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
+    let mut facts = ModelFacts {
+        params: Vec::new(),
+        layers: Vec::new(),
+        unet: None,
+        vae_factor: 8,
+    };
+    if cfg.model.is_builtin() {
+        let w = sd_lora_model::builtin::tiny_sd1_weights(sd_lora_model::builtin::TINY_SEED)
+            .context("cannot build the built-in model")?;
+        for (c, n, _) in w.parameter_counts() {
+            facts.params.push((c, n));
+        }
+        for (c, lc) in [
+            (Component::Unet, LoraComponent::Unet),
+            (Component::TextEncoder, LoraComponent::TextEncoder),
+        ] {
+            for (key, t) in w.component(c).into_iter().flatten() {
+                facts.layers.extend(layer_of(lc, key, t.dims()));
+            }
+        }
+        facts.unet = sd_lora_model::builtin::tiny_unet_config().ok();
+        if let Ok(v) = sd_lora_model::builtin::tiny_vae_config() {
+            facts.vae_factor = 1 << v.block_out_channels.len().saturating_sub(1);
+        }
+        return Ok(facts);
+    }
+    let path = Path::new(&cfg.model.path);
+    if !path.exists() {
+        bail!(
+            "model.path = {}: no such file or folder; give a diffusers folder, a .safetensors checkpoint, or builtin:tiny",
+            path.display()
+        );
+    }
+    let options = LoadOptions {
+        prediction: cfg.model.prediction.to_prediction(),
+        ..Default::default()
+    };
+    let source = ModelSource::open_with(path, options)
+        .with_context(|| format!("model.path = {}: cannot open the model", path.display()))?;
+    for c in source.components() {
+        let w = source.weights(c)?;
+        facts.params.push((c, w.parameter_count()));
+        let lc = match c {
+            Component::Unet => LoraComponent::Unet,
+            Component::TextEncoder => LoraComponent::TextEncoder,
+            _ => continue,
+        };
+        for (key, e) in w.entries() {
+            facts.layers.extend(layer_of(lc, key, e.shape()));
+        }
+    }
+    facts.unet = source
+        .config(Component::Unet)
+        .ok()
+        .and_then(|v| UNetConfig::from_json_str(&v.to_string()).ok());
+    if let Some(n) = source
+        .config(Component::Vae)
+        .ok()
+        .and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len))
+    {
+        facts.vae_factor = 1 << n.saturating_sub(1);
+    }
+    Ok(facts)
+}
+
+/// The adaptable layer a weight key names (`….weight` of a matrix or a 4-D kernel).
+fn layer_of(component: LoraComponent, key: &str, shape: &[usize]) -> Option<TargetInfo> {
+    let path = key.strip_suffix(".weight")?;
+    let kind = match shape.len() {
+        2 => LayerKind::Linear,
+        4 => LayerKind::Conv2d {
+            kernel: [shape[2], shape[3]],
+            stride: 1,
+            padding: 0,
+        },
+        _ => return None,
+    };
+    // Embedding tables are matrices too, but not layers a LoRA adapts.
+    if path.ends_with("embedding") || path.contains("embeddings.") {
+        return None;
+    }
+    Some(TargetInfo {
+        component,
+        path: path.to_string(),
+        kind,
+        in_features: shape[1],
+        out_features: shape[0],
+    })
+}
+
+/// The memory estimate of the dry run, in bytes per part.
+pub struct MemoryEstimate {
+    pub frozen: u64,
+    pub lora_params: u64,
+    pub lora_state: u64,
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.frozen + self.lora_state + self.activations
+    }
+}
+
+/// See docs/training.md ("Memory estimate") for the formula.
+fn estimate_memory(cfg: &TrainConfig, m: &ModelFacts, spec: &TargetSpec) -> MemoryEstimate {
+    let wbytes = cfg.model.dtype.size_in_bytes() as u64;
+    let frozen: u64 = m.params.iter().map(|(_, n)| n * wbytes).sum();
+    let lora_params: u64 = m
+        .layers
+        .iter()
+        .filter(|t| spec.selects(t))
+        .map(|t| {
+            let k = match t.kind {
+                LayerKind::Conv2d { kernel, .. } => kernel[0] * kernel[1],
+                LayerKind::Linear => 1,
+            };
+            (spec.params(t).rank * (t.in_features * k + t.out_features)) as u64
+        })
+        .sum();
+    // f32 weights + gradient + AdamW m and v (+ the accumulated gradient).
+    let per_param = if cfg.train.gradient_accumulation > 1 {
+        20
+    } else {
+        16
+    };
+    let lora_state = lora_params * per_param;
+    let activations = m
+        .unet
+        .as_ref()
+        .map(|u| {
+            let side = (cfg.dataset.resolution as u64 / m.vae_factor.max(1) as u64).max(1);
+            let px = side * side;
+            let b = cfg.train.batch_size as u64;
+            let abytes = wbytes;
+            // ~64 saved feature maps per channel-pixel at each UNet level
+            // (resnets, norms, transformer blocks, down and up paths).
+            let mut feats = 0u64;
+            let mut attn = 0u64;
+            for (l, c) in u.block_out_channels.iter().enumerate() {
+                let lpx = px >> (2 * l);
+                feats += 64 * *c as u64 * lpx;
+                let has_attn = u
+                    .down_block_types
+                    .get(l)
+                    .is_some_and(|k| *k == BlockKind::CrossAttn);
+                if has_attn {
+                    let heads = u.num_attention_heads.get(l).copied().unwrap_or(8) as u64;
+                    // Self-attention probabilities (hw × hw per head), kept for
+                    // backward with the softmax output and its gradient:
+                    // 3 maps × (down + up transformer blocks at this level).
+                    let blocks = u.layers_per_block.get(l).copied().unwrap_or(2) as u64 * 2 + 1;
+                    attn += 3 * heads * lpx * lpx * blocks;
+                }
+            }
+            b * (feats + attn) * abytes
+        })
+        .unwrap_or(0);
+    MemoryEstimate {
+        frozen,
+        lora_params,
+        lora_state,
+        activations,
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// The `--dry-run` report.
+fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -> Result<String> {
+    let mut o = String::new();
+    let _ = writeln!(o, "# Resolved config\n");
+    o.push_str(&cfg.to_toml().context("cannot print the config as TOML")?);
+
+    let _ = writeln!(o, "\n# Dataset\n");
+    let _ = writeln!(
+        o,
+        "{}, {}, {} per epoch; resolution {}",
+        plural(r.subsets.len(), "subset", "subsets"),
+        plural(r.summary.images, "image", "images"),
+        plural(r.summary.samples_per_epoch, "sample", "samples"),
+        ds.config.resolution
+    );
+    for (i, s) in r.subsets.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "  [{i}] {} ({}): {} × {}, loss weight {}{}",
+            s.path.display(),
+            s.kind,
+            plural(s.images, "image", "images"),
+            plural(s.repeats as usize, "repeat", "repeats"),
+            s.loss_weight,
+            s.fallback_caption
+                .as_ref()
+                .map(|c| format!(", caption \"{c}\""))
+                .unwrap_or_default()
+        );
+    }
+    let buckets: Vec<String> = r
+        .buckets
+        .iter()
+        .map(|b| format!("{}×{}: {}", b.bucket[0], b.bucket[1], b.images))
+        .collect();
+    let _ = writeln!(o, "  buckets: {}", buckets.join(", "));
+    let _ = writeln!(
+        o,
+        "  problems: {} errors, {} warnings{}",
+        r.summary.errors,
+        r.summary.warnings,
+        if r.problems.is_empty() {
+            String::new()
+        } else {
+            " (see `sd-lora check-data`)".to_string()
+        }
+    );
+
+    let t = &cfg.train;
+    let batches = ds.batches_per_epoch(t.batch_size).max(1);
+    let steps_per_epoch = batches.div_ceil(t.gradient_accumulation).max(1);
+    let epochs = t.steps.div_ceil(steps_per_epoch);
+    let _ = writeln!(o, "\n# Schedule\n");
+    let _ = writeln!(
+        o,
+        "{} steps × batch {} × accumulation {} = {} samples",
+        t.steps,
+        t.batch_size,
+        t.gradient_accumulation,
+        t.steps * t.batch_size * t.gradient_accumulation
+    );
+    let _ = writeln!(
+        o,
+        "{batches} batches per epoch → {steps_per_epoch} steps per epoch → {epochs} epochs"
+    );
+    let _ = writeln!(
+        o,
+        "lr: UNet {:e}{}, {} schedule, {} warm-up steps",
+        t.unet_lr,
+        if cfg.network.train_text_encoder {
+            format!(", text encoder {:e}", t.text_encoder_lr)
+        } else {
+            String::new()
+        },
+        serde_json::to_value(t.lr_scheduler)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        t.warmup_steps
+    );
+    let save = if cfg.output.save_every > 0 {
+        format!(", a checkpoint every {} steps", cfg.output.save_every)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        o,
+        "output: {}{save}",
+        cfg.output
+            .dir
+            .join(format!("{}.safetensors", cfg.output.name))
+            .display()
+    );
+
+    let spec = cfg.network.target_spec();
+    let selected = m.layers.iter().filter(|t| spec.selects(t)).count();
+    let est = estimate_memory(cfg, m, &spec);
+    let _ = writeln!(o, "\n# Memory estimate (peak, rough)\n");
+    let _ = writeln!(
+        o,
+        "frozen weights ({}): {}",
+        toml::Value::try_from(cfg.model.dtype)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        m.params
+            .iter()
+            .map(|(c, n)| format!("{c} {}", gib(n * cfg.model.dtype.size_in_bytes() as u64)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        o,
+        "LoRA: {} layers, {} parameters; with gradients and AdamW state: {}",
+        selected,
+        est.lora_params,
+        gib(est.lora_state)
+    );
+    if m.unet.is_some() {
+        let _ = writeln!(
+            o,
+            "activations (batch {}): {}",
+            t.batch_size,
+            gib(est.activations)
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "activations: not estimated (the UNet config could not be read); add them to the total"
+        );
+    }
+    let _ = writeln!(o, "total: about {}", gib(est.total()));
+    Ok(o)
+}

@@ -1,0 +1,919 @@
+//! The training configuration: one TOML file with `[model]`, `[network]`,
+//! `[train]`, `[dataset]` and `[output]` tables.
+//!
+//! Every option is defined here once, with its doc comment. The TOML keys,
+//! the `--set TABLE.KEY=VALUE` overrides, the CLI's quick flags (which are
+//! `--set` overrides in disguise) and `docs/config.md` are all derived from
+//! these structs (serde for the keys, schemars for the docs). The `[dataset]`
+//! table is `sd_lora_data::DatasetConfig`, defined in the data crate.
+//!
+//! [`TrainConfig::load`] reads a file, makes the paths written in it relative
+//! to the file's folder, applies `--set` overrides (whose paths stay relative
+//! to the working directory, as the user typed them), and validates every
+//! value, so a typo stops the run before any work with an error naming the
+//! key and the allowed values.
+
+use crate::overrides;
+use candle_core::DType;
+use schemars::JsonSchema;
+use sd_lora_data::DatasetConfig;
+use sd_lora_model::load::Prediction;
+use sd_lora_model::lora::format::SaveDtype;
+use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use toml::{Table, Value};
+
+pub use crate::lr::LrScheduleKind;
+
+/// The names of the built-in models `model.path` accepts.
+pub const BUILTIN_MODELS: &[&str] = &["builtin:tiny"];
+
+/// The top-level tables of a training config.
+pub const SECTIONS: &[&str] = &["model", "network", "train", "dataset", "output"];
+
+/// A whole training run: what to train, on what, how, and where to write it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// The base model.
+    pub model: ModelSection,
+    /// The LoRA network: which layers, rank and alpha.
+    pub network: NetworkSection,
+    /// The optimisation: steps, learning rates, schedule, loss options.
+    pub train: TrainSection,
+    /// The training images.
+    pub dataset: DatasetConfig,
+    /// Where and how results are written.
+    pub output: OutputSection,
+}
+
+/// The base model the LoRA is trained on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// The base model: a diffusers folder, a single-file `.safetensors`
+    /// checkpoint (e.g. `v1-5-pruned-emaonly.safetensors`), or `builtin:tiny`,
+    /// a tiny SD1-layout model built in code (for the quickstart and tests; it
+    /// draws nothing useful).
+    pub path: String,
+    /// What the UNet predicts: `auto` takes it from the model (its scheduler
+    /// config, or the checkpoint's layout); set `v` for SD2-768 single files
+    /// whose prediction cannot be detected.
+    pub prediction: PredictionChoice,
+    /// Storage precision of the frozen base weights. LoRA weights and optimizer
+    /// state are always f32. `f16`/`bf16` halve the memory of the base model
+    /// (use them on GPUs; on CPU `f32` is fastest).
+    pub dtype: StorageDtype,
+    /// Where to train: `cpu`, `cuda` (the first GPU), `cuda:N`, or `metal`
+    /// (Apple GPUs).
+    pub device: String,
+    /// Which text-encoder layer conditions the UNet, counted from the end:
+    /// 1 = the last layer (SD1.x default), 2 = the penultimate (common for
+    /// anime models trained with "clip skip 2").
+    pub clip_skip: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: "builtin:tiny".to_string(),
+            prediction: PredictionChoice::Auto,
+            dtype: StorageDtype::F32,
+            device: "cpu".to_string(),
+            clip_skip: 1,
+        }
+    }
+}
+
+/// What the UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionChoice {
+    /// Detect it from the model.
+    #[default]
+    Auto,
+    /// The added noise (SD1.x, SD2-base).
+    Epsilon,
+    /// The velocity (SD2-768 "v-models").
+    #[serde(alias = "v_prediction")]
+    V,
+}
+
+/// Storage precision of the frozen base weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageDtype {
+    /// 32-bit float: exact, 4 bytes per weight.
+    #[default]
+    F32,
+    /// 16-bit float: 2 bytes per weight; the usual choice on NVIDIA GPUs.
+    F16,
+    /// bfloat16: 2 bytes per weight, f32's range (Ampere and newer GPUs).
+    Bf16,
+}
+
+impl PredictionChoice {
+    /// The model loader's override: `None` = detect.
+    pub fn to_prediction(self) -> Option<Prediction> {
+        match self {
+            PredictionChoice::Auto => None,
+            PredictionChoice::Epsilon => Some(Prediction::Epsilon),
+            PredictionChoice::V => Some(Prediction::V),
+        }
+    }
+}
+
+impl StorageDtype {
+    /// The candle dtype.
+    pub fn to_dtype(self) -> DType {
+        match self {
+            StorageDtype::F32 => DType::F32,
+            StorageDtype::F16 => DType::F16,
+            StorageDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    /// Bytes per stored element.
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            StorageDtype::F32 => 4,
+            StorageDtype::F16 | StorageDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// A parsed `model.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The CPU.
+    Cpu,
+    /// A CUDA GPU by ordinal.
+    Cuda(usize),
+    /// An Apple GPU.
+    Metal,
+}
+
+impl DeviceSpec {
+    /// Parses `cpu`, `cuda`, `cuda:N` or `metal`, exactly as written.
+    pub fn parse(s: &str) -> Option<DeviceSpec> {
+        match s {
+            "cpu" => Some(DeviceSpec::Cpu),
+            "cuda" => Some(DeviceSpec::Cuda(0)),
+            "metal" => Some(DeviceSpec::Metal),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda),
+        }
+    }
+}
+
+/// The LoRA network: which layers are adapted, with which rank and alpha.
+///
+/// Defaults: the kohya preset at rank 16, alpha 8 — the common kohya ratio
+/// alpha/rank = 1/2 (as dim 32/alpha 16) at half the file size (roughly
+/// 14 MB for SD1.5 in f16, 19 MB with the text encoder); enough capacity for a
+/// subject or a style with learning rates around 1e-4.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Which layers get a LoRA: `kohya` (every layer of the UNet's transformer
+    /// blocks and of the text encoder's layers, as kohya's "LoRA"),
+    /// `attention` (only the attention projections, as diffusers), `conv`
+    /// (kohya plus the ResNet and sampler convolutions, as kohya's LoCon), or
+    /// `none` (only what `include` names).
+    pub preset: String,
+    /// Rank (kohya `network_dim`) of the UNet's Linear and 1×1-conv LoRAs.
+    pub rank: usize,
+    /// Alpha (kohya `network_alpha`): the LoRA output is scaled by alpha / rank.
+    pub alpha: f32,
+    /// Rank of LoRAs on convolutions with a 3×3 kernel (the `conv` preset);
+    /// defaults to `rank`.
+    pub conv_rank: Option<usize>,
+    /// Alpha of the 3×3-conv LoRAs; defaults to `alpha`.
+    pub conv_alpha: Option<f32>,
+    /// Rank of the text-encoder LoRAs; defaults to `rank`.
+    pub text_encoder_rank: Option<usize>,
+    /// Alpha of the text-encoder LoRAs; defaults to `alpha`.
+    pub text_encoder_alpha: Option<f32>,
+    /// Glob patterns (`*`, `?`) of extra layers to adapt, on diffusers module
+    /// paths, e.g. `"*.time_emb_proj"`. A pattern that matches no layer is an error.
+    pub include: Vec<String>,
+    /// Glob patterns of layers never to adapt (wins over the preset and `include`),
+    /// e.g. `"up_blocks.3.*"`.
+    pub exclude: Vec<String>,
+    /// Dropout probability on the LoRA input during training (0 = none; 0.1 is a common regulariser).
+    pub dropout: f32,
+    /// Also train LoRAs on the text encoder (better identity for DreamBooth,
+    /// more memory; its learning rate is `train.text_encoder_lr`). When off,
+    /// text embeddings are computed once and cached.
+    pub train_text_encoder: bool,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            preset: "kohya".to_string(),
+            rank: 16,
+            alpha: 8.0,
+            conv_rank: None,
+            conv_alpha: None,
+            text_encoder_rank: None,
+            text_encoder_alpha: None,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            dropout: 0.0,
+            train_text_encoder: false,
+        }
+    }
+}
+
+impl NetworkSection {
+    /// The preset (valid after [`TrainConfig::validate`]; `kohya` otherwise).
+    pub fn preset(&self) -> Preset {
+        self.preset.parse().unwrap_or_default()
+    }
+
+    /// The model crate's target selection for this section: the UNet always,
+    /// the text encoder when `train_text_encoder` is set.
+    pub fn target_spec(&self) -> TargetSpec {
+        let ra = |rank: usize, alpha: f32| RankAlpha { rank, alpha };
+        TargetSpec {
+            preset: self.preset(),
+            unet: true,
+            text_encoder: self.train_text_encoder,
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            unet_linear: ra(self.rank, self.alpha),
+            unet_conv: ra(
+                self.conv_rank.unwrap_or(self.rank),
+                self.conv_alpha.unwrap_or(self.alpha),
+            ),
+            text_encoder_rank: ra(
+                self.text_encoder_rank.unwrap_or(self.rank),
+                self.text_encoder_alpha.unwrap_or(self.alpha),
+            ),
+        }
+    }
+}
+
+/// The optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Number of optimizer steps (each `batch_size × gradient_accumulation` samples).
+    pub steps: usize,
+    /// Samples per micro-batch. All samples of a batch share an aspect-ratio bucket.
+    pub batch_size: usize,
+    /// Seed of everything random (LoRA initialisation, data order, crops,
+    /// noise, timesteps): the same config and seed give the same file on CPU.
+    pub seed: u64,
+    /// Learning rate of the UNet LoRA (1e-4 is usual; 1e-4–5e-4 for styles).
+    pub unet_lr: f64,
+    /// Learning rate of the text-encoder LoRA (usually about half of `unet_lr`).
+    pub text_encoder_lr: f64,
+    /// AdamW decoupled weight decay (0 = none).
+    pub weight_decay: f64,
+    /// AdamW β1 (momentum of the gradient mean).
+    pub adam_beta1: f64,
+    /// AdamW β2 (momentum of the squared gradient).
+    pub adam_beta2: f64,
+    /// AdamW ε (added to the denominator).
+    pub adam_eps: f64,
+    /// Learning-rate schedule after warm-up.
+    pub lr_scheduler: LrScheduleKind,
+    /// Steps of linear warm-up from 0 to the full learning rate (more than
+    /// `steps` is allowed: the run then ends during warm-up).
+    pub warmup_steps: usize,
+    /// Number of cosine cycles of `cosine_with_restarts`.
+    pub lr_cycles: usize,
+    /// Micro-batches whose gradients are averaged into one optimizer step
+    /// (a larger effective batch without more memory).
+    pub gradient_accumulation: usize,
+    /// Clip the global gradient norm to this value (0 = no clipping).
+    pub max_grad_norm: f64,
+    /// Min-SNR-γ loss weighting (5 is the paper's value); unset = plain MSE.
+    /// Speeds up convergence by down-weighting easy low-noise timesteps.
+    pub min_snr_gamma: Option<f64>,
+    /// Noise offset: adds this much per-channel constant noise, so the model
+    /// can learn very dark or bright images (0.05–0.1 is usual; 0 = off).
+    pub noise_offset: f64,
+    /// Stop the run after this many steps in a row with a non-finite loss or
+    /// gradient (each such step is skipped and reported).
+    pub max_nonfinite_steps: usize,
+    /// Where VAE latents of the training images are kept: `memory` (encoded
+    /// once per crop), `disk` (also saved to `latent_cache_dir` and reused by
+    /// later runs), or `none` (encoded every step).
+    pub cache_latents: LatentCacheMode,
+    /// Folder of the disk latent cache; defaults to `OUTPUT/latent_cache`.
+    pub latent_cache_dir: Option<PathBuf>,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            steps: 1000,
+            batch_size: 1,
+            seed: 42,
+            unet_lr: 1e-4,
+            text_encoder_lr: 5e-5,
+            weight_decay: 1e-2,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            lr_scheduler: LrScheduleKind::Constant,
+            warmup_steps: 0,
+            lr_cycles: 1,
+            gradient_accumulation: 1,
+            max_grad_norm: 1.0,
+            min_snr_gamma: None,
+            noise_offset: 0.0,
+            max_nonfinite_steps: 5,
+            cache_latents: LatentCacheMode::Memory,
+            latent_cache_dir: None,
+        }
+    }
+}
+
+/// Where VAE latents are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LatentCacheMode {
+    /// In memory, for this run.
+    #[default]
+    Memory,
+    /// In memory and on disk (`train.latent_cache_dir`), reused across runs.
+    Disk,
+    /// No cache: encode every sample every time.
+    None,
+}
+
+impl LatentCacheMode {
+    /// Whether latents are also kept on disk.
+    pub fn is_disk(self) -> bool {
+        self == LatentCacheMode::Disk
+    }
+
+    /// Whether latents are cached at all.
+    pub fn is_cached(self) -> bool {
+        self != LatentCacheMode::None
+    }
+}
+
+/// Where and how results are written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// Output folder (created if missing): the LoRA files, `logs/loss.csv`,
+    /// `loss.png`, `train_summary.json` and the resume state.
+    pub dir: PathBuf,
+    /// File name of the LoRA, without extension: `DIR/NAME.safetensors`.
+    pub name: String,
+    /// Also save `NAME-stepNNNNNN.safetensors` (and the resume state) every
+    /// this many steps (0 = only at the end).
+    pub save_every: usize,
+    /// Key layout of the saved file: `kohya` (AUTOMATIC1111, Forge, ComfyUI)
+    /// or `peft` (diffusers `load_lora_weights`). `sd-lora convert` converts later.
+    pub save_format: SaveFormatChoice,
+    /// Precision of the saved LoRA weights.
+    pub save_dtype: SaveDtypeChoice,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            dir: PathBuf::from("output"),
+            name: "lora".to_string(),
+            save_every: 250,
+            save_format: SaveFormatChoice::Kohya,
+            save_dtype: SaveDtypeChoice::F16,
+        }
+    }
+}
+
+/// Key layout of the saved LoRA file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveFormatChoice {
+    /// kohya-ss keys (`lora_unet_…`), with `ss_*` metadata.
+    #[default]
+    Kohya,
+    /// PEFT/diffusers keys (`unet.….lora_A.weight`).
+    Peft,
+}
+
+impl SaveFormatChoice {
+    /// Whether files are written with PEFT/diffusers keys.
+    pub fn is_peft(self) -> bool {
+        self == SaveFormatChoice::Peft
+    }
+}
+
+/// Precision of the saved LoRA weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveDtypeChoice {
+    /// 16-bit float (the usual choice; half the size).
+    #[default]
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 32-bit float (exact).
+    F32,
+}
+
+impl SaveDtypeChoice {
+    /// The LoRA writer's dtype.
+    pub fn to_save_dtype(self) -> SaveDtype {
+        match self {
+            SaveDtypeChoice::F16 => SaveDtype::F16,
+            SaveDtypeChoice::Bf16 => SaveDtype::BF16,
+            SaveDtypeChoice::F32 => SaveDtype::F32,
+        }
+    }
+}
+
+/// Why a config cannot be used. Every variant names the file or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {}: {source} (check the path)", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("{} is not valid TOML: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    /// A top-level table that is not one of [`SECTIONS`].
+    #[error("unknown config section `{name}` in {origin}; allowed: {}", SECTIONS.join(", "))]
+    UnknownSection { name: String, origin: String },
+    /// A `--set` argument that cannot be applied.
+    #[error("{0}")]
+    Override(#[from] overrides::OverrideError),
+    /// A key that does not exist or has the wrong type / an unknown enum value
+    /// (serde's message lists the expected keys or values).
+    #[error("`{key}` in {origin}: {message}")]
+    Key {
+        key: String,
+        origin: String,
+        message: String,
+    },
+    /// A value of the right type that is out of range.
+    #[error("`{key}` = {value}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The offending key, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Key { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::UnknownSection { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl From<sd_lora_data::config::ConfigError> for ConfigError {
+    fn from(e: sd_lora_data::config::ConfigError) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        }
+    }
+}
+
+fn bad(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Where a config came from, for messages.
+fn origin_of(path: Option<&Path>) -> String {
+    path.map(|p| p.display().to_string())
+        .unwrap_or_else(|| "command-line options".to_string())
+}
+
+/// Reads `path` (if any), makes the paths written in it relative to its
+/// folder, applies `sets` and checks the top-level tables. Returns the
+/// document, not yet typed.
+pub fn load_document(path: Option<&Path>, sets: &[String]) -> Result<Table, ConfigError> {
+    let mut doc = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            let mut doc: Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: p.to_path_buf(),
+                        message: e.message().to_string(),
+                    })?;
+            let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+            resolve_paths(&mut doc, &base);
+            doc
+        }
+        None => Table::new(),
+    };
+    // Overrides come after path resolution: a path given on the command line
+    // is relative to the working directory, where the user typed it.
+    overrides::apply_all(&mut doc, sets)?;
+    let origin = origin_of(path);
+    for key in doc.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            return Err(ConfigError::UnknownSection {
+                name: key.clone(),
+                origin,
+            });
+        }
+    }
+    Ok(doc)
+}
+
+/// Joins relative path strings at the keys that hold file-system paths to
+/// `base`: `model.path` (unless built-in), `dataset.subsets[*].path`,
+/// `output.dir`, `train.latent_cache_dir`. Values of another type are left for
+/// the typed parse to report.
+pub fn resolve_paths(doc: &mut Table, base: &Path) {
+    if base.as_os_str().is_empty() {
+        return;
+    }
+    let fix = |v: &mut Value| {
+        if let Value::String(s) = v {
+            let p = Path::new(s.as_str());
+            if !s.is_empty() && p.is_relative() && !s.starts_with("builtin:") {
+                *s = clean(&base.join(p)).to_string_lossy().into_owned();
+            }
+        }
+    };
+    let mut at = |table: &str, key: &str| {
+        if let Some(v) = doc
+            .get_mut(table)
+            .and_then(Value::as_table_mut)
+            .and_then(|t| t.get_mut(key))
+        {
+            fix(v);
+        }
+    };
+    at("model", "path");
+    at("output", "dir");
+    at("train", "latent_cache_dir");
+    if let Some(subsets) = doc
+        .get_mut("dataset")
+        .and_then(Value::as_table_mut)
+        .and_then(|t| t.get_mut("subsets"))
+        .and_then(Value::as_array_mut)
+    {
+        for s in subsets {
+            if let Some(v) = s.as_table_mut().and_then(|t| t.get_mut("path")) {
+                fix(v);
+            }
+        }
+    }
+}
+
+/// Removes `.` and `name/..` pairs without touching the file system, so
+/// `configs/../assets/x` is shown as `assets/x` (links are not resolved: a
+/// leading `..` is kept).
+pub fn clean(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            // `/..` is `/`.
+            Component::ParentDir if matches!(out.last(), Some(Component::RootDir)) => {}
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
+impl TrainConfig {
+    /// Parses the TOML file at `path` (none: all defaults) with `--set`
+    /// overrides `sets` applied in order, resolves relative paths written in
+    /// the file against its folder, and validates everything.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
+        let cfg = Self::load_unvalidated(path, sets)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`TrainConfig::load`] without [`TrainConfig::validate`] (for tools that
+    /// check only a part, and for tests).
+    pub fn load_unvalidated(path: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
+        let doc = load_document(path, sets)?;
+        Self::from_document(doc, &origin_of(path))
+    }
+
+    /// The typed config of a document; `origin` names it in errors.
+    pub fn from_document(doc: Table, origin: &str) -> Result<Self, ConfigError> {
+        // serde_path_to_error names the offending key (`train.lr_scheduler`),
+        // which a plain conversion from a merged TOML value would lose.
+        serde_path_to_error::deserialize(Value::Table(doc)).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Key {
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                origin: origin.to_string(),
+                message: e.inner().message().to_string(),
+            }
+        })
+    }
+
+    /// The resolved config as TOML (what `--dry-run` prints).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
+    /// Folder of the disk latent cache.
+    pub fn latent_cache_dir(&self) -> PathBuf {
+        self.train
+            .latent_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.output.dir.join("latent_cache"))
+    }
+
+    /// Checks every value, so a bad one stops the run before any work, with
+    /// a message naming the key and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.model.validate()?;
+        self.network.validate()?;
+        self.train.validate()?;
+        self.output.validate()?;
+        self.dataset.validate()?;
+        Ok(())
+    }
+}
+
+/// `Ok` if `v` is finite and > 0.
+fn positive(key: &str, v: f64, hint: &str) -> Result<(), ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(bad(key, v, format!("must be a finite number > 0 ({hint})")))
+    }
+}
+
+/// `Ok` if `v` is finite and ≥ 0.
+fn non_negative(key: &str, v: f64, hint: &str) -> Result<(), ConfigError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(bad(key, v, format!("must be a finite number ≥ 0 ({hint})")))
+    }
+}
+
+impl ModelSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = self.path.trim();
+        if p.is_empty() {
+            return Err(bad(
+                "model.path",
+                "\"\"",
+                "must name a diffusers folder, a .safetensors checkpoint or builtin:tiny",
+            ));
+        }
+        if p.starts_with("builtin:") && !BUILTIN_MODELS.contains(&p) {
+            return Err(bad(
+                "model.path",
+                format!("{p:?}"),
+                format!(
+                    "unknown built-in model; allowed: {}",
+                    BUILTIN_MODELS.join(", ")
+                ),
+            ));
+        }
+        if DeviceSpec::parse(&self.device).is_none() {
+            return Err(bad(
+                "model.device",
+                format!("{:?}", self.device),
+                "allowed: cpu, cuda, cuda:N (N = GPU number, e.g. cuda:1), metal",
+            ));
+        }
+        if self.clip_skip == 0 {
+            return Err(bad(
+                "model.clip_skip",
+                0,
+                "must be at least 1 (1 = the last text-encoder layer, 2 = the penultimate)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parsed device (`Cpu` if invalid; [`TrainConfig::validate`] rejects that).
+    pub fn device_spec(&self) -> DeviceSpec {
+        DeviceSpec::parse(&self.device).unwrap_or(DeviceSpec::Cpu)
+    }
+
+    /// Whether `path` names a built-in model.
+    pub fn is_builtin(&self) -> bool {
+        self.path.trim().starts_with("builtin:")
+    }
+}
+
+impl NetworkSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.preset.parse::<Preset>().is_err() {
+            return Err(bad(
+                "network.preset",
+                format!("{:?}", self.preset),
+                "allowed: kohya, attention, conv, none",
+            ));
+        }
+        let rank = |key: &str, r: usize| {
+            if r == 0 {
+                Err(bad(
+                    key,
+                    0,
+                    "must be at least 1 (4–32 is usual; 16 is the default)",
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let alpha = |key: &str, a: f32| {
+            positive(
+                key,
+                a as f64,
+                "alpha/rank scales the LoRA; rank/2 or 1 are usual",
+            )
+        };
+        rank("network.rank", self.rank)?;
+        alpha("network.alpha", self.alpha)?;
+        if let Some(r) = self.conv_rank {
+            rank("network.conv_rank", r)?;
+        }
+        if let Some(a) = self.conv_alpha {
+            alpha("network.conv_alpha", a)?;
+        }
+        if let Some(r) = self.text_encoder_rank {
+            rank("network.text_encoder_rank", r)?;
+        }
+        if let Some(a) = self.text_encoder_alpha {
+            alpha("network.text_encoder_alpha", a)?;
+        }
+        for (name, pats) in [("include", &self.include), ("exclude", &self.exclude)] {
+            if let Some(i) = pats.iter().position(|p| p.trim().is_empty()) {
+                return Err(bad(
+                    &format!("network.{name}[{i}]"),
+                    "\"\"",
+                    "must be a glob pattern on module paths, e.g. \"*.to_q\"",
+                ));
+            }
+        }
+        if self.preset() == Preset::None && self.include.is_empty() {
+            return Err(bad(
+                "network.preset",
+                "\"none\"",
+                "selects no layer without `network.include` patterns; use kohya, attention or conv, or add include patterns",
+            ));
+        }
+        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+            return Err(bad(
+                "network.dropout",
+                self.dropout,
+                "must be a probability in [0, 1) (0 = off, 0.1 is usual)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TrainSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let at_least_one = |key: &str, v: usize, hint: &str| {
+            if v == 0 {
+                Err(bad(key, 0, format!("must be at least 1 ({hint})")))
+            } else {
+                Ok(())
+            }
+        };
+        at_least_one("train.steps", self.steps, "number of optimizer steps")?;
+        at_least_one("train.batch_size", self.batch_size, "1–4 is usual")?;
+        at_least_one(
+            "train.gradient_accumulation",
+            self.gradient_accumulation,
+            "1 = no accumulation",
+        )?;
+        at_least_one("train.lr_cycles", self.lr_cycles, "1 = a single cycle")?;
+        at_least_one(
+            "train.max_nonfinite_steps",
+            self.max_nonfinite_steps,
+            "5 is the default",
+        )?;
+        positive("train.unet_lr", self.unet_lr, "1e-4 is usual")?;
+        positive(
+            "train.text_encoder_lr",
+            self.text_encoder_lr,
+            "5e-5 is usual",
+        )?;
+        non_negative("train.weight_decay", self.weight_decay, "0.01 is usual")?;
+        for (key, b) in [
+            ("train.adam_beta1", self.adam_beta1),
+            ("train.adam_beta2", self.adam_beta2),
+        ] {
+            if !(b.is_finite() && (0.0..1.0).contains(&b)) {
+                return Err(bad(key, b, "must be in [0, 1) (0.9 and 0.999 are usual)"));
+            }
+        }
+        positive("train.adam_eps", self.adam_eps, "1e-8 is usual")?;
+        non_negative(
+            "train.max_grad_norm",
+            self.max_grad_norm,
+            "0 = no clipping, 1.0 is usual",
+        )?;
+        if let Some(g) = self.min_snr_gamma {
+            positive(
+                "train.min_snr_gamma",
+                g,
+                "5 is usual; leave it out to disable",
+            )?;
+        }
+        if !(self.noise_offset.is_finite() && (0.0..=1.0).contains(&self.noise_offset)) {
+            return Err(bad(
+                "train.noise_offset",
+                self.noise_offset,
+                "must be between 0 and 1 (0 = off, 0.05–0.1 is usual)",
+            ));
+        }
+        if let Some(d) = &self.latent_cache_dir
+            && d.as_os_str().is_empty()
+        {
+            return Err(bad(
+                "train.latent_cache_dir",
+                "\"\"",
+                "must name a folder (leave it out for OUTPUT/latent_cache)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl OutputSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(bad("output.dir", "\"\"", "must name a folder"));
+        }
+        let n = &self.name;
+        if n.trim().is_empty()
+            || n.contains(['/', '\\', ':', '\0'])
+            || n.starts_with('.')
+            || n.ends_with(".safetensors")
+        {
+            return Err(bad(
+                "output.name",
+                format!("{n:?}"),
+                "must be a plain file name without folder or extension, e.g. \"my_dog\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lexical_cleaning() {
+        assert_eq!(
+            clean(Path::new("configs/../assets/x")),
+            Path::new("assets/x")
+        );
+        assert_eq!(clean(Path::new("../a/./b")), Path::new("../a/b"));
+        assert_eq!(clean(Path::new("/a/b/../../..")), Path::new("/"));
+        assert_eq!(clean(Path::new("a/..")), Path::new("."));
+    }
+
+    #[test]
+    fn devices() {
+        assert_eq!(DeviceSpec::parse("cpu"), Some(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse("cuda"), Some(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse("cuda:3"), Some(DeviceSpec::Cuda(3)));
+        assert_eq!(DeviceSpec::parse("metal"), Some(DeviceSpec::Metal));
+        assert_eq!(DeviceSpec::parse("gpu"), None);
+        assert_eq!(DeviceSpec::parse("cuda:x"), None);
+    }
+}

@@ -1,0 +1,265 @@
+//! The training config: defaults validate, every bad value is named by its
+//! key with the allowed values, paths in a file are relative to the file,
+//! and `--set` overrides win over the file.
+
+use sd_lora_train::config::{
+    ConfigError, LatentCacheMode, LrScheduleKind, PredictionChoice, SaveFormatChoice, StorageDtype,
+    TrainConfig,
+};
+use std::path::{Path, PathBuf};
+
+/// A fresh folder under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("sd-lora-cfg-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const MINIMAL: &str = "[[dataset.subsets]]\npath = \"imgs\"\n";
+
+fn load_text(tag: &str, body: &str, sets: &[&str]) -> Result<TrainConfig, ConfigError> {
+    let dir = TempDir::new(tag);
+    let file = dir.0.join("c.toml");
+    std::fs::write(&file, body).unwrap();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    TrainConfig::load(Some(&file), &sets)
+}
+
+fn err(tag: &str, body: &str, sets: &[&str]) -> String {
+    match load_text(tag, body, sets) {
+        Ok(_) => panic!("{tag}: accepted\n{body}\n{sets:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn defaults_are_valid_and_suit_sd15() {
+    let cfg = load_text("defaults", MINIMAL, &[]).unwrap();
+    assert_eq!(cfg.model.path, "builtin:tiny");
+    assert_eq!(cfg.model.dtype, StorageDtype::F32);
+    assert_eq!(cfg.model.prediction, PredictionChoice::Auto);
+    assert_eq!(cfg.network.preset, "kohya");
+    assert_eq!((cfg.network.rank, cfg.network.alpha), (16, 8.0));
+    assert_eq!(cfg.train.steps, 1000);
+    assert_eq!(cfg.train.unet_lr, 1e-4);
+    assert_eq!(cfg.train.lr_scheduler, LrScheduleKind::Constant);
+    assert_eq!(cfg.train.cache_latents, LatentCacheMode::Memory);
+    assert_eq!(cfg.output.save_format, SaveFormatChoice::Kohya);
+    // The resolved config prints as TOML and reads back identically.
+    let text = cfg.to_toml().unwrap();
+    for section in ["[model]", "[network]", "[train]", "[dataset]", "[output]"] {
+        assert!(text.contains(section), "{text}");
+    }
+    let back = TrainConfig::from_document(text.parse().unwrap(), "round trip").unwrap();
+    assert_eq!(back, cfg);
+}
+
+#[test]
+fn unknown_keys_and_bad_enum_values_name_the_key_and_allowed_values() {
+    let e = err(
+        "enum",
+        &format!("{MINIMAL}[train]\nlr_scheduler = \"cosin\"\n"),
+        &[],
+    );
+    assert!(e.contains("train.lr_scheduler"), "{e}");
+    for allowed in ["constant", "linear", "cosine", "cosine_with_restarts"] {
+        assert!(e.contains(allowed), "{e}");
+    }
+    let e = err(
+        "unknown-key",
+        &format!("{MINIMAL}[network]\nrnak = 4\n"),
+        &[],
+    );
+    assert!(
+        e.contains("rnak") && e.contains("rank") && e.contains("c.toml"),
+        "{e}"
+    );
+    let e = err("unknown-section", &format!("{MINIMAL}[netwrok]\n"), &[]);
+    assert!(
+        e.contains("unknown config section `netwrok`") && e.contains("network"),
+        "{e}"
+    );
+    let e = err("type", MINIMAL, &["train.steps=\"many\""]);
+    assert!(e.contains("`train.steps`") && e.contains("many"), "{e}");
+    let e = err("dtype", MINIMAL, &["model.dtype=fp16"]);
+    assert!(e.contains("model.dtype") && e.contains("bf16"), "{e}");
+    let e = err("format", MINIMAL, &["output.save_format=diffusers"]);
+    assert!(
+        e.contains("output.save_format") && e.contains("peft"),
+        "{e}"
+    );
+}
+
+#[test]
+fn out_of_range_values_name_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("network.rank=0", "network.rank", "at least 1"),
+        ("network.alpha=0", "network.alpha", "> 0"),
+        (
+            "network.text_encoder_rank=0",
+            "network.text_encoder_rank",
+            "at least 1",
+        ),
+        ("network.conv_alpha=-1", "network.conv_alpha", "> 0"),
+        (
+            "network.preset=\"lycoris\"",
+            "network.preset",
+            "kohya, attention, conv",
+        ),
+        ("network.dropout=1.0", "network.dropout", "[0, 1)"),
+        ("model.device=\"gpu\"", "model.device", "cpu, cuda, cuda:N"),
+        ("model.device=\"cuda:x\"", "model.device", "metal"),
+        ("model.path=\"builtin:huge\"", "model.path", "builtin:tiny"),
+        ("model.clip_skip=0", "model.clip_skip", "at least 1"),
+        ("train.unet_lr=0", "train.unet_lr", "> 0"),
+        ("train.unet_lr=nan", "train.unet_lr", "finite"),
+        (
+            "train.text_encoder_lr=-1e-4",
+            "train.text_encoder_lr",
+            "> 0",
+        ),
+        ("train.steps=0", "train.steps", "at least 1"),
+        ("train.batch_size=0", "train.batch_size", "at least 1"),
+        (
+            "train.gradient_accumulation=0",
+            "train.gradient_accumulation",
+            "at least 1",
+        ),
+        ("train.adam_beta1=1.0", "train.adam_beta1", "[0, 1)"),
+        ("train.adam_eps=0", "train.adam_eps", "> 0"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm", "≥ 0"),
+        ("train.min_snr_gamma=0", "train.min_snr_gamma", "> 0"),
+        (
+            "train.noise_offset=2",
+            "train.noise_offset",
+            "between 0 and 1",
+        ),
+        ("train.weight_decay=inf", "train.weight_decay", "finite"),
+        ("output.name=\"a/b\"", "output.name", "plain file name"),
+        (
+            "output.name=\"x.safetensors\"",
+            "output.name",
+            "without folder or extension",
+        ),
+        (
+            "dataset.resolution=500",
+            "dataset.resolution",
+            "multiple of 8",
+        ),
+    ];
+    for (i, (set, key, reason)) in cases.iter().enumerate() {
+        let e = load_text(&format!("range{i}"), MINIMAL, &[set]).unwrap_err();
+        assert_eq!(e.key(), Some(*key), "{set}: {e}");
+        let msg = e.to_string();
+        assert!(msg.contains(reason), "{set}: {msg}");
+    }
+    // Valid device spellings.
+    for d in ["cpu", "cuda", "cuda:1", "metal"] {
+        load_text("devices", MINIMAL, &[&format!("model.device=\"{d}\"")]).unwrap();
+    }
+}
+
+#[test]
+fn paths_in_the_file_are_relative_to_it_and_overrides_to_the_working_dir() {
+    let dir = TempDir::new("paths");
+    let sub = dir.0.join("cfg");
+    std::fs::create_dir_all(&sub).unwrap();
+    let file = sub.join("c.toml");
+    std::fs::write(
+        &file,
+        "[model]\npath = \"../models/sd15.safetensors\"\n[output]\ndir = \"out\"\n\
+         [train]\nlatent_cache_dir = \"cache\"\n[[dataset.subsets]]\npath = \"../data\"\n\
+         [[dataset.subsets]]\npath = \"/abs/class\"\nkind = \"class\"\n",
+    )
+    .unwrap();
+    let cfg = TrainConfig::load(Some(&file), &[]).unwrap();
+    assert_eq!(
+        Path::new(&cfg.model.path),
+        dir.0.join("models/sd15.safetensors")
+    );
+    assert_eq!(cfg.output.dir, sub.join("out"));
+    assert_eq!(cfg.train.latent_cache_dir, Some(sub.join("cache")));
+    assert_eq!(cfg.dataset.subsets[0].path, dir.0.join("data"));
+    assert_eq!(cfg.dataset.subsets[1].path, Path::new("/abs/class"));
+
+    // --set values are relative to where the user typed them, and win.
+    let cfg = TrainConfig::load(
+        Some(&file),
+        &[
+            "output.dir=elsewhere".to_string(),
+            "dataset.subsets[0].path=\"mine\"".to_string(),
+            "network.rank=4".to_string(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(cfg.output.dir, Path::new("elsewhere"));
+    assert_eq!(cfg.dataset.subsets[0].path, Path::new("mine"));
+    assert_eq!(cfg.network.rank, 4);
+
+    // builtin: is never joined to the folder.
+    std::fs::write(
+        &file,
+        format!("[model]\npath = \"builtin:tiny\"\n{MINIMAL}"),
+    )
+    .unwrap();
+    assert_eq!(
+        TrainConfig::load(Some(&file), &[]).unwrap().model.path,
+        "builtin:tiny"
+    );
+}
+
+#[test]
+fn without_a_file_everything_comes_from_sets() {
+    let cfg = TrainConfig::load(
+        None,
+        &[
+            "dataset.subsets[0].path=x".into(),
+            "train.lr_scheduler=cosine".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(cfg.train.lr_scheduler, LrScheduleKind::Cosine);
+    let e = TrainConfig::load(None, &[]).unwrap_err();
+    assert_eq!(e.key(), Some("dataset.subsets"));
+    let e = TrainConfig::load(Some(Path::new("/nonexistent/c.toml")), &[]).unwrap_err();
+    assert!(e.to_string().contains("cannot read config file"), "{e}");
+    assert!(err("syntax", "[model\n", &[]).contains("not valid TOML"));
+    assert!(err("set", MINIMAL, &["noequals"]).contains("KEY=VALUE"));
+}
+
+#[test]
+fn network_section_maps_onto_the_target_spec() {
+    let cfg = load_text(
+        "spec",
+        MINIMAL,
+        &[
+            "network.preset=conv",
+            "network.rank=8",
+            "network.alpha=4",
+            "network.conv_rank=2",
+            "network.train_text_encoder=true",
+            "network.text_encoder_alpha=1",
+        ],
+    )
+    .unwrap();
+    let spec = cfg.network.target_spec();
+    assert_eq!(spec.preset, sd_lora_model::lora::targets::Preset::Conv);
+    assert!(spec.unet && spec.text_encoder);
+    assert_eq!((spec.unet_linear.rank, spec.unet_linear.alpha), (8, 4.0));
+    assert_eq!((spec.unet_conv.rank, spec.unet_conv.alpha), (2, 4.0));
+    assert_eq!(
+        (spec.text_encoder_rank.rank, spec.text_encoder_rank.alpha),
+        (8, 1.0)
+    );
+}
