@@ -124,10 +124,15 @@ fn inspect_lora(args: &InspectArgs, file: &LoraFile, options: LoadOptions) -> Re
 /// shapes; anything else is listed (a LoRA that silently does nothing is the
 /// worst outcome).
 fn check_against_model(file: &LoraFile, model: &Path, options: LoadOptions) -> Result<ModelCheck> {
-    let source = ModelSource::open_with(model, options)?;
     // Only the layer shapes matter here: f16 halves the memory of the check.
-    let sd = StableDiffusion::load(&source, candle_core::DType::F16, &candle_core::Device::Cpu)
-        .with_context(|| format!("loading {} to check the LoRA against it", model.display()))?;
+    let (dtype, cpu) = (candle_core::DType::F16, candle_core::Device::Cpu);
+    let sd = if sd_lora_model::builtin::is_builtin(&model.to_string_lossy()) {
+        sd_lora_model::builtin::tiny_sd1(dtype, &cpu)?
+    } else {
+        let source = ModelSource::open_with(model, options)?;
+        StableDiffusion::load(&source, dtype, &cpu)
+            .with_context(|| format!("loading {} to check the LoRA against it", model.display()))?
+    };
     let targets = model_targets(&sd.unet, Some(&sd.text_encoder));
     if let Err(mismatches) = validate(&file.weights, &targets) {
         let mut msg = format!(

@@ -1,10 +1,30 @@
 //! # sd-lora-train
 //!
-//! The training side of sd-lora. This crate will hold the typed training config
-//! (every option defined once, with its doc comment), the DreamBooth/LoRA
-//! training loop with its denoising loss, min-SNR weighting and prior
-//! preservation, AdamW and learning-rate schedules, mixed precision, gradient
-//! checkpointing, the latent cache, resumable checkpoints and training logs.
+//! The training side of sd-lora.
+//!
+//! - [`config`]: the typed training config (every option defined once, with
+//!   its doc comment) and [`overrides`] for `--set KEY=VALUE`.
+//! - [`trainer`]: the DreamBooth/LoRA training loop — one step reads top to
+//!   bottom — with checkpoints and [`state`] for exact resume.
+//! - [`loss`], [`noise`]: noising, ε/v targets, min-SNR and prior weights,
+//!   seeded noise; [`optim`], [`lr`]: AdamW with parameter groups,
+//!   accumulation, clipping, and learning-rate schedules.
+//! - [`latents`]: VAE latent and text-embedding caches (memory or disk);
+//!   [`rare_token`]: the DreamBooth identifier check.
+//! - [`outputs`], [`progress`]: loss log, plot, summary, progress display.
 //!
 //! It drives `sd-lora-model` with samples from `sd-lora-data`; the `sd-lora`
 //! binary is a thin command-line front end over it.
+
+pub mod config;
+pub mod latents;
+pub mod loss;
+pub mod lr;
+pub mod noise;
+pub mod optim;
+pub mod outputs;
+pub mod overrides;
+pub mod progress;
+pub mod rare_token;
+pub mod state;
+pub mod trainer;

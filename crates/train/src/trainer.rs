@@ -1,0 +1,793 @@
+//! The training loop: one function, [`train`], whose step reads top to
+//! bottom — latents and text embeddings in, noise and timesteps drawn, UNet
+//! prediction, weighted denoising loss, backward, accumulate, clip, AdamW —
+//! with checkpoints, logs and a resumable state around it.
+//!
+//! Every random draw is derived from `(seed, step, micro-batch)` and the
+//! data order from `(seed, epoch, batch)`, so a run is bit-reproducible on
+//! CPU and resuming needs only the step, the LoRA and the optimizer moments.
+
+use crate::config::TrainConfig;
+use crate::latents::{LatentCache, TextEmbeddingCache};
+use crate::loss::{make_noisy_batch, weighted_loss};
+use crate::lr::LrSchedule;
+use crate::optim::{AdamW, AdamWConfig, GradAccumulator, ParamGroup, clip_grad_norm, grad_norm};
+use crate::state::{self, StateInfo};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use sd_lora_data::rng::Rng;
+use sd_lora_data::{Dataset, SubsetKind};
+use sd_lora_model::clip::MAX_LENGTH;
+use sd_lora_model::load::{Architecture, Prediction};
+use sd_lora_model::lora::attach::{TrainOptions, TrainableLora, create_trainable};
+use sd_lora_model::lora::format::{
+    BaseModelVersion, DatasetDirInfo, Metadata, SaveDtype, write_kohya, write_peft,
+};
+use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
+use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
+use sd_lora_model::pipeline::StableDiffusion;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Stream tag of the per-step noise and timesteps.
+const NOISE_STREAM: u64 = 0x006E_6F69_7365;
+
+/// What one optimizer step did, for progress display and logs.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Steps completed (1-based).
+    pub step: usize,
+    /// Steps planned.
+    pub total: usize,
+    /// Mean loss over the step's micro-batches (NaN when skipped).
+    pub loss: f64,
+    /// Learning rate of the UNet group at this step.
+    pub lr: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
+    /// The step was skipped for a non-finite loss or gradient.
+    pub skipped: bool,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// Receives progress from [`train`].
+pub trait TrainProgress {
+    /// Training starts at `start` of `total` steps.
+    fn begin(&mut self, total: usize, start: usize);
+    /// A step finished.
+    fn step(&mut self, report: &StepReport);
+    /// A message worth showing (checkpoint written, skipped step, ...).
+    fn note(&mut self, message: &str);
+    /// Training ended (normally or not).
+    fn end(&mut self);
+    /// Asked after every step: `true` stops the run there, saving a
+    /// checkpoint and the state, as Ctrl-C does.
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// What a finished (or interrupted) run produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Optimizer steps completed.
+    pub steps: usize,
+    /// Loss of the last completed step.
+    pub final_loss: Option<f64>,
+    /// The LoRA file written last.
+    pub lora_file: PathBuf,
+    /// Every file written.
+    pub files: Vec<PathBuf>,
+    /// Stopped early by Ctrl-C (a checkpoint and state were saved).
+    pub interrupted: bool,
+    /// Steps skipped for non-finite values.
+    pub skipped_steps: usize,
+    /// Seconds per step, one per step run in this process.
+    pub step_seconds: Vec<f64>,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs a Ctrl-C handler (once): the first Ctrl-C stops training after
+/// the current step and saves a checkpoint; a second one quits at once.
+pub fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted again: quitting without saving");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\nstopping after this step and saving a checkpoint (Ctrl-C again to quit without saving)"
+            );
+        });
+    });
+}
+
+/// The compute device named by the config.
+pub fn device_from_name(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            let ordinal: usize = n
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), str::parse)
+                .with_context(|| {
+                    format!("model.device = {n:?}: write cuda or cuda:N with N a GPU number")
+                })?;
+            Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!(
+                    "model.device = {n:?}: CUDA is not available ({e}); this build runs on the CPU — use device = \"cpu\", or build sd-lora with CUDA support"
+                )
+            })
+        }
+        "metal" => Device::new_metal(0).map_err(|e| {
+            anyhow::anyhow!(
+                "model.device = \"metal\": Metal is not available ({e}); use device = \"cpu\""
+            )
+        }),
+        other => bail!("model.device = {other:?}: allowed values are cpu, cuda, cuda:N, metal"),
+    }
+}
+
+/// Loads the model named by the config (a path, or `builtin:tiny`).
+pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
+    let dtype = cfg.model.dtype.to_dtype();
+    if cfg.model.path == sd_lora_model::builtin::BUILTIN_TINY {
+        return Ok(sd_lora_model::builtin::tiny_sd1(dtype, device)?);
+    }
+    let options = sd_lora_model::load::LoadOptions {
+        prediction: cfg.model.prediction.to_prediction(),
+        ..Default::default()
+    };
+    let source = sd_lora_model::load::ModelSource::open_with(&cfg.model.path, options)?;
+    Ok(StableDiffusion::load(&source, dtype, device)?)
+}
+
+fn target_spec(cfg: &TrainConfig) -> Result<TargetSpec> {
+    let n = &cfg.network;
+    let preset: Preset = n
+        .preset
+        .parse()
+        .map_err(|e| anyhow::anyhow!("network.preset = {:?}: {e}", n.preset))?;
+    let linear = RankAlpha {
+        rank: n.rank,
+        alpha: n.alpha,
+    };
+    Ok(TargetSpec {
+        preset,
+        unet: true,
+        text_encoder: n.train_text_encoder,
+        include: n.include.clone(),
+        exclude: n.exclude.clone(),
+        unet_linear: linear,
+        unet_conv: RankAlpha {
+            rank: n.conv_rank.unwrap_or(n.rank),
+            alpha: n.conv_alpha.unwrap_or(n.alpha),
+        },
+        text_encoder_rank: RankAlpha {
+            rank: n.text_encoder_rank.unwrap_or(n.rank),
+            alpha: n.text_encoder_alpha.unwrap_or(n.alpha),
+        },
+    })
+}
+
+/// The name under which a LoRA parameter is saved in the training state.
+fn state_name(component: LoraComponent, path: &str, half: &str) -> String {
+    let c = match component {
+        LoraComponent::Unet => "unet",
+        LoraComponent::TextEncoder => "text_encoder",
+        LoraComponent::TextEncoder2 => "text_encoder_2",
+    };
+    format!("{c}:{path}.{half}")
+}
+
+fn lora_weights(lora: &TrainableLora) -> Result<LoraWeights> {
+    let mut w = LoraWeights::default();
+    for m in &lora.modules {
+        w.modules.insert(
+            (m.target.component, m.target.path.clone()),
+            LoraModule {
+                down: m
+                    .down
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?,
+                up: m
+                    .up
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?,
+                alpha: m.alpha,
+            },
+        );
+    }
+    Ok(w)
+}
+
+/// Options that must not change between a run and its resume.
+fn fingerprint(cfg: &TrainConfig) -> String {
+    let key = serde_json::json!({
+        "model": cfg.model.path,
+        "network": serde_json::to_value(&cfg.network).unwrap_or_default(),
+        "seed": cfg.train.seed,
+        "batch_size": cfg.train.batch_size,
+        "gradient_accumulation": cfg.train.gradient_accumulation,
+        "dataset": serde_json::to_value(&cfg.dataset).unwrap_or_default(),
+    });
+    key.to_string()
+}
+
+/// Now, in Unix seconds — or `SOURCE_DATE_EPOCH` when set (the
+/// reproducible-builds convention), so two runs can give byte-identical
+/// files, timestamps included.
+fn unix_now() -> f64 {
+    if let Some(t) = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return t;
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Optimizer steps per epoch: one step takes `gradient_accumulation`
+/// batches of instance images (each paired with a class batch when the
+/// dataset has class images). At least 1.
+pub fn steps_per_epoch(cfg: &TrainConfig, ds: &Dataset) -> usize {
+    let has_class = ds.batches_per_epoch_of(Some(SubsetKind::Class), cfg.train.batch_size) > 0;
+    let kind = has_class.then_some(SubsetKind::Instance);
+    let batches = ds.batches_per_epoch_of(kind, cfg.train.batch_size);
+    (batches / cfg.train.gradient_accumulation.max(1)).max(1)
+}
+
+/// kohya-style metadata for a LoRA file written at `step`.
+fn metadata(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    sd: &StableDiffusion,
+    weights: &LoraWeights,
+    step: usize,
+    started_at: f64,
+    finished: bool,
+) -> Metadata {
+    let base_model = match (sd.architecture, sd.prediction) {
+        (Architecture::Sd1, _) => Some(BaseModelVersion::SdV1),
+        (Architecture::Sd2, Prediction::V) => Some(BaseModelVersion::SdV2V),
+        (Architecture::Sd2, _) => Some(BaseModelVersion::SdV2),
+        (Architecture::Sdxl, _) => Some(BaseModelVersion::SdxlBase),
+    };
+    let mut dataset_dirs = BTreeMap::new();
+    let mut tag_frequency: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for (i, s) in ds.subsets.iter().enumerate() {
+        let name = s
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("subset_{i}"));
+        dataset_dirs.insert(
+            name.clone(),
+            DatasetDirInfo {
+                n_repeats: u64::from(s.repeats),
+                img_count: s.images as u64,
+            },
+        );
+        let freq = tag_frequency.entry(name).or_default();
+        for e in ds.images.iter().filter(|e| e.subset == i) {
+            for tag in e
+                .caption
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+            {
+                *freq.entry(tag.to_string()).or_default() += 1;
+            }
+        }
+    }
+    let per_epoch = steps_per_epoch(cfg, ds);
+    let epochs = |steps: usize| steps.div_ceil(per_epoch) as u64;
+    Metadata {
+        output_name: Some(cfg.output.name.clone()),
+        base_model,
+        resolution: Some((cfg.dataset.resolution, cfg.dataset.resolution)),
+        steps: Some(step as u64),
+        epoch: Some(epochs(step)),
+        num_epochs: Some(epochs(cfg.train.steps)),
+        learning_rate: Some(cfg.train.unet_lr),
+        unet_lr: Some(cfg.train.unet_lr),
+        text_encoder_lr: cfg
+            .network
+            .train_text_encoder
+            .then_some(cfg.train.text_encoder_lr),
+        seed: Some(cfg.train.seed),
+        num_train_images: Some(ds.images.len() as u64),
+        dataset_dirs,
+        tag_frequency,
+        training_started_at: Some(started_at),
+        training_finished_at: finished.then(unix_now),
+        ..Default::default()
+    }
+    .with_network_of(weights)
+}
+
+fn save_lora(cfg: &TrainConfig, path: &Path, weights: &LoraWeights, meta: &Metadata) -> Result<()> {
+    let dtype: SaveDtype = cfg.output.save_dtype.to_save_dtype();
+    match cfg.output.save_format.is_peft() {
+        false => write_kohya(path, weights, meta, dtype)?,
+        true => write_peft(path, weights, meta, dtype)?,
+    }
+    Ok(())
+}
+
+/// Trains a LoRA as configured. `resume`: an output folder of an earlier run
+/// of the same config, whose newest state is continued.
+pub fn train(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    resume: Option<&Path>,
+    progress: &mut dyn TrainProgress,
+) -> Result<TrainOutcome> {
+    let device = device_from_name(&cfg.model.device)?;
+    let out_dir = cfg.output.dir.clone();
+    std::fs::create_dir_all(out_dir.join("logs"))
+        .with_context(|| format!("cannot create the output folder {}", out_dir.display()))?;
+
+    // Model and LoRA.
+    let mut sd = load_model(cfg, &device)?;
+    for n in &sd.notes {
+        progress.note(n);
+    }
+    let spec = target_spec(cfg)?;
+    let train_te = cfg.network.train_text_encoder;
+    let lora = create_trainable(
+        &mut sd.unet,
+        if train_te {
+            Some(&mut sd.text_encoder)
+        } else {
+            None
+        },
+        &spec,
+        &TrainOptions {
+            seed: cfg.train.seed,
+            dropout: cfg.network.dropout,
+        },
+    )?;
+    let (mut unet_vars, mut te_vars): (Vec<Var>, Vec<Var>) = (Vec::new(), Vec::new());
+    for m in &lora.modules {
+        let dst = if m.target.component == LoraComponent::Unet {
+            &mut unet_vars
+        } else {
+            &mut te_vars
+        };
+        dst.push(m.down.clone());
+        dst.push(m.up.clone());
+    }
+    let mut groups = vec![ParamGroup {
+        name: "unet".into(),
+        vars: unet_vars,
+        lr: cfg.train.unet_lr,
+        weight_decay: cfg.train.weight_decay,
+    }];
+    if train_te {
+        groups.push(ParamGroup {
+            name: "text_encoder".into(),
+            vars: te_vars,
+            lr: cfg.train.text_encoder_lr,
+            weight_decay: cfg.train.weight_decay,
+        });
+    }
+    let mut opt = AdamW::new(
+        groups.clone(),
+        AdamWConfig {
+            beta1: cfg.train.adam_beta1,
+            beta2: cfg.train.adam_beta2,
+            eps: cfg.train.adam_eps,
+        },
+    )?;
+    let mut acc = GradAccumulator::new(&groups);
+    let schedule_lr = LrSchedule {
+        kind: cfg.train.lr_scheduler,
+        warmup_steps: cfg.train.warmup_steps,
+        total_steps: cfg.train.steps,
+        num_cycles: cfg.train.lr_cycles,
+    };
+
+    // Resume.
+    let state_dir = out_dir.join("state");
+    let fp = fingerprint(cfg);
+    let mut start_step = 0;
+    let mut skipped_steps = 0;
+    let mut consecutive_nonfinite = 0;
+    let mut started_at = unix_now();
+    if let Some(from) = resume {
+        let from_state = from.join("state");
+        let saved = state::load(&from_state, &device)?;
+        if saved.info.fingerprint != fp {
+            bail!(
+                "{}: the run was started with different model, network, dataset, seed or batch options; resume it with the config it was started with",
+                from.display()
+            );
+        }
+        for m in &lora.modules {
+            for (half, var) in [("down", &m.down), ("up", &m.up)] {
+                let name = state_name(m.target.component, &m.target.path, half);
+                let t = saved
+                    .lora
+                    .get(&name)
+                    .with_context(|| format!("{}: the saved state lacks {name}", from.display()))?;
+                var.set(&t.to_dtype(var.dtype())?)?;
+            }
+        }
+        opt.load_state_tensors(&saved.optimizer)?;
+        start_step = saved.info.step;
+        skipped_steps = saved.info.skipped_steps;
+        consecutive_nonfinite = saved.info.consecutive_nonfinite;
+        started_at = saved.info.started_at;
+        progress.note(&format!("resuming from step {start_step}"));
+    }
+
+    let total = cfg.train.steps;
+    let accum = cfg.train.gradient_accumulation.max(1);
+    let batch_size = cfg.train.batch_size.max(1);
+    // With class images, every step pairs an instance batch with a class batch.
+    let batches_class = ds.batches_per_epoch_of(Some(SubsetKind::Class), batch_size);
+    let instance_kind = (batches_class > 0).then_some(SubsetKind::Instance);
+    let batches_instance = ds.batches_per_epoch_of(instance_kind, batch_size);
+    if batches_instance == 0 {
+        bail!("the dataset has class images but no instance images to learn from");
+    }
+    let mut plans: PlanMemo = BTreeMap::new();
+    let model_id = format!("{}:{:?}", cfg.model.path, cfg.model.dtype);
+    let disk_dir = cfg
+        .train
+        .latent_cache_dir
+        .clone()
+        .filter(|_| cfg.train.cache_latents.is_disk())
+        .or_else(|| {
+            cfg.train
+                .cache_latents
+                .is_disk()
+                .then(|| out_dir.join("latent_cache"))
+        });
+    let mut latents_cache = LatentCache::new(disk_dir, &model_id);
+    let mut text_cache = TextEmbeddingCache::new();
+    let scaling = sd.vae_config.scaling_factor;
+    let mut loss_log =
+        crate::outputs::LossLog::open(&out_dir.join("logs").join("loss.csv"), start_step)?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut step_seconds = Vec::new();
+    let mut final_loss = None;
+    let mut interrupted = false;
+    lora.dropout.set_training(true);
+
+    progress.begin(total, start_step);
+    let mut step = start_step;
+    while step < total {
+        let t0 = Instant::now();
+        lora.dropout.set_step(step as u64);
+        let mut losses = Vec::with_capacity(accum);
+        for micro in 0..accum {
+            // The g-th batch of the whole run (and, with prior preservation,
+            // the g-th class batch too), in seeded epoch orders.
+            let g = (step * accum + micro) as u64;
+            let mut ctx = MicroCtx {
+                cfg,
+                ds,
+                sd: &sd,
+                device: &device,
+                latents_cache: &mut latents_cache,
+                text_cache: &mut text_cache,
+                plans: &mut plans,
+                scaling,
+                train_te,
+                step,
+                micro,
+            };
+            let mut loss = ctx.loss(instance_kind, g, batches_instance)?;
+            if batches_class > 0 {
+                // diffusers' formula: instance loss + prior_loss_weight · class
+                // loss, each a mean over its own batch (the class samples carry
+                // the prior weight as their loss weight).
+                loss = (loss + ctx.loss(Some(SubsetKind::Class), g, batches_class)?)?;
+            }
+            let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            losses.push(value);
+            if value.is_finite() {
+                acc.add(&loss.backward()?)?;
+            }
+        }
+        let loss = losses.iter().sum::<f64>() / losses.len() as f64;
+        let mut grads = acc.take();
+        let norm = grad_norm(&grads)?;
+        let lr_factor = schedule_lr.factor(step);
+        let skipped = !(loss.is_finite() && norm.is_finite());
+        if skipped {
+            skipped_steps += 1;
+            consecutive_nonfinite += 1;
+            progress.note(&format!(
+                "step {}: non-finite {} — step skipped ({consecutive_nonfinite} in a row)",
+                step + 1,
+                if loss.is_finite() { "gradient" } else { "loss" }
+            ));
+            if consecutive_nonfinite > cfg.train.max_nonfinite_steps {
+                bail!(
+                    "stopping: {consecutive_nonfinite} steps in a row had a non-finite loss or gradient; lower the learning rate, use dtype = \"f32\", or raise train.max_nonfinite_steps"
+                );
+            }
+        } else {
+            consecutive_nonfinite = 0;
+            if cfg.train.max_grad_norm > 0.0 {
+                clip_grad_norm(&mut grads, cfg.train.max_grad_norm)?;
+            }
+            opt.step(&grads, lr_factor)?;
+            final_loss = Some(loss);
+        }
+        step += 1;
+        let seconds = t0.elapsed().as_secs_f64();
+        step_seconds.push(seconds);
+        let lr = cfg.train.unet_lr * lr_factor;
+        loss_log.append(step, loss, lr, seconds)?;
+        progress.step(&StepReport {
+            step,
+            total,
+            loss,
+            lr,
+            seconds,
+            skipped,
+            grad_norm: norm,
+        });
+
+        interrupted = INTERRUPTED.load(Ordering::SeqCst) || progress.should_stop();
+        let periodic =
+            cfg.output.save_every > 0 && step % cfg.output.save_every == 0 && step < total;
+        if periodic || interrupted {
+            let weights = lora_weights(&lora)?;
+            let path = out_dir.join(format!("{}-step{:06}.safetensors", cfg.output.name, step));
+            save_lora(
+                cfg,
+                &path,
+                &weights,
+                &metadata(cfg, ds, &sd, &weights, step, started_at, false),
+            )?;
+            files.push(path.clone());
+            save_state(
+                &state_dir,
+                &lora,
+                &opt,
+                step,
+                skipped_steps,
+                consecutive_nonfinite,
+                started_at,
+                &fp,
+            )?;
+            progress.note(&format!("saved {} and the training state", path.display()));
+        }
+        if interrupted {
+            break;
+        }
+    }
+    lora.dropout.set_training(false);
+
+    let weights = lora_weights(&lora)?;
+    let final_path = out_dir.join(format!("{}.safetensors", cfg.output.name));
+    if !interrupted {
+        save_lora(
+            cfg,
+            &final_path,
+            &weights,
+            &metadata(cfg, ds, &sd, &weights, step, started_at, true),
+        )?;
+        files.push(final_path.clone());
+        save_state(
+            &state_dir,
+            &lora,
+            &opt,
+            step,
+            skipped_steps,
+            consecutive_nonfinite,
+            started_at,
+            &fp,
+        )?;
+    }
+    progress.end();
+    let lora_file = if interrupted {
+        files.last().cloned().unwrap_or(final_path)
+    } else {
+        final_path
+    };
+    Ok(TrainOutcome {
+        steps: step,
+        final_loss,
+        lora_file,
+        files,
+        interrupted,
+        skipped_steps,
+        step_seconds,
+    })
+}
+
+/// Epoch orders already computed, by (kind, epoch).
+type PlanMemo = BTreeMap<(Option<SubsetKind>, u64), Vec<sd_lora_data::BatchPlan>>;
+
+/// What one micro-batch's loss needs.
+struct MicroCtx<'a> {
+    cfg: &'a TrainConfig,
+    ds: &'a Dataset,
+    sd: &'a StableDiffusion,
+    device: &'a Device,
+    latents_cache: &'a mut LatentCache,
+    text_cache: &'a mut TextEmbeddingCache,
+    plans: &'a mut PlanMemo,
+    scaling: f64,
+    train_te: bool,
+    step: usize,
+    micro: usize,
+}
+
+impl MicroCtx<'_> {
+    /// The weighted denoising loss of the `g`-th batch of `kind`.
+    fn loss(&mut self, kind: Option<SubsetKind>, g: u64, per_epoch: usize) -> Result<Tensor> {
+        let (cfg, ds, sd, device) = (self.cfg, self.ds, self.sd, self.device);
+        let batch_size = cfg.train.batch_size.max(1);
+        let (epoch, index) = (g / per_epoch as u64, (g % per_epoch as u64) as usize);
+        let plans = self
+            .plans
+            .entry((kind, epoch))
+            .or_insert_with(|| ds.epoch_batches_of(kind, epoch, batch_size, cfg.train.seed));
+        let samples = ds
+            .load_batch(&plans[index], cfg.train.seed, epoch, index as u64)
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
+
+        // Latents (frozen VAE) and text conditioning.
+        let mut lat = Vec::with_capacity(samples.len());
+        for s in &samples {
+            let path = &ds.images[s.image].path;
+            lat.push(
+                self.latents_cache
+                    .get_or_encode(&sd.vae, self.scaling, s, path, device)?,
+            );
+        }
+        let latents = Tensor::stack(&lat, 0)?;
+        let context = if self.train_te {
+            let ids: Vec<u32> = samples
+                .iter()
+                .flat_map(|s| {
+                    sd.tokenizer
+                        .encode_padded(&s.caption, MAX_LENGTH, sd.pad_style)
+                })
+                .collect();
+            let ids = Tensor::from_vec(ids, (samples.len(), MAX_LENGTH), device)?;
+            sd.text_encoder
+                .forward_with_clip_skip(&ids, cfg.model.clip_skip)?
+        } else {
+            let mut embs = Vec::with_capacity(samples.len());
+            for s in &samples {
+                embs.push(
+                    self.text_cache
+                        .get_or_encode(sd, &s.caption, cfg.model.clip_skip)?,
+                );
+            }
+            Tensor::stack(&embs, 0)?
+        };
+
+        // Noise and timesteps, drawn from this step's own stream.
+        let kind_tag = match kind {
+            Some(SubsetKind::Class) => 2,
+            _ => 1,
+        };
+        let mut rng = Rng::derive(&[
+            cfg.train.seed,
+            NOISE_STREAM,
+            self.step as u64,
+            self.micro as u64,
+            kind_tag,
+        ]);
+        let nb = make_noisy_batch(&sd.schedule, &latents, cfg.train.noise_offset, &mut rng)?;
+        let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, nb.timesteps.len(), device)?;
+        let dtype = cfg.model.dtype.to_dtype();
+        let pred = sd
+            .unet
+            .forward(&nb.noisy.to_dtype(dtype)?, &t, &context.to_dtype(dtype)?)?;
+        let weights: Vec<f32> = samples.iter().map(|s| s.loss_weight).collect();
+        Ok(weighted_loss(
+            &pred.to_dtype(DType::F32)?,
+            &nb.target,
+            &nb.timesteps,
+            &weights,
+            &sd.schedule,
+            cfg.train.min_snr_gamma,
+        )?)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_state(
+    dir: &Path,
+    lora: &TrainableLora,
+    opt: &AdamW,
+    step: usize,
+    skipped_steps: usize,
+    consecutive_nonfinite: usize,
+    started_at: f64,
+    fingerprint: &str,
+) -> Result<()> {
+    let mut tensors = Vec::new();
+    for m in &lora.modules {
+        tensors.push((
+            state_name(m.target.component, &m.target.path, "down"),
+            m.down.as_tensor().clone(),
+        ));
+        tensors.push((
+            state_name(m.target.component, &m.target.path, "up"),
+            m.up.as_tensor().clone(),
+        ));
+    }
+    let info = StateInfo {
+        version: 1,
+        step,
+        skipped_steps,
+        consecutive_nonfinite,
+        started_at,
+        fingerprint: fingerprint.to_string(),
+    };
+    state::save(dir, &info, &tensors, &opt.state_tensors()?)?;
+    Ok(())
+}
+
+/// Timesteps at which [`fixed_noise_loss`] measures every image.
+const EVAL_TIMESTEPS: [usize; 5] = [100, 300, 500, 700, 900];
+/// Stream tag of the evaluation noise.
+const EVAL_STREAM: u64 = 0x6576_616C;
+
+/// The plain denoising loss (MSE against the model's target) of `sd` on
+/// every training image at fixed timesteps with fixed noise — the same
+/// draws every call, so two models (e.g. before and after training) can be
+/// compared directly. A LoRA attached to `sd` is included.
+pub fn fixed_noise_loss(cfg: &TrainConfig, ds: &Dataset, sd: &StableDiffusion) -> Result<f64> {
+    let device = device_from_name(&cfg.model.device)?;
+    let dtype = cfg.model.dtype.to_dtype();
+    let scaling = sd.vae_config.scaling_factor;
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for i in 0..ds.images.len() {
+        let mut rng = Rng::derive(&[EVAL_STREAM, i as u64]);
+        let sample = ds
+            .load_sample(i, &mut rng)
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
+        let latents = crate::latents::encode_latents(&sd.vae, scaling, &sample, &device)?;
+        let context = crate::latents::encode_caption(sd, &sample.caption, cfg.model.clip_skip)?;
+        for &t in &EVAL_TIMESTEPS {
+            let eps = crate::noise::randn(latents.dims(), &mut rng, &device)?;
+            let (a, b) = sd.schedule.coefficients(t);
+            let noisy = ((&latents * a)? + (&eps * b)?)?;
+            let target = match sd.schedule.prediction {
+                Prediction::Epsilon => eps.clone(),
+                Prediction::V => ((&eps * a)? - (&latents * b)?)?,
+            };
+            let tt = Tensor::from_vec(vec![t as f32], 1, &device)?;
+            let pred = sd.unet.forward(
+                &noisy.unsqueeze(0)?.to_dtype(dtype)?,
+                &tt,
+                &context.unsqueeze(0)?.to_dtype(dtype)?,
+            )?;
+            let mse = (pred.to_dtype(DType::F32)?.squeeze(0)? - &target)?
+                .sqr()?
+                .mean_all()?
+                .to_scalar::<f32>()?;
+            total += f64::from(mse);
+            count += 1;
+        }
+    }
+    if count == 0 {
+        bail!("no images to evaluate");
+    }
+    Ok(total / count as f64)
+}
