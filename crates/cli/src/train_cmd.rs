@@ -619,8 +619,15 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
     );
 
     let t = &cfg.train;
-    let batches = ds.batches_per_epoch(t.batch_size).max(1);
-    let steps_per_epoch = batches.div_ceil(t.gradient_accumulation).max(1);
+    let has_class =
+        ds.batches_per_epoch_of(Some(sd_lora_data::SubsetKind::Class), t.batch_size) > 0;
+    let batches = ds
+        .batches_per_epoch_of(
+            has_class.then_some(sd_lora_data::SubsetKind::Instance),
+            t.batch_size,
+        )
+        .max(1);
+    let steps_per_epoch = sd_lora_train::trainer::steps_per_epoch(cfg, ds);
     let epochs = t.steps.div_ceil(steps_per_epoch);
     let _ = writeln!(o, "\n# Schedule\n");
     let _ = writeln!(
@@ -633,8 +640,15 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
     );
     let _ = writeln!(
         o,
-        "{batches} batches per epoch → {steps_per_epoch} steps per epoch → {epochs} epochs"
+        "{batches} {}batches per epoch → {steps_per_epoch} steps per epoch → {epochs} epochs",
+        if has_class { "instance " } else { "" }
     );
+    if has_class {
+        let _ = writeln!(
+            o,
+            "prior preservation: every instance batch is paired with a class batch (loss = instance + prior_loss_weight · class)"
+        );
+    }
     let _ = writeln!(
         o,
         "lr: UNet {:e}{}, {} schedule, {} warm-up steps",

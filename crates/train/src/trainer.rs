@@ -245,7 +245,9 @@ pub fn steps_per_epoch(cfg: &TrainConfig, ds: &Dataset) -> usize {
     let has_class = ds.batches_per_epoch_of(Some(SubsetKind::Class), cfg.train.batch_size) > 0;
     let kind = has_class.then_some(SubsetKind::Instance);
     let batches = ds.batches_per_epoch_of(kind, cfg.train.batch_size);
-    (batches / cfg.train.gradient_accumulation.max(1)).max(1)
+    batches
+        .div_ceil(cfg.train.gradient_accumulation.max(1))
+        .max(1)
 }
 
 /// kohya-style metadata for a LoRA file written at `step`.
