@@ -230,3 +230,43 @@ fn prior_preservation_pairs_instance_and_class_batches() {
     assert_eq!(outcome.steps, 2);
     assert!(outcome.final_loss.is_some_and(f64::is_finite));
 }
+
+#[test]
+fn non_finite_steps_are_skipped_counted_and_stop_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An absurd learning rate blows the LoRA up after the first update.
+    let cfg = config(
+        tmp.path(),
+        &[
+            "train.steps=20".into(),
+            "train.unet_lr=1e30".into(),
+            "train.warmup_steps=0".into(),
+            "train.lr_scheduler=\"constant\"".into(),
+            "train.max_grad_norm=0.0".into(),
+            "train.max_nonfinite_steps=2".into(),
+        ],
+    );
+    let ds = Dataset::scan(&cfg.dataset).unwrap();
+    struct Notes(Vec<String>, usize);
+    impl TrainProgress for Notes {
+        fn begin(&mut self, _: usize, _: usize) {}
+        fn step(&mut self, r: &StepReport) {
+            self.1 += usize::from(r.skipped);
+        }
+        fn note(&mut self, m: &str) {
+            self.0.push(m.to_string());
+        }
+        fn end(&mut self) {}
+    }
+    let mut notes = Notes(Vec::new(), 0);
+    let err = train(&cfg, &ds, None, &mut notes).unwrap_err().to_string();
+    assert!(err.contains("non-finite"), "{err}");
+    // Two skipped steps are tolerated; the third in a row stops the run.
+    assert_eq!(notes.1, 2);
+    let skips = notes
+        .0
+        .iter()
+        .filter(|n| n.contains("step skipped"))
+        .count();
+    assert_eq!(skips, 3, "{:?}", notes.0);
+}
