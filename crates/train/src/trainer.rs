@@ -402,7 +402,6 @@ pub fn train(
     };
 
     // Resume.
-    let state_dir = out_dir.join("state");
     let fp = fingerprint(cfg);
     let mut start_step = 0;
     let mut skipped_steps = 0;
@@ -550,25 +549,12 @@ pub fn train(
         let periodic =
             cfg.output.save_every > 0 && step % cfg.output.save_every == 0 && step < total;
         if periodic || interrupted {
-            let weights = lora_weights(&lora)?;
             let path = out_dir.join(format!("{}-step{:06}.safetensors", cfg.output.name, step));
-            save_lora(
-                cfg,
-                &path,
-                &weights,
-                &metadata(cfg, ds, &sd, &weights, step, started_at, false),
+            let counters = (step, skipped_steps, consecutive_nonfinite);
+            checkpoint(
+                cfg, ds, &sd, &lora, &opt, &path, counters, started_at, &fp, false,
             )?;
             files.push(path.clone());
-            save_state(
-                &state_dir,
-                &lora,
-                &opt,
-                step,
-                skipped_steps,
-                consecutive_nonfinite,
-                started_at,
-                &fp,
-            )?;
             progress.note(&format!("saved {} and the training state", path.display()));
         }
         if interrupted {
@@ -577,26 +563,22 @@ pub fn train(
     }
     lora.dropout.set_training(false);
 
-    let weights = lora_weights(&lora)?;
     let final_path = out_dir.join(format!("{}.safetensors", cfg.output.name));
     if !interrupted {
-        save_lora(
+        let counters = (step, skipped_steps, consecutive_nonfinite);
+        checkpoint(
             cfg,
-            &final_path,
-            &weights,
-            &metadata(cfg, ds, &sd, &weights, step, started_at, true),
-        )?;
-        files.push(final_path.clone());
-        save_state(
-            &state_dir,
+            ds,
+            &sd,
             &lora,
             &opt,
-            step,
-            skipped_steps,
-            consecutive_nonfinite,
+            &final_path,
+            counters,
             started_at,
             &fp,
+            true,
         )?;
+        files.push(final_path.clone());
     }
     progress.end();
     let lora_file = if interrupted {
@@ -708,6 +690,38 @@ impl MicroCtx<'_> {
             cfg.train.min_snr_gamma,
         )?)
     }
+}
+
+/// Writes the LoRA file `path` (metadata as of `counters.0` steps) and the
+/// resumable state beside it. `counters`: (step, skipped, non-finite in a row).
+#[allow(clippy::too_many_arguments)]
+fn checkpoint(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    sd: &StableDiffusion,
+    lora: &TrainableLora,
+    opt: &AdamW,
+    path: &Path,
+    counters: (usize, usize, usize),
+    started_at: f64,
+    fingerprint: &str,
+    finished: bool,
+) -> Result<()> {
+    let (step, skipped, in_a_row) = counters;
+    let weights = lora_weights(lora)?;
+    let meta = metadata(cfg, ds, sd, &weights, step, started_at, finished);
+    save_lora(cfg, path, &weights, &meta)?;
+    let state_dir = cfg.output.dir.join("state");
+    save_state(
+        &state_dir,
+        lora,
+        opt,
+        step,
+        skipped,
+        in_a_row,
+        started_at,
+        fingerprint,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
