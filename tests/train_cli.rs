@@ -289,3 +289,22 @@ fn every_example_config_is_a_valid_training_config() {
         );
     }
 }
+
+#[test]
+fn a_tokenizer_that_does_not_fit_the_text_encoder_stops_before_training() {
+    // The tiny fixture's text encoder has 1000 tokens; its folder has no
+    // tokenizer, so the embedded 49408-token CLIP vocabulary would be used.
+    let out = tempfile::tempdir().unwrap();
+    let err = fails(&[
+        "--config",
+        "configs/quickstart.toml",
+        "--model",
+        "tests/fixtures/sd1_tiny",
+        "--steps",
+        "1",
+        "--output",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(err.contains("does not belong to its text encoder"), "{err}");
+    assert!(!out.path().join("quickstart.safetensors").exists());
+}

@@ -343,6 +343,16 @@ pub fn train(
 
     // Model and LoRA.
     let mut sd = load_model(cfg, &device)?;
+    // A tokenizer that produces ids the text encoder cannot embed would fail
+    // at the first prompt; say why now, before any work.
+    if sd.tokenizer.vocab_size() > sd.text_encoder_config.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the text encoder only {}; the model's tokenizer does not belong to its text encoder",
+            cfg.model.path,
+            sd.tokenizer.vocab_size(),
+            sd.text_encoder_config.vocab_size
+        );
+    }
     for n in &sd.notes {
         progress.note(n);
     }
