@@ -20,6 +20,9 @@
 //!   diffusers formats, read, written, validated against a model.
 //! - [`schedule`]: the DDPM training schedule and SNR weights.
 //! - [`pipeline`]: all of the above assembled from one model path.
+//! - [`prompt`]: A1111 prompt weights `(word:1.2)` and long prompts in chunks.
+//! - [`sampling`]: DDIM, Euler, Euler ancestral and DPM++ 2M (Karras)
+//!   samplers from the model's scheduler config.
 //!
 //! Module structs and fields mirror checkpoint key paths
 //! (`down_blocks[i].attentions[j].transformer_blocks[k].attn1.to_q`), and every
@@ -35,6 +38,8 @@ pub mod load;
 pub mod lora;
 pub mod ops;
 pub mod pipeline;
+pub mod prompt;
+pub mod sampling;
 pub mod schedule;
 pub mod unet;
 pub mod vae;
