@@ -11,7 +11,8 @@
 //!   accumulation, clipping, and learning-rate schedules.
 //! - [`latents`]: VAE latent and text-embedding caches (memory or disk);
 //!   [`rare_token`]: the DreamBooth identifier check.
-//! - [`outputs`], [`progress`]: loss log, plot, summary, progress display.
+//! - [`outputs`], [`progress`]: loss log, plot, summary, progress display;
+//!   [`png_meta`]: PNGs with A1111 `parameters` metadata, preview grids.
 //!
 //! It drives `sd-lora-model` with samples from `sd-lora-data`; the `sd-lora`
 //! binary is a thin command-line front end over it.
@@ -24,6 +25,7 @@ pub mod noise;
 pub mod optim;
 pub mod outputs;
 pub mod overrides;
+pub mod png_meta;
 pub mod progress;
 pub mod rare_token;
 pub mod state;
