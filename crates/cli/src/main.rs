@@ -9,6 +9,7 @@ mod check_data;
 mod config_docs;
 mod config_file;
 mod convert;
+mod generate_cmd;
 mod inspect;
 mod train_cmd;
 
@@ -49,6 +50,13 @@ enum Command {
         after_help = "Examples:\n  sd-lora convert my_dog.safetensors my_dog_peft.safetensors --to peft\n  sd-lora convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya"
     )]
     Convert(convert::ConvertArgs),
+    /// Generate images from a prompt with a model and any number of LoRAs
+    /// (PNGs with A1111 `parameters` metadata).
+    #[command(
+        after_help = "Examples:\n  sd-lora generate --model v1-5-pruned-emaonly.safetensors --prompt \"a photo of ohwx dog\" --lora my_dog.safetensors:0.8 --output ./images\n  sd-lora generate --model builtin:tiny --prompt \"ohwx robot\" --width 64 --height 64 --steps 4 --seed 1 --num-images 4 --output ./images"
+    )]
+    // Boxed: the generate flags make this variant much larger than the others.
+    Generate(Box<generate_cmd::GenerateArgs>),
     /// Print the configuration reference (docs/config.md) generated from the config definitions.
     #[command(hide = true)]
     ConfigDocs,
@@ -72,6 +80,7 @@ fn main() -> ExitCode {
         Command::CheckData(a) => check_data::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Generate(a) => generate_cmd::run(a),
         Command::ConfigDocs => {
             emit(&config_docs::render())?;
             Ok(0)

@@ -12,12 +12,14 @@
 //! - [`latents`]: VAE latent and text-embedding caches (memory or disk);
 //!   [`rare_token`]: the DreamBooth identifier check.
 //! - [`outputs`], [`progress`]: loss log, plot, summary, progress display;
-//!   [`png_meta`]: PNGs with A1111 `parameters` metadata, preview grids.
+//!   [`png_meta`]: PNGs with A1111 `parameters` metadata, preview grids;
+//!   [`generate`]: text-to-image generation (prompts, guidance, samplers).
 //!
 //! It drives `sd-lora-model` with samples from `sd-lora-data`; the `sd-lora`
 //! binary is a thin command-line front end over it.
 
 pub mod config;
+pub mod generate;
 pub mod latents;
 pub mod loss;
 pub mod lr;
