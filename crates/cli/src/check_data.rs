@@ -116,7 +116,8 @@ pub fn run(args: &CheckDataArgs) -> Result<u8> {
     Ok(0)
 }
 
-fn plural(n: usize, one: &str, many: &str) -> String {
+/// `1 image`, `2 images`.
+pub(crate) fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 

@@ -7,6 +7,7 @@
 //! stops there and prints what would be done: the resolved config, the
 //! dataset, the number of steps and epochs, and a memory estimate.
 
+use crate::check_data::plural;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use sd_lora_data::Dataset;
@@ -564,10 +565,6 @@ fn gib(bytes: u64) -> String {
     } else {
         format!("{:.1} KiB", b / 1024.0)
     }
-}
-
-fn plural(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// The `--dry-run` report.

@@ -30,7 +30,7 @@
 //! half-written image.
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
@@ -369,18 +369,9 @@ pub fn write_png_with_parameters(
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| PngMetaError::Encode {
-            path: path.to_path_buf(),
-            message: "the path has no file name".into(),
-        })?;
-    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut out = BufWriter::new(file);
-        let mut encoder = png::Encoder::new(&mut out, image.width(), image.height());
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         // tEXt is Latin-1 only; PIL (so A1111) falls back to iTXt otherwise.
@@ -395,15 +386,8 @@ pub fn write_png_with_parameters(
             .write_image_data(image.as_raw())
             .map_err(encode_err)?;
         writer.finish().map_err(encode_err)?;
-        // Flushed here so that a write error is reported, not lost in a drop.
-        out.flush().map_err(io_err(&tmp))?;
-        drop(out);
-        std::fs::rename(&tmp, path).map_err(io_err(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+    crate::outputs::write_atomic(path, &bytes).map_err(io_err(path))
 }
 
 /// Writes `image` with `params` (see [`write_png_with_parameters`]).

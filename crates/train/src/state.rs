@@ -8,6 +8,7 @@
 //! complete, and `latest.json` (written atomically) names the newest one —
 //! an interruption at any moment leaves the previous state intact.
 
+use crate::outputs::write_atomic;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -50,21 +51,6 @@ pub struct SavedState {
 struct Latest {
     folder: String,
     step: usize,
-}
-
-/// Writes bytes to `path` through a temporary file in the same folder and a
-/// rename, so readers never see a half-written file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
 }
 
 fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {

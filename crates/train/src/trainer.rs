@@ -110,27 +110,20 @@ pub fn install_interrupt_handler() {
 
 /// The compute device named by the config.
 pub fn device_from_name(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        n if n == "cuda" || n.starts_with("cuda:") => {
-            let ordinal: usize = n
-                .strip_prefix("cuda:")
-                .map_or(Ok(0), str::parse)
-                .with_context(|| {
-                    format!("model.device = {n:?}: write cuda or cuda:N with N a GPU number")
-                })?;
-            Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!(
-                    "model.device = {n:?}: CUDA is not available ({e}); this build runs on the CPU — use device = \"cpu\", or build sd-lora with CUDA support"
-                )
-            })
-        }
-        "metal" => Device::new_metal(0).map_err(|e| {
+    use crate::config::DeviceSpec;
+    match DeviceSpec::parse(name) {
+        Some(DeviceSpec::Cpu) => Ok(Device::Cpu),
+        Some(DeviceSpec::Cuda(ordinal)) => Device::new_cuda(ordinal).map_err(|e| {
+            anyhow::anyhow!(
+                "model.device = {name:?}: CUDA is not available ({e}); this build runs on the CPU — use device = \"cpu\", or build sd-lora with CUDA support"
+            )
+        }),
+        Some(DeviceSpec::Metal) => Device::new_metal(0).map_err(|e| {
             anyhow::anyhow!(
                 "model.device = \"metal\": Metal is not available ({e}); use device = \"cpu\""
             )
         }),
-        other => bail!("model.device = {other:?}: allowed values are cpu, cuda, cuda:N, metal"),
+        None => bail!("model.device = {name:?}: allowed values are cpu, cuda, cuda:N, metal"),
     }
 }
 
