@@ -308,3 +308,86 @@ fn a_tokenizer_that_does_not_fit_the_text_encoder_stops_before_training() {
     assert!(err.contains("does not belong to its text encoder"), "{err}");
     assert!(!out.path().join("quickstart.safetensors").exists());
 }
+
+#[test]
+fn missing_class_images_are_generated_once_and_never_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let class_dir = tmp.path().join("robots");
+    fs::create_dir_all(&class_dir).unwrap();
+    // A user's own class image, numbered like ours: it must survive.
+    let mine = image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]));
+    mine.save(class_dir.join("class-0000.png")).unwrap();
+    let mine_bytes = fs::read(class_dir.join("class-0000.png")).unwrap();
+    let data = repo_root().join("assets/example_dataset");
+    let (class, out) = (
+        class_dir.to_string_lossy().into_owned(),
+        tmp.path().join("out").to_string_lossy().into_owned(),
+    );
+    let run = |n: &str| {
+        sd_lora(&[
+            "train",
+            "--model",
+            "builtin:tiny",
+            "--data",
+            &data.to_string_lossy(),
+            "--class-data",
+            &class,
+            "--class-prompt",
+            "a robot",
+            "--num-class-images",
+            n,
+            "--resolution",
+            "64",
+            "--steps",
+            "2",
+            "--output",
+            &out,
+            "--set",
+            "dataset.min_image_side=32",
+            "--set",
+            "dataset.bucket_step=32",
+            "--set",
+            "dataset.min_bucket_side=32",
+            "--set",
+            "output.sample_steps=2",
+        ])
+    };
+    let listing = || {
+        let mut v: Vec<String> = fs::read_dir(&class_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let o = run("3");
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("generating 2 class images") && err.contains("(1 already there)"),
+        "{err}"
+    );
+    assert_eq!(
+        listing(),
+        ["class-0000.png", "class-0001.png", "class-0002.png"]
+    );
+    assert_eq!(
+        fs::read(class_dir.join("class-0000.png")).unwrap(),
+        mine_bytes
+    );
+    // Generated images carry the base model's generation parameters.
+    let params = sd_lora_train::png_meta::read_png_params(&class_dir.join("class-0001.png"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(params.prompt, "a robot");
+    assert!(params.loras.is_empty(), "class images use no LoRA");
+    assert_eq!((params.width, params.height), (64, 64));
+
+    // A second run finds them and generates nothing.
+    let o = run("3");
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(!err.contains("generating"), "{err}");
+    assert_eq!(listing().len(), 3);
+}

@@ -16,8 +16,10 @@ use sd_lora_model::lora::format::{read_lora_for_model, validate};
 use sd_lora_model::lora::targets::model_targets;
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::sampling::SamplerKind;
-use sd_lora_train::generate::{GenerateRequest, generate, sampler_config_for};
-use sd_lora_train::png_meta::{self, GenerationParams, LoraInfo};
+use sd_lora_train::generate::{
+    GenerateRequest, file_stem, generate, model_label, sampler_config_for,
+};
+use sd_lora_train::png_meta::{self, LoraInfo};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -254,16 +256,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
         });
     }
 
-    let (model_name, model_hash) = if builtin::is_builtin(&args.model) {
-        (Some(args.model.clone()), None)
-    } else if model_path.is_file() {
-        (
-            Some(file_stem(model_path)),
-            Some(png_meta::model_short_hash(model_path)?),
-        )
-    } else {
-        (Some(file_stem(model_path)), None)
-    };
+    let label = model_label(&args.model)?;
 
     let sampler_cfg = sampler_config_for(&sd, source.as_ref());
     let seed = match args.seed {
@@ -292,21 +285,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
             bar.set_position(step as u64)
         })?;
         bar.finish_and_clear();
-        let params = GenerationParams {
-            prompt: req.prompt.clone(),
-            negative_prompt: req.negative_prompt.clone(),
-            steps: req.steps as u32,
-            sampler: sampler.a1111_name().to_string(),
-            cfg_scale: req.cfg_scale,
-            seed: req.seed,
-            width,
-            height,
-            model_name: model_name.clone(),
-            model_hash: model_hash.clone(),
-            clip_skip: (req.clip_skip > 1).then_some(req.clip_skip),
-            loras: lora_infos.clone(),
-            extra: Vec::new(),
-        };
+        let params = req.params(&label, lora_infos.clone());
         let path = loop {
             let p = args.output.join(format!("{index:05}-{}.png", req.seed));
             index += 1;
@@ -318,13 +297,6 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
         crate::emit(&format!("{}\n", path.display()))?;
     }
     Ok(0)
-}
-
-fn file_stem(path: &Path) -> String {
-    path.file_stem().or_else(|| path.file_name()).map_or_else(
-        || path.display().to_string(),
-        |s| s.to_string_lossy().into_owned(),
-    )
 }
 
 /// A bar over the steps of one image on a terminal; hidden otherwise.

@@ -43,6 +43,16 @@ pub struct TrainArgs {
     /// Caption of the class images, e.g. "a photo of a dog" (`dataset.subsets[1].caption`).
     #[arg(long, value_name = "TEXT", requires = "class_data")]
     pub class_prompt: Option<String>,
+    /// Generate class images with the base model until the class folder
+    /// holds this many (`dataset.subsets[1].num_class_images`).
+    #[arg(long, value_name = "N", requires = "class_data")]
+    pub num_class_images: Option<usize>,
+    /// A preview prompt rendered during training (repeatable; `output.sample_prompts`).
+    #[arg(long = "sample-prompt", value_name = "TEXT")]
+    pub sample_prompts: Vec<String>,
+    /// Render the preview prompts every N steps (`output.sample_every`).
+    #[arg(long, value_name = "N")]
+    pub sample_every: Option<usize>,
     /// Output folder (`output.dir`).
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
@@ -118,6 +128,16 @@ impl TrainArgs {
         if let Some(t) = &self.class_prompt {
             sets.push(format!("dataset.subsets[1].caption={}", toml_str(t)));
         }
+        if let Some(n) = self.num_class_images {
+            sets.push(format!("dataset.subsets[1].num_class_images={n}"));
+        }
+        if !self.sample_prompts.is_empty() {
+            let list: Vec<String> = self.sample_prompts.iter().map(|p| toml_str(p)).collect();
+            sets.push(format!("output.sample_prompts=[{}]", list.join(", ")));
+        }
+        if let Some(n) = self.sample_every {
+            sets.push(format!("output.sample_every={n}"));
+        }
         if let Some(o) = &self.output {
             sets.push(format!("output.dir={}", path(o)));
         }
@@ -163,8 +183,12 @@ impl TrainArgs {
 pub fn run(args: &TrainArgs) -> Result<u8> {
     let cfg = TrainConfig::load(args.config.as_deref(), &args.overrides())?;
     for (flag, p) in [("--data", &args.data), ("--class-data", &args.class_data)] {
+        // A class folder that is to be filled with generated images may not
+        // exist yet.
+        let generated = flag == "--class-data" && args.num_class_images.is_some();
         if let Some(p) = p
             && !p.is_dir()
+            && (!generated || p.exists())
         {
             bail!(
                 "{flag} {}: {}",
@@ -187,6 +211,14 @@ pub fn run(args: &TrainArgs) -> Result<u8> {
             r.display()
         );
     }
+    // Class images are generated before the scan, which then finds them.
+    let class_plans = sd_lora_train::class_images::plan_class_images(&cfg)?;
+    if !args.dry_run {
+        sd_lora_train::trainer::install_interrupt_handler();
+        if !generate_class_images(&cfg, &class_plans)? {
+            return Ok(130);
+        }
+    }
     let ds = Dataset::scan(&cfg.dataset)?;
     let report = Report::new(&ds);
     if !ds.has_images() {
@@ -207,10 +239,90 @@ pub fn run(args: &TrainArgs) -> Result<u8> {
         eprintln!("warning: {w}");
     }
     if args.dry_run {
-        crate::emit(&dry_run_report(&cfg, &ds, &report, &model)?)?;
+        let mut text = dry_run_report(&cfg, &ds, &report, &model)?;
+        for p in class_plans.iter().filter(|p| p.missing() > 0) {
+            let _ = writeln!(
+                text,
+                "class images: {} has {} of {}; training would first generate {} from \"{}\"",
+                p.folder.display(),
+                p.existing,
+                p.wanted,
+                p.missing(),
+                p.prompt
+            );
+        }
+        crate::emit(&text)?;
         return Ok(0);
     }
     start_training(&cfg, &ds, args.resume.as_deref())
+}
+
+/// Generates the class images the plans lack, with the base model (no
+/// LoRA), showing a bar over images and sampler steps. `Ok(false)` when
+/// Ctrl-C stopped it (the images written so far stay).
+fn generate_class_images(
+    cfg: &TrainConfig,
+    plans: &[sd_lora_train::class_images::ClassImagePlan],
+) -> Result<bool> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use sd_lora_train::{class_images, generate, trainer};
+    let todo: Vec<_> = plans.iter().filter(|p| p.missing() > 0).collect();
+    if todo.is_empty() {
+        return Ok(true);
+    }
+    let device = trainer::device_from_name(&cfg.model.device)?;
+    let (sd, source) = trainer::load_model_and_source(cfg, &device)?;
+    let sampler = generate::sampler_config_for(&sd, source.as_ref());
+    let label = generate::model_label(&cfg.model.path)?;
+    for plan in todo {
+        eprintln!(
+            "generating {} into {} from \"{}\" ({} already there)",
+            plural(plan.missing(), "class image", "class images"),
+            plan.folder.display(),
+            plan.prompt,
+            plan.existing
+        );
+        let steps = cfg.output.sample_steps as u64;
+        let bar = ProgressBar::new(plan.missing() as u64 * steps);
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            if let Ok(style) =
+                ProgressStyle::with_template("{msg} [{wide_bar}] {elapsed_precise} ETA {eta}")
+            {
+                bar.set_style(style);
+            }
+        } else {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        let missing = plan.missing();
+        let image = std::cell::Cell::new(0usize);
+        let files = class_images::generate_class_images(
+            cfg,
+            plan,
+            &sd,
+            &sampler,
+            &label,
+            &mut |i, n| {
+                image.set(i);
+                bar.set_message(format!("class image {}/{n}", i + 1));
+            },
+            &mut |step, _| bar.set_position(image.get() as u64 * steps + step as u64),
+            &trainer::interrupted,
+        )?;
+        bar.finish_and_clear();
+        if files.len() < missing {
+            eprintln!(
+                "stopped: {} of {missing} class images written; run again to generate the rest",
+                files.len()
+            );
+            return Ok(false);
+        }
+        eprintln!(
+            "wrote {}",
+            plural(files.len(), "class image", "class images")
+        );
+    }
+    Ok(true)
 }
 
 /// Rare-token advice for the identifier of every instance subset's prompt

@@ -108,6 +108,14 @@ pub struct SubsetConfig {
     /// `dataset.prior_loss_weight` for class images.
     #[serde(default)]
     pub loss_weight: Option<f32>,
+    /// Class subsets only: the number of class images prior preservation
+    /// should have. When the folder holds fewer, `sd-lora train` first
+    /// generates the missing ones with the base model (no LoRA) from this
+    /// subset's `caption` (the class prompt) and saves them into the folder as
+    /// `class-NNNN.png`, never overwriting; later runs find them and generate
+    /// nothing. Unset: use the images that are there.
+    #[serde(default)]
+    pub num_class_images: Option<usize>,
 }
 
 fn default_caption_extension() -> String {
@@ -130,6 +138,7 @@ impl SubsetConfig {
             caption_tag_dropout_rate: 0.0,
             flip: false,
             loss_weight: None,
+            num_class_images: None,
         }
     }
 }
@@ -332,6 +341,15 @@ impl SubsetConfig {
             && !(w.is_finite() && w >= 0.0)
         {
             return Err(bad(format!("{key}.loss_weight"), w, "must be a number ≥ 0"));
+        }
+        if let Some(n) = self.num_class_images
+            && self.kind != SubsetKind::Class
+        {
+            return Err(bad(
+                format!("{key}.num_class_images"),
+                n,
+                "only class subsets (kind = \"class\") get generated images; remove it or set kind = \"class\"",
+            ));
         }
         Ok(())
     }

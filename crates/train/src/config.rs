@@ -20,6 +20,7 @@ use sd_lora_data::DatasetConfig;
 use sd_lora_model::load::Prediction;
 use sd_lora_model::lora::format::SaveDtype;
 use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
+use sd_lora_model::sampling::SamplerKind;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
@@ -378,6 +379,120 @@ pub struct OutputSection {
     pub save_format: SaveFormatChoice,
     /// Precision of the saved LoRA weights.
     pub save_dtype: SaveDtypeChoice,
+    /// Preview prompts rendered with the LoRA being trained, every
+    /// `sample_every` steps and at the end, into `OUTPUT/samples/` (one PNG per
+    /// prompt with A1111 `parameters` metadata, and one grid per step). Each
+    /// entry is a prompt string, or a table `{ prompt = "...", seed = 7, steps
+    /// = 30, cfg = 6.5, width = 512, height = 768, negative_prompt = "...",
+    /// sampler = "euler_a" }` whose keys override the `sample_*` defaults below.
+    pub sample_prompts: Vec<SamplePrompt>,
+    /// Render the preview prompts every this many steps (0 = only at the end).
+    pub sample_every: usize,
+    /// Sampler of previews and generated class images: `ddim`, `euler`,
+    /// `euler_a`, `dpmpp_2m` or `dpmpp_2m_karras` (A1111's names work too).
+    pub sample_sampler: String,
+    /// Sampler steps of previews and generated class images.
+    pub sample_steps: usize,
+    /// Classifier-free guidance scale of previews and generated class images.
+    pub sample_cfg: f64,
+    /// Negative prompt of previews and generated class images (empty = none).
+    pub sample_negative_prompt: String,
+    /// Seed of the first preview prompt; prompt `i` uses `sample_seed + i`
+    /// unless it sets its own, so every step renders the same noise and the
+    /// grids show only what training changed.
+    pub sample_seed: u64,
+}
+
+/// One preview prompt (see `output.sample_prompts`). Unset fields take the
+/// `output.sample_*` defaults; width and height default to
+/// `dataset.resolution`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SamplePrompt {
+    /// The prompt (A1111 syntax: `(word:1.2)`, any length).
+    pub prompt: String,
+    /// Negative prompt of this prompt.
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// Seed of this prompt.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Sampler steps of this prompt.
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// Guidance scale of this prompt.
+    #[serde(default)]
+    pub cfg: Option<f64>,
+    /// Width in pixels (a multiple of 8).
+    #[serde(default)]
+    pub width: Option<u32>,
+    /// Height in pixels (a multiple of 8).
+    #[serde(default)]
+    pub height: Option<u32>,
+    /// Sampler of this prompt.
+    #[serde(default)]
+    pub sampler: Option<String>,
+}
+
+/// The table form of [`SamplePrompt`], read by its `Deserialize`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SamplePromptTable {
+    prompt: String,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    steps: Option<usize>,
+    #[serde(default)]
+    cfg: Option<f64>,
+    #[serde(default)]
+    width: Option<u32>,
+    #[serde(default)]
+    height: Option<u32>,
+    #[serde(default)]
+    sampler: Option<String>,
+}
+
+/// A preview prompt is written either as a plain string or as a table.
+impl<'de> Deserialize<'de> for SamplePrompt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PromptVisitor;
+        impl<'de> serde::de::Visitor<'de> for PromptVisitor {
+            type Value = SamplePrompt;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a prompt string, or a table with `prompt` and optional negative_prompt, seed, steps, cfg, width, height, sampler",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SamplePrompt, E> {
+                Ok(SamplePrompt {
+                    prompt: v.to_string(),
+                    ..Default::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<SamplePrompt, A::Error> {
+                let t = SamplePromptTable::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(SamplePrompt {
+                    prompt: t.prompt,
+                    negative_prompt: t.negative_prompt,
+                    seed: t.seed,
+                    steps: t.steps,
+                    cfg: t.cfg,
+                    width: t.width,
+                    height: t.height,
+                    sampler: t.sampler,
+                })
+            }
+        }
+        d.deserialize_any(PromptVisitor)
+    }
 }
 
 impl Default for OutputSection {
@@ -388,6 +503,13 @@ impl Default for OutputSection {
             save_every: 250,
             save_format: SaveFormatChoice::Kohya,
             save_dtype: SaveDtypeChoice::F16,
+            sample_prompts: Vec::new(),
+            sample_every: 0,
+            sample_sampler: "euler_a".to_string(),
+            sample_steps: 20,
+            sample_cfg: 7.0,
+            sample_negative_prompt: String::new(),
+            sample_seed: 1234,
         }
     }
 }
@@ -667,6 +789,42 @@ impl TrainConfig {
     }
 }
 
+/// The sampler named by `key`, or an error listing the names.
+pub fn parse_sampler(key: &str, name: &str) -> Result<SamplerKind, ConfigError> {
+    name.parse().map_err(|_| {
+        bad(
+            key,
+            format!("{name:?}"),
+            format!(
+                "unknown sampler; use one of {}",
+                SamplerKind::NAMES.join(", ")
+            ),
+        )
+    })
+}
+
+fn sample_steps(key: &str, n: usize) -> Result<(), ConfigError> {
+    if n == 0 {
+        return Err(bad(
+            key,
+            0,
+            "at least 1 sampler step is needed (20–30 is usual)",
+        ));
+    }
+    Ok(())
+}
+
+fn sample_cfg(key: &str, c: f64) -> Result<(), ConfigError> {
+    if !c.is_finite() {
+        return Err(bad(
+            key,
+            c,
+            "the guidance scale must be a finite number (7 is usual)",
+        ));
+    }
+    Ok(())
+}
+
 /// `Ok` if `v` is finite and > 0.
 fn positive(key: &str, v: f64, hint: &str) -> Result<(), ConfigError> {
     if v.is_finite() && v > 0.0 {
@@ -887,6 +1045,32 @@ impl OutputSection {
                 format!("{n:?}"),
                 "must be a plain file name without folder or extension, e.g. \"my_dog\"",
             ));
+        }
+        parse_sampler("output.sample_sampler", &self.sample_sampler)?;
+        sample_steps("output.sample_steps", self.sample_steps)?;
+        sample_cfg("output.sample_cfg", self.sample_cfg)?;
+        for (i, p) in self.sample_prompts.iter().enumerate() {
+            let key = |k: &str| format!("output.sample_prompts[{i}].{k}");
+            if let Some(s) = &p.sampler {
+                parse_sampler(&key("sampler"), s)?;
+            }
+            if let Some(n) = p.steps {
+                sample_steps(&key("steps"), n)?;
+            }
+            if let Some(c) = p.cfg {
+                sample_cfg(&key("cfg"), c)?;
+            }
+            for (name, v) in [("width", p.width), ("height", p.height)] {
+                if let Some(v) = v
+                    && (v < 8 || !v.is_multiple_of(8))
+                {
+                    return Err(bad(
+                        &key(name),
+                        v,
+                        "must be a multiple of 8 (and at least 8)",
+                    ));
+                }
+            }
         }
         Ok(())
     }

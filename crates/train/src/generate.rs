@@ -6,6 +6,7 @@
 //! generation all go through [`generate`], so that one seed gives one image
 //! wherever it is rendered.
 
+use crate::png_meta::{GenerationParams, LoraInfo};
 use anyhow::{Context, bail};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
@@ -15,6 +16,7 @@ use sd_lora_model::prompt::encode_prompt_pair;
 use sd_lora_model::sampling::{
     NormalRng, Sampler, SamplerConfig, SamplerKind, sample_with_progress,
 };
+use std::path::Path;
 
 /// What to generate: one image.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +38,66 @@ pub struct GenerateRequest {
     pub height: u32,
     /// CLIP skip as A1111 counts it (1 = last layer).
     pub clip_skip: usize,
+}
+
+impl GenerateRequest {
+    /// The image's A1111 `parameters`, for `model` (see [`model_label`]) and
+    /// the LoRAs applied.
+    pub fn params(&self, model: &ModelLabel, loras: Vec<LoraInfo>) -> GenerationParams {
+        GenerationParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps as u32,
+            sampler: self.sampler.a1111_name().to_string(),
+            cfg_scale: self.cfg_scale,
+            seed: self.seed,
+            width: self.width,
+            height: self.height,
+            model_name: model.name.clone(),
+            model_hash: model.hash.clone(),
+            clip_skip: (self.clip_skip > 1).then_some(self.clip_skip),
+            loras,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// How a model appears in image metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelLabel {
+    /// The file or folder stem (or the built-in model's name).
+    pub name: Option<String>,
+    /// A1111's short hash, for single-file checkpoints.
+    pub hash: Option<String>,
+}
+
+/// The label of the model at `path` (a file, a folder or `builtin:…`).
+/// Hashing a multi-gigabyte checkpoint reads it once (seconds).
+pub fn model_label(path: &str) -> anyhow::Result<ModelLabel> {
+    if sd_lora_model::builtin::is_builtin(path) {
+        return Ok(ModelLabel {
+            name: Some(path.to_string()),
+            hash: None,
+        });
+    }
+    let p = Path::new(path);
+    Ok(ModelLabel {
+        name: Some(file_stem(p)),
+        hash: if p.is_file() {
+            Some(crate::png_meta::model_short_hash(p)?)
+        } else {
+            None
+        },
+    })
+}
+
+/// A file's name without extension (the whole name when it has none), as UIs
+/// name models and LoRAs.
+pub fn file_stem(path: &Path) -> String {
+    path.file_stem().or_else(|| path.file_name()).map_or_else(
+        || path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
 }
 
 /// Checks the request before any work: sizes multiples of 8 and at least 8,

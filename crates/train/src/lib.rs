@@ -18,6 +18,7 @@
 //! It drives `sd-lora-model` with samples from `sd-lora-data`; the `sd-lora`
 //! binary is a thin command-line front end over it.
 
+pub mod class_images;
 pub mod config;
 pub mod generate;
 pub mod latents;
@@ -28,6 +29,7 @@ pub mod optim;
 pub mod outputs;
 pub mod overrides;
 pub mod png_meta;
+pub mod previews;
 pub mod progress;
 pub mod rare_token;
 pub mod state;

@@ -8,17 +8,19 @@
 //! CPU and resuming needs only the step, the LoRA and the optimizer moments.
 
 use crate::config::TrainConfig;
+use crate::generate::sampler_config_for;
 use crate::latents::{LatentCache, TextEmbeddingCache};
 use crate::loss::{make_noisy_batch, weighted_loss};
 use crate::lr::LrSchedule;
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, ParamGroup, clip_grad_norm, grad_norm};
+use crate::previews::{Previews, previews_due};
 use crate::state::{self, StateInfo};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use sd_lora_data::rng::Rng;
 use sd_lora_data::{Dataset, SubsetKind};
 use sd_lora_model::clip::MAX_LENGTH;
-use sd_lora_model::load::{Architecture, Prediction};
+use sd_lora_model::load::{Architecture, ModelSource, Prediction};
 use sd_lora_model::lora::attach::{TrainOptions, TrainableLora, create_trainable};
 use sd_lora_model::lora::format::{
     BaseModelVersion, DatasetDirInfo, Metadata, SaveDtype, write_kohya, write_peft,
@@ -108,6 +110,11 @@ pub fn install_interrupt_handler() {
     });
 }
 
+/// Whether Ctrl-C was pressed (after [`install_interrupt_handler`]).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// The compute device named by the config.
 pub fn device_from_name(name: &str) -> Result<Device> {
     use crate::config::DeviceSpec;
@@ -129,16 +136,26 @@ pub fn device_from_name(name: &str) -> Result<Device> {
 
 /// Loads the model named by the config (a path, or `builtin:tiny`).
 pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
+    Ok(load_model_and_source(cfg, device)?.0)
+}
+
+/// [`load_model`], also returning the opened source (`None` for a built-in
+/// model), which holds the model's scheduler config for sampling.
+pub fn load_model_and_source(
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<(StableDiffusion, Option<ModelSource>)> {
     let dtype = cfg.model.dtype.to_dtype();
     if cfg.model.path == sd_lora_model::builtin::BUILTIN_TINY {
-        return Ok(sd_lora_model::builtin::tiny_sd1(dtype, device)?);
+        return Ok((sd_lora_model::builtin::tiny_sd1(dtype, device)?, None));
     }
     let options = sd_lora_model::load::LoadOptions {
         prediction: cfg.model.prediction.to_prediction(),
         ..Default::default()
     };
-    let source = sd_lora_model::load::ModelSource::open_with(&cfg.model.path, options)?;
-    Ok(StableDiffusion::load(&source, dtype, device)?)
+    let source = ModelSource::open_with(&cfg.model.path, options)?;
+    let sd = StableDiffusion::load(&source, dtype, device)?;
+    Ok((sd, Some(source)))
 }
 
 fn target_spec(cfg: &TrainConfig) -> Result<TargetSpec> {
@@ -335,7 +352,9 @@ pub fn train(
         .with_context(|| format!("cannot create the output folder {}", out_dir.display()))?;
 
     // Model and LoRA.
-    let mut sd = load_model(cfg, &device)?;
+    let (mut sd, source) = load_model_and_source(cfg, &device)?;
+    let previews = Previews::new(cfg, sampler_config_for(&sd, source.as_ref()))?;
+    drop(source);
     // A tokenizer that produces ids the text encoder cannot embed would fail
     // at the first prompt; say why now, before any work.
     if sd.tokenizer.vocab_size() > sd.text_encoder_config.vocab_size {
@@ -562,6 +581,36 @@ pub fn train(
         }
         if interrupted {
             break;
+        }
+        if let Some(p) = &previews
+            && previews_due(cfg, step, total)
+        {
+            // Previews must not cost the run: a failure is reported and
+            // training goes on.
+            lora.dropout.set_training(false);
+            let rendered = p.render(
+                &sd,
+                step,
+                &mut |i, n| progress.note(&format!("step {step}: rendering preview {}/{n}", i + 1)),
+                &|| INTERRUPTED.load(Ordering::SeqCst),
+            );
+            lora.dropout.set_training(true);
+            match rendered {
+                Ok(written) => {
+                    // The grids stand for the previews in the list of outputs.
+                    if let Some(grid) = written.last().filter(|_| written.len() > p.len()) {
+                        progress.note(&format!(
+                            "step {step}: {} previews, grid {}",
+                            p.len(),
+                            grid.display()
+                        ));
+                        files.push(grid.clone());
+                    }
+                }
+                Err(e) => progress.note(&format!(
+                    "step {step}: previews failed ({e:#}); training goes on"
+                )),
+            }
         }
     }
     lora.dropout.set_training(false);

@@ -270,3 +270,70 @@ fn non_finite_steps_are_skipped_counted_and_stop_the_run() {
         .count();
     assert_eq!(skips, 3, "{:?}", notes.0);
 }
+
+#[test]
+fn previews_are_rendered_on_schedule_and_leave_training_unchanged() {
+    use sd_lora_train::png_meta::read_png_params;
+    let ds_of = |cfg: &TrainConfig| Dataset::scan(&cfg.dataset).unwrap();
+    let steps = "train.steps=3".to_string();
+    let previews: Vec<String> = vec![
+        "output.sample_prompts=[\"ohwx robot\", { prompt = \"ohwx robot, beach\", seed = 7, cfg = 1.0, width = 32 }]".into(),
+        "output.sample_every=2".into(),
+        "output.sample_steps=2".into(),
+        steps.clone(),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let with = config(&tmp.path().join("with"), &previews);
+    let without = config(&tmp.path().join("without"), &[steps]);
+    let out = train(&with, &ds_of(&with), None, &mut quiet()).unwrap();
+    let plain = train(&without, &ds_of(&without), None, &mut quiet()).unwrap();
+
+    // Rendering switches dropout off and back on and draws from its own
+    // noise streams, so the trained LoRA is bit-identical.
+    let a = read_for_model(&with, &out.lora_file);
+    let b = read_for_model(&without, &plain.lora_file);
+    assert_eq!(bits(&a.weights), bits(&b.weights));
+
+    let samples = with.output.dir.join("samples");
+    let mut names: Vec<String> = std::fs::read_dir(&samples)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "t-step000002-00.png",
+            "t-step000002-01.png",
+            "t-step000002-grid.png",
+            "t-step000003-00.png",
+            "t-step000003-01.png",
+            "t-step000003-grid.png",
+        ]
+    );
+    assert!(!without.output.dir.join("samples").exists());
+    // The grids are listed among the run's files.
+    assert!(out.files.contains(&samples.join("t-step000003-grid.png")));
+
+    let p = read_png_params(&samples.join("t-step000003-01.png"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.prompt, "ohwx robot, beach");
+    assert_eq!((p.seed, p.cfg_scale, p.width, p.height), (7, 1.0, 32, 64));
+    assert_eq!((p.steps, p.sampler.as_str()), (2, "Euler a"));
+    assert_eq!(p.loras.len(), 1);
+    assert_eq!(p.loras[0].name, "t");
+    assert!(
+        p.extra
+            .contains(&("Training step".to_string(), "3".to_string()))
+    );
+    let p0 = read_png_params(&samples.join("t-step000002-00.png"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(p0.seed, 1234);
+    let grid = image::open(samples.join("t-step000003-grid.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (128, 64));
+    // Same seed at two steps: what differs is what training changed.
+    let img = |s: &str| image::open(samples.join(s)).unwrap().to_rgb8().into_raw();
+    assert_ne!(img("t-step000002-00.png"), img("t-step000003-00.png"));
+}
