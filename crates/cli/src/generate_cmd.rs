@@ -258,7 +258,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
 
     let label = model_label(&args.model)?;
 
-    let sampler_cfg = sampler_config_for(&sd, source.as_ref());
+    let sampler_cfg = sampler_config_for(&sd, source.as_ref())?;
     let seed = match args.seed {
         Some(s) => s,
         None => {

@@ -83,6 +83,9 @@ pub struct TrainArgs {
     /// Also train the text encoder (`network.train_text_encoder = true`).
     #[arg(long)]
     pub train_text_encoder: bool,
+    /// Recompute UNet blocks in the backward pass to save memory (`train.gradient_checkpointing = true`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Saved key layout: kohya or peft (`output.save_format`).
     #[arg(long, value_name = "FORMAT")]
     pub save_format: Option<String>,
@@ -167,6 +170,9 @@ impl TrainArgs {
         }
         if self.train_text_encoder {
             sets.push("network.train_text_encoder=true".to_string());
+        }
+        if self.gradient_checkpointing {
+            sets.push("train.gradient_checkpointing=true".to_string());
         }
         if let Some(f) = &self.save_format {
             sets.push(format!("output.save_format={}", toml_str(f)));
@@ -272,7 +278,7 @@ fn generate_class_images(
     }
     let device = trainer::device_from_name(&cfg.model.device)?;
     let (sd, source) = trainer::load_model_and_source(cfg, &device)?;
-    let sampler = generate::sampler_config_for(&sd, source.as_ref());
+    let sampler = generate::sampler_config_for(&sd, source.as_ref())?;
     let label = generate::model_label(&cfg.model.path)?;
     for plan in todo {
         eprintln!(
@@ -657,7 +663,20 @@ fn estimate_memory(cfg: &TrainConfig, m: &ModelFacts, spec: &TargetSpec) -> Memo
                     attn += 3 * heads * lpx * lpx * blocks;
                 }
             }
-            b * (feats + attn) * abytes
+            if cfg.train.gradient_checkpointing {
+                // Only block inputs are kept (~6 maps per level), plus the
+                // recomputation of the largest single block in backward.
+                let kept: u64 = u
+                    .block_out_channels
+                    .iter()
+                    .enumerate()
+                    .map(|(l, c)| 6 * *c as u64 * (px >> (2 * l)))
+                    .sum();
+                let largest = feats / 8 + attn / 5;
+                b * (kept + largest) * abytes
+            } else {
+                b * (feats + attn) * abytes
+            }
         })
         .unwrap_or(0);
     MemoryEstimate {

@@ -122,12 +122,21 @@ pub fn validate(req: &GenerateRequest) -> anyhow::Result<()> {
 
 /// The sampler configuration of a model: the folder's
 /// `scheduler/scheduler_config.json` when `source` has one, else Stable
-/// Diffusion's usual scheduler on the model's noise schedule.
-pub fn sampler_config_for(sd: &StableDiffusion, source: Option<&ModelSource>) -> SamplerConfig {
-    source
-        .and_then(ModelSource::scheduler_config)
-        .and_then(|json| SamplerConfig::from_json(json).ok())
-        .unwrap_or_else(|| SamplerConfig::sd_default(sd.schedule.clone()))
+/// Diffusion's usual scheduler on the model's noise schedule. A scheduler
+/// config that cannot be used is an error naming the file, not a silent
+/// fallback (images would quietly differ from other UIs').
+pub fn sampler_config_for(
+    sd: &StableDiffusion,
+    source: Option<&ModelSource>,
+) -> anyhow::Result<SamplerConfig> {
+    match source.and_then(ModelSource::scheduler_config) {
+        Some(json) => SamplerConfig::from_json(json).map_err(|e| {
+            anyhow::anyhow!(
+                "scheduler/scheduler_config.json of the model cannot be used for sampling: {e}; fix or remove the file"
+            )
+        }),
+        None => Ok(SamplerConfig::sd_default(sd.schedule.clone())),
+    }
 }
 
 /// Generates one image; `on_step(step, total)` is called after each sampler
@@ -230,7 +239,7 @@ mod tests {
     #[test]
     fn guidance_changes_the_image_and_steps_are_reported() {
         let sd = sd_lora_model::builtin::tiny_sd1(DType::F32, &Device::Cpu).unwrap();
-        let cfg = sampler_config_for(&sd, None);
+        let cfg = sampler_config_for(&sd, None).unwrap();
         let mut steps = Vec::new();
         let a = generate(&sd, &cfg, &request(1.0), &mut |i, n| steps.push((i, n))).unwrap();
         assert_eq!(steps, vec![(1, 2), (2, 2)]);

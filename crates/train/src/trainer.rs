@@ -27,6 +27,7 @@ use sd_lora_model::lora::format::{
 };
 use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
 use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
+use sd_lora_model::ops::checkpoint;
 use sd_lora_model::pipeline::StableDiffusion;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -353,7 +354,7 @@ pub fn train(
 
     // Model and LoRA.
     let (mut sd, source) = load_model_and_source(cfg, &device)?;
-    let previews = Previews::new(cfg, sampler_config_for(&sd, source.as_ref()))?;
+    let previews = Previews::new(cfg, sampler_config_for(&sd, source.as_ref())?)?;
     drop(source);
     // A tokenizer that produces ids the text encoder cannot embed would fail
     // at the first prompt; say why now, before any work.
@@ -368,6 +369,8 @@ pub fn train(
     for n in &sd.notes {
         progress.note(n);
     }
+    sd.unet
+        .set_gradient_checkpointing(cfg.train.gradient_checkpointing);
     let spec = target_spec(cfg)?;
     let train_te = cfg.network.train_text_encoder;
     let lora = create_trainable(
@@ -523,7 +526,8 @@ pub fn train(
             let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             losses.push(value);
             if value.is_finite() {
-                acc.add(&loss.backward()?)?;
+                // Also collects the LoRA gradients of checkpointed blocks.
+                acc.add(&checkpoint::backward(&loss)?)?;
             }
         }
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
@@ -588,12 +592,17 @@ pub fn train(
             // Previews must not cost the run: a failure is reported and
             // training goes on.
             lora.dropout.set_training(false);
-            let rendered = p.render(
-                &sd,
-                step,
-                &mut |i, n| progress.note(&format!("step {step}: rendering preview {}/{n}", i + 1)),
-                &|| INTERRUPTED.load(Ordering::SeqCst),
-            );
+            // No graph is recorded while rendering (no_grad).
+            let rendered = checkpoint::no_grad(|| {
+                p.render(
+                    &sd,
+                    step,
+                    &mut |i, n| {
+                        progress.note(&format!("step {step}: rendering preview {}/{n}", i + 1))
+                    },
+                    &|| INTERRUPTED.load(Ordering::SeqCst),
+                )
+            });
             lora.dropout.set_training(true);
             match rendered {
                 Ok(written) => {
@@ -820,6 +829,11 @@ const EVAL_STREAM: u64 = 0x6576_616C;
 /// draws every call, so two models (e.g. before and after training) can be
 /// compared directly. A LoRA attached to `sd` is included.
 pub fn fixed_noise_loss(cfg: &TrainConfig, ds: &Dataset, sd: &StableDiffusion) -> Result<f64> {
+    // An evaluation: no graph is recorded through the LoRA parameters.
+    checkpoint::no_grad(|| fixed_noise_loss_inner(cfg, ds, sd))
+}
+
+fn fixed_noise_loss_inner(cfg: &TrainConfig, ds: &Dataset, sd: &StableDiffusion) -> Result<f64> {
     let device = device_from_name(&cfg.model.device)?;
     let dtype = cfg.model.dtype.to_dtype();
     let scaling = sd.vae_config.scaling_factor;

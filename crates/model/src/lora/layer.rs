@@ -32,6 +32,12 @@
 //! reproducible, independent of the order in which layers run, and identical
 //! when a block is recomputed for gradient checkpointing within the same step.
 //! The trainer advances the step with [`DropoutControl::set_step`].
+//!
+//! # Checkpointing
+//!
+//! The forward reads `down`/`up` through [`crate::ops::checkpoint::param`], so
+//! inside a checkpointed segment's no-grad forward they are detached and
+//! candle records nothing; the segment's recomputation reads the variables.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use candle_core::{DType, Result, Tensor, Var, bail};
 
 use super::LayerKind;
+use crate::ops::checkpoint::param;
 use crate::ops::conv::input_grad;
 use crate::ops::with_grad2;
 
@@ -275,8 +282,8 @@ impl LoraAdapter {
         }
         let m = x.elem_count() / in_features;
         let h = self.input(x)?.reshape((m, in_features))?;
-        let h = h.matmul(&self.down.as_tensor().t()?)?;
-        let h = (h.matmul(&self.up.as_tensor().t()?)? * self.scale())?;
+        let h = h.matmul(&param(&self.down).t()?)?;
+        let h = (h.matmul(&param(&self.up).t()?)? * self.scale())?;
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out_features;
@@ -289,10 +296,10 @@ impl LoraAdapter {
     pub fn conv_delta(&self, x: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
         let (r, _, _, _) = self.down.dims4()?;
         let (out, _, _, _) = self.up.dims4()?;
-        let h = conv2d_down(&self.input(x)?, self.down.as_tensor(), stride, padding)?;
+        let h = conv2d_down(&self.input(x)?, &param(&self.down), stride, padding)?;
         let (b, _, oh, ow) = h.dims4()?;
         // The 1×1 `up` conv as a matmul over pixels: [out, r] · [b, r, oh·ow].
-        let up = self.up.as_tensor().reshape((out, r))?;
+        let up = param(&self.up).reshape((out, r))?;
         let y = up.broadcast_matmul(&h.reshape((b, r, oh * ow))?)?;
         (y * self.scale())?
             .reshape((b, out, oh, ow))?

@@ -49,6 +49,7 @@ pub fn attention_with_bias(
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
     check_shapes(q, k, v)?;
+    super::flops::add_attention(q.dims(), k.dims(), v.dims());
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match bias {
         Some(bias) => add_frozen(&scores, bias)?,
@@ -82,6 +83,7 @@ pub fn attention_chunked(
     chunk: usize,
 ) -> Result<Tensor> {
     check_shapes(q, k, v)?;
+    super::flops::add_attention(q.dims(), k.dims(), v.dims());
     if chunk == 0 {
         bail!("attention_chunked: chunk size must be at least 1")
     }

@@ -91,6 +91,7 @@ impl FrozenConv2d {
         let mut y = x
             .detach()
             .conv2d(&weight, self.padding, self.stride, 1, 1)?;
+        super::flops::add_conv(y.dims(), weight.dims());
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.detach().reshape((1, out_channels, 1, 1))?)?;
         }

@@ -87,6 +87,7 @@ impl FrozenLinear {
             }
             return Tensor::zeros(dims, x.dtype(), x.device());
         }
+        super::flops::add_linear(x.elem_count() / in_features, out_features, in_features);
         // The storage-level matmul reads `x` as one `[m, in]` matrix.
         let x = x.contiguous()?;
         x.apply_op1(LinearOp {

@@ -42,8 +42,10 @@
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 pub mod conv;
 pub mod custom_grad;
+pub mod flops;
 pub mod linear;
 pub mod norm;
 pub mod softmax;

@@ -6,6 +6,15 @@
 //! outputs explicitly — the down blocks return their skip tensors, the up blocks
 //! take theirs — so a caller can run (and recompute, for gradient checkpointing)
 //! the UNet one block at a time.
+//!
+//! # Gradient checkpointing
+//!
+//! With `gradient_checkpointing` on (set for the whole UNet by
+//! [`super::UNet2DConditionModel::set_gradient_checkpointing`]), every ResNet
+//! and every transformer of a block runs as one checkpointed segment
+//! ([`crate::ops::checkpoint`]) — the granularity of diffusers'
+//! `enable_gradient_checkpointing`. Samplers, concatenations and the
+//! embeddings run as usual.
 
 use candle_core::{Result, Tensor, bail};
 use candle_nn::VarBuilder;
@@ -15,6 +24,7 @@ use crate::blocks::{
     Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Transformer2DConfig, Transformer2DModel,
     Upsample2D,
 };
+use crate::ops::checkpoint;
 
 /// The transformer settings of one level.
 fn transformer_config(cfg: &UNetConfig, level: usize, channels: usize) -> Transformer2DConfig {
@@ -41,6 +51,40 @@ fn resnet_config(cfg: &UNetConfig, in_channels: usize, out_channels: usize) -> R
     }
 }
 
+/// `resnet(x, temb)`, as a checkpointed segment when `ckpt`.
+fn run_resnet(resnet: &ResnetBlock2D, x: &Tensor, temb: &Tensor, ckpt: bool) -> Result<Tensor> {
+    if !ckpt {
+        return resnet.forward(x, Some(temb));
+    }
+    let params = checkpoint::lora_params(resnet);
+    // The backward re-runs the block, so it keeps a (cheap: shared tensors)
+    // clone of it.
+    let block = resnet.clone();
+    checkpoint::checkpoint("checkpoint-resnet", [x, temb], &params, move |x, t| {
+        block.forward(x, Some(t))
+    })
+}
+
+/// `attention(x, context)`, as a checkpointed segment when `ckpt`.
+fn run_attention(
+    attention: &Transformer2DModel,
+    x: &Tensor,
+    context: &Tensor,
+    ckpt: bool,
+) -> Result<Tensor> {
+    if !ckpt {
+        return attention.forward(x, context);
+    }
+    let params = checkpoint::lora_params(attention);
+    let block = attention.clone();
+    checkpoint::checkpoint(
+        "checkpoint-transformer",
+        [x, context],
+        &params,
+        move |x, c| block.forward(x, c),
+    )
+}
+
 /// Runs `resnet` then, when there is one, `attention`.
 fn resnet_attention(
     resnet: &ResnetBlock2D,
@@ -48,10 +92,11 @@ fn resnet_attention(
     x: &Tensor,
     temb: &Tensor,
     context: &Tensor,
+    ckpt: bool,
 ) -> Result<Tensor> {
-    let h = resnet.forward(x, Some(temb))?;
+    let h = run_resnet(resnet, x, temb, ckpt)?;
     match attention {
-        Some(attn) => attn.forward(&h, context),
+        Some(attn) => run_attention(attn, &h, context, ckpt),
         None => Ok(h),
     }
 }
@@ -65,6 +110,8 @@ pub struct DownBlock {
     pub attentions: Vec<Transformer2DModel>,
     /// Key `downsamplers.0`; empty on the last level.
     pub downsamplers: Vec<Downsample2D>,
+    /// Run each ResNet and transformer as a checkpointed segment.
+    pub gradient_checkpointing: bool,
 }
 
 impl DownBlock {
@@ -108,6 +155,7 @@ impl DownBlock {
             resnets,
             attentions,
             downsamplers,
+            gradient_checkpointing: false,
         })
     }
 
@@ -122,7 +170,14 @@ impl DownBlock {
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + self.downsamplers.len());
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet_attention(resnet, self.attentions.get(j), &h, temb, context)?;
+            h = resnet_attention(
+                resnet,
+                self.attentions.get(j),
+                &h,
+                temb,
+                context,
+                self.gradient_checkpointing,
+            )?;
             skips.push(h.clone());
         }
         for down in &self.downsamplers {
@@ -138,6 +193,8 @@ impl DownBlock {
 pub struct MidBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
+    /// Run each ResNet and transformer as a checkpointed segment.
+    pub gradient_checkpointing: bool,
 }
 
 impl MidBlock {
@@ -156,6 +213,7 @@ impl MidBlock {
         Ok(Self {
             resnets,
             attentions,
+            gradient_checkpointing: false,
         })
     }
 
@@ -163,10 +221,11 @@ impl MidBlock {
         let Some((first, rest)) = self.resnets.split_first() else {
             bail!("UNet mid block has no ResNets")
         };
-        let mut h = first.forward(x, Some(temb))?;
+        let ckpt = self.gradient_checkpointing;
+        let mut h = run_resnet(first, x, temb, ckpt)?;
         for (attn, resnet) in self.attentions.iter().zip(rest) {
-            h = attn.forward(&h, context)?;
-            h = resnet.forward(&h, Some(temb))?;
+            h = run_attention(attn, &h, context, ckpt)?;
+            h = run_resnet(resnet, &h, temb, ckpt)?;
         }
         Ok(h)
     }
@@ -182,6 +241,8 @@ pub struct UpBlock {
     pub attentions: Vec<Transformer2DModel>,
     /// Key `upsamplers.0`; empty on the last level.
     pub upsamplers: Vec<Upsample2D>,
+    /// Run each ResNet and transformer as a checkpointed segment.
+    pub gradient_checkpointing: bool,
 }
 
 impl UpBlock {
@@ -223,6 +284,7 @@ impl UpBlock {
             resnets,
             attentions,
             upsamplers,
+            gradient_checkpointing: false,
         })
     }
 
@@ -248,7 +310,14 @@ impl UpBlock {
         let mut h = x.clone();
         for (j, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
             let cat = Tensor::cat(&[&h, skip], 1)?;
-            h = resnet_attention(resnet, self.attentions.get(j), &cat, temb, context)?;
+            h = resnet_attention(
+                resnet,
+                self.attentions.get(j),
+                &cat,
+                temb,
+                context,
+                self.gradient_checkpointing,
+            )?;
         }
         for up in &self.upsamplers {
             h = up.forward(&h, upsample_size)?;

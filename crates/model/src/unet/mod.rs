@@ -14,7 +14,9 @@
 //! ([`UNet2DConditionModel::embed_time`], [`UNet2DConditionModel::forward_conv_in`],
 //! the blocks' own `forward`s, [`UNet2DConditionModel::upsample_size`],
 //! [`UNet2DConditionModel::forward_conv_out`]) so that a trainer can run the
-//! network block by block, e.g. to recompute blocks for gradient checkpointing.
+//! network block by block. Gradient checkpointing at diffusers' granularity is
+//! built in: [`UNet2DConditionModel::set_gradient_checkpointing`] (then take
+//! gradients with [`crate::ops::checkpoint::backward`]).
 //!
 //! Dtypes: the model computes in the dtype of its weights (the `VarBuilder`'s);
 //! inputs are converted to it. The timestep sinusoid is computed in f32 and then
@@ -124,6 +126,28 @@ impl UNet2DConditionModel {
         for t in down.chain(mid).chain(up) {
             t.set_attention_chunk(chunk);
         }
+    }
+
+    /// Turns gradient checkpointing on or off for every down, mid and up block:
+    /// each ResNet and each transformer then runs as a checkpointed segment
+    /// (activations recomputed in the backward, as diffusers'
+    /// `enable_gradient_checkpointing`). With it on, gradients must be taken with
+    /// [`crate::ops::checkpoint::backward`] instead of `loss.backward()`, or the
+    /// LoRA parameters inside the segments get none.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        for b in &mut self.down_blocks {
+            b.gradient_checkpointing = on;
+        }
+        self.mid_block.gradient_checkpointing = on;
+        for b in &mut self.up_blocks {
+            b.gradient_checkpointing = on;
+        }
+    }
+
+    /// Whether gradient checkpointing is on (see
+    /// [`Self::set_gradient_checkpointing`]).
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.mid_block.gradient_checkpointing
     }
 
     /// The time embedding `[b, time_embed_dim]` for `timesteps: [b]` (one per

@@ -1,0 +1,244 @@
+//! Gradient checkpointing: run a segment of the network without keeping its
+//! activations, and recompute them when the backward pass reaches it.
+//!
+//! candle has neither a no-grad mode nor checkpointing, and a tensor's graph
+//! keeps every intermediate it was computed from alive until the loss is
+//! dropped. [`checkpoint`] builds both from [`super::custom_grad`]:
+//!
+//! - **forward**: the segment runs on *detached* inputs with the thread-local
+//!   no-grad switch on ([`no_grad`]), under which LoRA adapters read their
+//!   `down`/`up` through [`param`] (detached), so candle records no graph
+//!   inside the segment at all; the (detached) output is attached to the real
+//!   inputs with a custom backward. The graph then holds only the segment's
+//!   inputs and one copy of its output; the activations inside are freed as
+//!   soon as the segment returns.
+//! - **backward**: the closure re-runs the segment with gradients on, on
+//!   fresh tracked copies of the inputs that need a gradient (a [`Var`] each;
+//!   inputs that need none — a frozen text encoder's context, a time embedding
+//!   with no LoRA upstream — stay plain tensors), and backpropagates the
+//!   incoming gradient through that small graph. The input gradients go back
+//!   to candle; the gradients of the segment's LoRA parameters cannot (a custom
+//!   op has at most three inputs), so they are put in a thread-local side
+//!   store, which [`backward`] merges into the [`GradStore`] it returns.
+//!
+//! So **callers that may have checkpointing on must call [`backward`] instead
+//! of `loss.backward()`**; with checkpointing off the two are identical.
+//!
+//! [`no_grad`] is also useful on its own: frozen weights are plain tensors, so
+//! with LoRA parameters detached a forward on untracked inputs (sampling a
+//! preview during training) records no graph at all, checkpointing or not.
+//!
+//! The recomputation gives bit-identical activations: the segment runs the
+//! same ops on the same values, and LoRA dropout masks are a pure function of
+//! (seed, module, step) (see [`crate::lora::layer`]), so they repeat as long as
+//! the step is not advanced between the forward and the backward. Gradients
+//! equal a plain backward up to the order in which the contributions to a
+//! segment's input are summed (~1e-7 relative in f32).
+//!
+//! # Memory
+//!
+//! candle's backward drops each non-variable node's gradient as soon as the
+//! node is processed (`GradStore::remove` in `Tensor::backward`), but the
+//! forward graph itself stays alive until the loss is dropped. With
+//! checkpointing that graph holds only the segment boundaries; during the
+//! backward one segment's activations exist at a time.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::collections::HashSet;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, TensorId, Var};
+
+use super::custom_grad::{with_grad1, with_grad2, with_grad3};
+use crate::lora::visit::VisitLayers;
+
+thread_local! {
+    /// Whether the no-grad switch is on (inside a checkpointed forward).
+    static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+    /// LoRA parameter gradients computed by segment recomputations, keyed by
+    /// the variable's tensor id, waiting for [`backward`] to merge them.
+    static SIDE_GRADS: RefCell<HashMap<TensorId, Tensor>> = RefCell::new(HashMap::new());
+}
+
+/// Restores the previous state of the no-grad switch when dropped (also on an
+/// early return through `?` or a panic).
+struct GradMode(bool);
+
+impl GradMode {
+    fn set(enabled: bool) -> Self {
+        Self(NO_GRAD.with(|c| c.replace(!enabled)))
+    }
+}
+
+impl Drop for GradMode {
+    fn drop(&mut self) {
+        NO_GRAD.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether gradients are recorded on this thread (false inside [`no_grad`]).
+pub fn is_grad_enabled() -> bool {
+    !NO_GRAD.with(Cell::get)
+}
+
+/// Runs `f` with the no-grad switch on: trainable parameters read through
+/// [`param`] are detached, so `f` records no graph when its inputs are
+/// detached too.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let _mode = GradMode::set(false);
+    f()
+}
+
+/// The tensor of a trainable parameter as a layer should use it: the variable
+/// itself, or a detached view of it while the no-grad switch is on.
+pub fn param(var: &Var) -> Tensor {
+    if is_grad_enabled() {
+        var.as_tensor().clone()
+    } else {
+        var.as_tensor().detach()
+    }
+}
+
+/// The variables (`down`, `up`) of the unmerged LoRA adapters in `module`,
+/// without duplicates: the parameters a checkpointed segment must report
+/// gradients for.
+pub fn lora_params<M: VisitLayers + ?Sized>(module: &M) -> Vec<Var> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    module.visit_layers_at("", &mut |_, layer| {
+        if let Some(lora) = layer.lora().filter(|l| !l.is_merged()) {
+            for v in [&lora.down, &lora.up] {
+                if seen.insert(v.as_tensor().id()) {
+                    out.push(v.clone());
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Runs `f(a, b)` as a checkpointed segment whose trainable parameters are
+/// `params` (see the module docs). `f` must be deterministic and must read
+/// every trainable parameter it uses through [`param`] (LoRA adapters do);
+/// parameters it uses that are not in `params` get no gradient.
+///
+/// Falls back to a plain `f(a, b)` when there is nothing to differentiate (no
+/// input tracked and no parameter) or when already inside a no-grad region.
+pub fn checkpoint<F>(
+    name: &'static str,
+    inputs: [&Tensor; 2],
+    params: &[Var],
+    f: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    let [a, b] = inputs;
+    if !is_grad_enabled() || (!a.track_op() && !b.track_op() && params.is_empty()) {
+        return f(a, b);
+    }
+    // The final detach drops any graph `f` might still have recorded (a frozen
+    // weight that happens to be a `Var`), so no activation survives.
+    let output = no_grad(|| f(&a.detach(), &b.detach()))?.detach();
+    // When the segment has parameters, the first one anchors the op in the
+    // graph even if no input is tracked (a variable always is). Its slot
+    // returns no gradient: all parameter gradients go to the side store.
+    let anchor = params.first().map(|v| v.as_tensor().clone());
+    let params = params.to_vec();
+    match anchor {
+        None => with_grad2(name, [a, b], output, move |args| {
+            let [x, y] = args.inputs;
+            let needs = args.needs_grad;
+            let [dx, dy] = recompute(&f, [x, y], needs, &params, args.grad)?;
+            Ok([dx, dy])
+        }),
+        Some(anchor) => with_grad3(name, [a, b, &anchor], output, move |args| {
+            let [x, y, _] = args.inputs;
+            let needs = [args.needs_grad[0], args.needs_grad[1]];
+            let [dx, dy] = recompute(&f, [x, y], needs, &params, args.grad)?;
+            Ok([dx, dy, None])
+        }),
+    }
+}
+
+/// The backward of a segment: re-runs `f` with gradients on (tracked copies of
+/// the inputs that `needs` a gradient), backpropagates `grad` from its output,
+/// stashes the parameters' gradients and returns the inputs'.
+fn recompute<F>(
+    f: &F,
+    inputs: [&Tensor; 2],
+    needs: [bool; 2],
+    params: &[Var],
+    grad: &Tensor,
+) -> Result<[Option<Tensor>; 2]>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor>,
+{
+    let _mode = GradMode::set(true);
+    let vars = [0, 1].map(|i| needs[i].then(|| Var::from_tensor(inputs[i])));
+    let [va, vb] = vars.map(|v| v.transpose());
+    let (va, vb) = (va?, vb?);
+    let a = va.as_ref().map_or(inputs[0], |v| v.as_tensor());
+    let b = vb.as_ref().map_or(inputs[1], |v| v.as_tensor());
+    let output = f(a, b)?;
+    // Backpropagate `grad` without building `(output · grad).sum()`: a scalar
+    // whose backward hands `grad` straight to `output`.
+    let zero = Tensor::zeros((), output.dtype(), output.device())?;
+    let g = grad.clone();
+    let root = with_grad1("checkpoint-vjp", &output, zero, move |_| {
+        Ok([Some(g.clone())])
+    })?;
+    let grads = root.backward()?;
+    drop(root);
+    drop(output);
+    SIDE_GRADS.with(|store| -> Result<()> {
+        let mut store = store.borrow_mut();
+        for p in params {
+            let Some(g) = grads.get(p.as_tensor()) else {
+                continue;
+            };
+            let id = p.as_tensor().id();
+            let sum = match store.remove(&id) {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            };
+            store.insert(id, sum);
+        }
+        Ok(())
+    })?;
+    // candle expects a gradient for every tracked input it handed us (it fails
+    // on a node whose gradient was never populated), so a path that turned out
+    // not to reach the output gives zeros.
+    let input_grad = |v: &Option<Var>| -> Result<Option<Tensor>> {
+        match v {
+            None => Ok(None),
+            Some(v) => match grads.get(v.as_tensor()) {
+                Some(g) => Ok(Some(g.clone())),
+                None => Ok(Some(v.as_tensor().zeros_like()?)),
+            },
+        }
+    };
+    Ok([input_grad(&va)?, input_grad(&vb)?])
+}
+
+/// `loss.backward()`, plus the parameter gradients that checkpointed segments
+/// computed during their recomputation (added to any gradient the parameter
+/// got outside the segments). Identical to `loss.backward()` when no segment
+/// ran checkpointed.
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    // Leftovers of a plain `loss.backward()` on a checkpointed graph, or of a
+    // backward that failed half-way, must not leak into this step.
+    SIDE_GRADS.with(|s| s.borrow_mut().clear());
+    let result = loss.backward();
+    let side = SIDE_GRADS.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let mut grads = result?;
+    for (id, g) in side {
+        let sum = match grads.get_id(id) {
+            Some(prev) => (prev + &g)?,
+            None => g,
+        };
+        grads.insert_id(id, sum);
+    }
+    Ok(grads)
+}

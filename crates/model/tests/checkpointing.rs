@@ -1,0 +1,531 @@
+//! Gradient checkpointing of the UNet (`ops::checkpoint`,
+//! `UNet2DConditionModel::set_gradient_checkpointing`) on a tiny random UNet with
+//! LoRA on every layer of the conv preset (plus the time embedding), LoRA dropout
+//! on, and a trainable context (the text-encoder-LoRA case):
+//!
+//! - loss, every LoRA gradient and the context gradient equal those without
+//!   checkpointing, and every LoRA tensor gets a non-zero gradient either way;
+//! - a plain `loss.backward()` on a checkpointed graph misses the segments'
+//!   LoRA gradients (why `checkpoint::backward` exists);
+//! - f64 finite differences through checkpointed segments;
+//! - the memory effect: bytes the graph keeps alive after the forward, and the
+//!   peak during the backward, counted by a counting global allocator.
+//!
+//! The tests of this file run one at a time (a lock), so the allocator counts
+//! only the test being run.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+use sd_lora_model::lora::attach::{TrainOptions, TrainableLora, create_trainable};
+use sd_lora_model::lora::targets::{Preset, TargetSpec};
+use sd_lora_model::ops::checkpoint;
+use sd_lora_model::unet::{UNet2DConditionModel, UNetConfig};
+
+// ---------------------------------------------------------------- allocator
+
+/// The system allocator, counting live bytes and their peak.
+struct Counting;
+
+static LIVE: AtomicI64 = AtomicI64::new(0);
+static PEAK: AtomicI64 = AtomicI64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now =
+                LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed) + layout.size() as i64;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            let now =
+                LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed) + layout.size() as i64;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            let delta = new_size as i64 - layout.size() as i64;
+            let now = LIVE.fetch_add(delta, Ordering::Relaxed) + delta;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> i64 {
+    LIVE.load(Ordering::Relaxed)
+}
+
+fn reset_peak() {
+    PEAK.store(live(), Ordering::Relaxed);
+}
+
+fn peak() -> i64 {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// Runs the tests of this file one at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---------------------------------------------------------------- tiny UNet
+
+/// splitmix64: a tiny seedable generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+fn hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn randn(seed: u64, shape: impl Into<Shape>, mean: f64, std: f64, dtype: DType) -> Tensor {
+    let shape = shape.into();
+    let mut rng = Rng(seed);
+    let data: Vec<f64> = (0..shape.elem_count())
+        .map(|_| mean + std * rng.normal())
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Norm scales around 1, small biases, other weights scaled by 1/√fan-in.
+fn random_weight(name: &str, shape: &Shape) -> Tensor {
+    let dims = shape.dims();
+    if dims.len() == 1 {
+        let mean = if name.ends_with(".weight") { 1.0 } else { 0.0 };
+        randn(hash(name), shape.clone(), mean, 0.1, DType::F64)
+    } else {
+        let fan_in: usize = dims[1..].iter().product();
+        let std = 1.0 / (fan_in as f64).sqrt();
+        randn(hash(name), shape.clone(), 0.0, std, DType::F64)
+    }
+}
+
+/// A backend that invents each requested tensor from its key and records it.
+#[derive(Default, Clone)]
+struct Recorder(Arc<Mutex<HashMap<String, Tensor>>>);
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        _: &Device,
+    ) -> Result<Tensor> {
+        let t = random_weight(name, &s);
+        self.0.lock().unwrap().insert(name.to_string(), t.clone());
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("get_unchecked({name}) without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// SD1's topology, tiny: a cross-attention level and a plain level, two ResNets
+/// per down block (three per up block), conv projections, mid-block attention.
+fn config() -> UNetConfig {
+    UNetConfig::from_json_str(
+        r#"{
+            "block_out_channels": [8, 16],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 2,
+            "attention_head_dim": 2,
+            "cross_attention_dim": 12,
+            "norm_num_groups": 4,
+            "sample_size": 8
+        }"#,
+    )
+    .unwrap()
+}
+
+fn build(dtype: DType) -> UNet2DConditionModel {
+    let cfg = config();
+    let recorder = Recorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F64, Device::Cpu);
+    UNet2DConditionModel::new(vb, &cfg).unwrap();
+    let weights = recorder.0.lock().unwrap().clone();
+    let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
+    UNet2DConditionModel::new(vb, &cfg).unwrap()
+}
+
+/// LoRA on every layer of the conv preset (transformers, ResNets, samplers)
+/// plus the time embedding (so the ResNet segments must return a gradient for
+/// `temb` too), with dropout 0.25 in training mode and random non-zero `up`s
+/// (with `up = 0` the `down`s would get no gradient).
+fn attach_lora(unet: &mut UNet2DConditionModel) -> TrainableLora {
+    let spec = TargetSpec {
+        preset: Preset::Conv,
+        text_encoder: false,
+        include: vec!["time_embedding.linear_1".into()],
+        ..TargetSpec::default()
+    };
+    let options = TrainOptions {
+        seed: 11,
+        dropout: 0.25,
+    };
+    let lora = create_trainable(unet, None, &spec, &options).unwrap();
+    for (i, m) in lora.modules.iter().enumerate() {
+        let up = randn(
+            1000 + i as u64,
+            m.up.shape().clone(),
+            0.0,
+            0.3,
+            m.up.dtype(),
+        );
+        m.up.set(&up).unwrap();
+    }
+    lora.dropout.set_training(true);
+    lora.dropout.set_step(3);
+    lora
+}
+
+/// The inputs: a 16×24 latent (so the mid block works at 8×12, not 1×1), two
+/// timesteps, a trainable context, and a target.
+struct Batch {
+    sample: Tensor,
+    timesteps: Tensor,
+    context: Var,
+    target: Tensor,
+}
+
+fn batch(dtype: DType) -> Batch {
+    Batch {
+        sample: randn(1, (2, 4, 16, 24), 0.0, 1.0, dtype),
+        timesteps: Tensor::new(&[10f32, 700.], &Device::Cpu).unwrap(),
+        context: Var::from_tensor(&randn(2, (2, 5, 12), 0.0, 1.0, dtype)).unwrap(),
+        target: randn(3, (2, 4, 16, 24), 0.0, 1.0, dtype),
+    }
+}
+
+fn loss(unet: &UNet2DConditionModel, b: &Batch) -> Tensor {
+    let out = unet
+        .forward(&b.sample, &b.timesteps, b.context.as_tensor())
+        .unwrap();
+    (out - &b.target)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    max_abs(&d) / max_abs(b).max(1e-30)
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// The gradients of `vars` in `grads`; panics naming a variable without one.
+fn var_grads(grads: &GradStore, vars: &[Var], what: &str) -> Vec<Tensor> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{what}: LoRA variable {i} has no gradient"))
+                .clone()
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn checkpointed_gradients_equal_plain_ones() {
+    let _serial = serial();
+    let mut unet = build(DType::F32);
+    let lora = attach_lora(&mut unet);
+    let vars = lora.vars();
+    let b = batch(DType::F32);
+    assert!(!unet.gradient_checkpointing());
+
+    let loss_plain = loss(&unet, &b);
+    let grads_plain = checkpoint::backward(&loss_plain).unwrap();
+
+    unet.set_gradient_checkpointing(true);
+    assert!(unet.gradient_checkpointing());
+    let loss_ckpt = loss(&unet, &b);
+    let grads_ckpt = checkpoint::backward(&loss_ckpt).unwrap();
+
+    // The checkpointed forward runs the same ops on the same values.
+    let (l0, l1) = (scalar(&loss_plain), scalar(&loss_ckpt));
+    println!("loss plain {l0:.9} checkpointed {l1:.9}");
+    assert_eq!(l0.to_bits(), l1.to_bits(), "loss differs: {l0} vs {l1}");
+
+    let g0 = var_grads(&grads_plain, &vars, "plain");
+    let g1 = var_grads(&grads_ckpt, &vars, "checkpointed");
+    assert_eq!(g0.len(), vars.len());
+    assert_eq!(g1.len(), g0.len(), "number of LoRA gradients");
+    let mut worst = 0f64;
+    let mut identical = 0;
+    for (i, (a, c)) in g0.iter().zip(&g1).enumerate() {
+        let name = &lora.modules[i / 2].target.path;
+        assert!(
+            max_abs(a) > 0.0,
+            "{name}: zero gradient without checkpointing"
+        );
+        assert!(max_abs(c) > 0.0, "{name}: zero gradient with checkpointing");
+        let e = rel_err(c, a);
+        if e == 0.0 {
+            identical += 1;
+        }
+        assert!(
+            e <= 1e-6,
+            "{name} ({}): relative difference {e:e}",
+            ["down", "up"][i % 2]
+        );
+        worst = worst.max(e);
+    }
+    let dc0 = grads_plain
+        .get(b.context.as_tensor())
+        .expect("context gradient (plain)");
+    let dc1 = grads_ckpt
+        .get(b.context.as_tensor())
+        .expect("context gradient (checkpointed)");
+    assert!(max_abs(dc0) > 0.0);
+    let ec = rel_err(dc1, dc0);
+    println!(
+        "{} LoRA tensors ({} modules): {identical} bit-identical, worst relative difference {worst:.2e}; \
+         context gradient {ec:.2e}",
+        vars.len(),
+        lora.len()
+    );
+    assert!(ec <= 1e-6, "context gradient: relative difference {ec:e}");
+
+    // Dropout really is on (so the recomputation had to replay the masks).
+    lora.dropout.set_training(false);
+    let l_eval = scalar(&loss(&unet, &b));
+    assert!(
+        (l_eval - l0).abs() > 1e-6 * l0.abs(),
+        "dropout had no effect"
+    );
+}
+
+#[test]
+fn plain_backward_misses_the_segments_lora_gradients() {
+    let _serial = serial();
+    let mut unet = build(DType::F32);
+    let lora = attach_lora(&mut unet);
+    unet.set_gradient_checkpointing(true);
+    let b = batch(DType::F32);
+    let grads = loss(&unet, &b).backward().unwrap();
+    let inside = lora
+        .modules
+        .iter()
+        .find(|m| m.target.path == "mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
+        .expect("mid-block to_q has a LoRA");
+    let outside = lora
+        .modules
+        .iter()
+        .find(|m| m.target.path == "down_blocks.0.downsamplers.0.conv")
+        .expect("the downsampler has a LoRA");
+    // Inside a segment: only through the side store, which a plain backward
+    // does not read. Outside (a sampler): candle's own gradient.
+    assert!(grads.get(inside.up.as_tensor()).is_none());
+    assert!(grads.get(outside.up.as_tensor()).is_some());
+    // The stale side-store entries of that backward do not leak into the next
+    // `checkpoint::backward`: its gradients equal those of a fresh run.
+    let g1 = checkpoint::backward(&loss(&unet, &b)).unwrap();
+    let g2 = checkpoint::backward(&loss(&unet, &b)).unwrap();
+    let (a, c) = (
+        g1.get(inside.up.as_tensor()).unwrap(),
+        g2.get(inside.up.as_tensor()).unwrap(),
+    );
+    assert_eq!(rel_err(a, c), 0.0);
+}
+
+#[test]
+fn checkpointed_gradients_match_finite_differences_f64() {
+    let _serial = serial();
+    let mut unet = build(DType::F64);
+    let lora = attach_lora(&mut unet);
+    unet.set_gradient_checkpointing(true);
+    let b = batch(DType::F64);
+    let grads = checkpoint::backward(&loss(&unet, &b)).unwrap();
+    // A conv LoRA in a ResNet segment (down and up), an attention LoRA in the
+    // mid-block transformer segment, and the time embedding (outside the
+    // segments; its gradient arrives through the segments' `temb` inputs).
+    let picks = [
+        ("down_blocks.1.resnets.0.conv1", true, 5usize),
+        ("up_blocks.1.resnets.2.conv_shortcut", false, 3),
+        (
+            "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+            true,
+            7,
+        ),
+        (
+            "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
+            false,
+            2,
+        ),
+        ("time_embedding.linear_1", true, 4),
+    ];
+    let h = 1e-5;
+    for (path, down, index) in picks {
+        let m = lora
+            .modules
+            .iter()
+            .find(|m| m.target.path == path)
+            .unwrap_or_else(|| panic!("no LoRA on {path}"));
+        let var = if down { &m.down } else { &m.up };
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let analytic = analytic.get(index).unwrap().to_scalar::<f64>().unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let at = |delta: f64| {
+            let mut v = base.clone();
+            v[index] += delta;
+            var.set(&Tensor::from_vec(v, var.shape().clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            scalar(&loss(&unet, &b))
+        };
+        let numeric = (at(h) - at(-h)) / (2.0 * h);
+        at(0.0);
+        let err = (analytic - numeric).abs() / numeric.abs().max(1e-12);
+        println!(
+            "{path} {}[{index}]: analytic {analytic:.9e} numeric {numeric:.9e} rel {err:.1e}",
+            if down { "down" } else { "up" }
+        );
+        assert!(analytic.abs() > 1e-9, "{path}: zero gradient");
+        assert!(
+            err < 1e-5,
+            "{path}: analytic {analytic} vs numeric {numeric}"
+        );
+    }
+}
+
+/// Bytes kept alive by the graph after the forward, and the peak over the
+/// forward and backward, above what the model and inputs hold.
+fn memory(unet: &UNet2DConditionModel, b: &Batch) -> (i64, i64) {
+    let before = live();
+    reset_peak();
+    let l = loss(unet, b);
+    let kept = live() - before;
+    let grads = checkpoint::backward(&l).unwrap();
+    let peak = peak() - before;
+    drop(grads);
+    drop(l);
+    (kept, peak)
+}
+
+#[test]
+fn checkpointing_frees_the_activations() {
+    let _serial = serial();
+    let mut unet = build(DType::F32);
+    let _lora = attach_lora(&mut unet);
+    let b = batch(DType::F32);
+    // Warm up once (one-time allocations of thread pools and caches).
+    let _ = memory(&unet, &b);
+    let (kept_plain, peak_plain) = memory(&unet, &b);
+    unet.set_gradient_checkpointing(true);
+    let (kept_ckpt, peak_ckpt) = memory(&unet, &b);
+    println!(
+        "kept after forward: plain {kept_plain} B, checkpointed {kept_ckpt} B ({:.2}×); \
+         peak: plain {peak_plain} B, checkpointed {peak_ckpt} B ({:.2}×)",
+        kept_ckpt as f64 / kept_plain as f64,
+        peak_ckpt as f64 / peak_plain as f64
+    );
+    assert!(
+        (kept_ckpt as f64) < 0.5 * kept_plain as f64,
+        "checkpointing keeps {kept_ckpt} B after the forward, plain {kept_plain} B"
+    );
+    assert!(
+        (peak_ckpt as f64) < 0.8 * peak_plain as f64,
+        "checkpointing peaks at {peak_ckpt} B, plain {peak_plain} B"
+    );
+}
+
+#[test]
+fn no_grad_forward_records_no_graph_and_gives_the_same_output() {
+    let _serial = serial();
+    let mut unet = build(DType::F32);
+    let _lora = attach_lora(&mut unet);
+    let b = batch(DType::F32);
+    let sample = &b.sample;
+    let context = b.context.as_tensor().detach();
+    let tracked = unet.forward(sample, &b.timesteps, &context).unwrap();
+    // The LoRA variables make a plain forward record a graph …
+    assert!(tracked.track_op());
+    for ckpt in [false, true] {
+        unet.set_gradient_checkpointing(ckpt);
+        let out = checkpoint::no_grad(|| unet.forward(sample, &b.timesteps, &context)).unwrap();
+        // … which the no-grad switch avoids, with the same values.
+        assert!(
+            !out.track_op(),
+            "checkpointing {ckpt}: the output has a graph"
+        );
+        assert_eq!(rel_err(&out, &tracked), 0.0, "checkpointing {ckpt}");
+    }
+    assert!(checkpoint::is_grad_enabled());
+}
