@@ -17,7 +17,12 @@ use crate::ops::{self, FrozenLinear};
 /// whatever `upcast_attention` says: half-precision softmax over long sequences
 /// loses too much for training, and it is what diffusers' `upcast_softmax` does for
 /// the VAE. `chunk`, when set, runs [`ops::attention_chunked`] with that many
-/// queries at a time (same result, less memory).
+/// queries at a time (same result, less memory). When it is not set, large
+/// attentions are chunked anyway, so that no score matrix of more than
+/// [`AUTO_CHUNK_ELEMENTS`] values exists at once: the chunked op keeps only
+/// q, k and v for its backward (recomputing the scores chunk by chunk), so
+/// training memory no longer holds a `heads × t × t` probability matrix for
+/// every attention layer of the model (5.4 GB in f32 for SD1.5 at 512 px).
 pub fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
@@ -36,11 +41,26 @@ pub fn scaled_dot_product(
     } else {
         (q.clone(), k.clone(), v.clone())
     };
-    let out = match chunk {
+    let out = match chunk.or_else(|| auto_chunk(q.dims(), k.dims())) {
         Some(chunk) => ops::attention_chunked(&q, &k, &v, scale, chunk)?,
         None => ops::attention(&q, &k, &v, scale)?,
     };
     if upcast { out.to_dtype(dtype) } else { Ok(out) }
+}
+
+/// Score-matrix size (values) above which attention is chunked when no
+/// chunk size is set: 2^24 values, 64 MiB in f32.
+pub const AUTO_CHUNK_ELEMENTS: usize = 1 << 24;
+
+/// The automatic chunk size (queries per chunk) for `q: [.., tq, d]` and
+/// `k: [.., tk, d]`, or `None` when the whole score matrix is small enough.
+pub fn auto_chunk(q: &[usize], k: &[usize]) -> Option<usize> {
+    let (Some(&tk), Some(tq)) = (k.iter().rev().nth(1), q.iter().rev().nth(1)) else {
+        return None;
+    };
+    let lead: usize = q.iter().rev().skip(2).product();
+    let scores = lead * tq * tk;
+    (scores > AUTO_CHUNK_ELEMENTS).then(|| (AUTO_CHUNK_ELEMENTS / (lead * tk).max(1)).max(1))
 }
 
 /// `[b, t, heads·d]` → `[b, heads, t, d]` (contiguous).
@@ -68,7 +88,8 @@ pub struct Attention {
     pub to_out_0: FrozenLinear,
     pub heads: usize,
     pub head_dim: usize,
-    /// Queries per chunk for memory-saving attention; `None` for plain attention.
+    /// Queries per chunk for memory-saving attention; `None` chunks
+    /// automatically when the score matrix is large (see [`auto_chunk`]).
     pub chunk: Option<usize>,
 }
 
@@ -159,3 +180,20 @@ crate::lora::visit::impl_visit_layers!(FeedForward {
     net_0 => "net.0",
     net_2 => "net.2",
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_attentions_are_chunked_automatically() {
+        // SD1.5 at 512 px, level 0 self-attention: 8 heads, 4096 tokens.
+        assert_eq!(auto_chunk(&[1, 8, 4096, 40], &[1, 8, 4096, 40]), Some(512));
+        // Cross-attention to 77 tokens stays whole.
+        assert_eq!(auto_chunk(&[1, 8, 4096, 40], &[1, 8, 77, 40]), None);
+        // Small models stay whole.
+        assert_eq!(auto_chunk(&[2, 2, 96, 8], &[2, 2, 96, 8]), None);
+        // Never below one query per chunk.
+        assert_eq!(auto_chunk(&[1, 1, 4, 8], &[1, 1, 1 << 25, 8]), Some(1));
+    }
+}

@@ -111,8 +111,10 @@ impl UNet2DConditionModel {
         self.conv_in.weight.dtype()
     }
 
-    /// Sets the attention chunk size (queries per chunk, `None` for plain
-    /// attention) of every transformer in the UNet.
+    /// Sets the attention chunk size (queries per chunk; `None` chunks only
+    /// attentions whose score matrix exceeds
+    /// [`crate::blocks::attention::AUTO_CHUNK_ELEMENTS`]) of every transformer
+    /// in the UNet.
     pub fn set_attention_chunk(&mut self, chunk: Option<usize>) {
         let down = self
             .down_blocks
