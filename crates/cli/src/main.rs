@@ -5,6 +5,7 @@
 //! sub-command parses its arguments and calls `sd-lora-data` /
 //! `sd-lora-train`.
 
+mod bench_cmd;
 mod check_data;
 mod config_docs;
 mod config_file;
@@ -57,6 +58,12 @@ enum Command {
     )]
     // Boxed: the generate flags make this variant much larger than the others.
     Generate(Box<generate_cmd::GenerateArgs>),
+    /// Time LoRA training steps on a full-size SD1.5 UNet with random weights
+    /// (no download): seconds per step, peak memory, GFLOP/s.
+    #[command(
+        after_help = "Examples:\n  sd-lora bench\n  sd-lora bench --resolution 512 --precision f16 --checkpointing --json\n  sd-lora bench --device cuda --resolution 512 --steps 10\n\nCompare with PyTorch: tools/bench_compare.sh (see docs/performance.md)."
+    )]
+    Bench(bench_cmd::BenchArgs),
     /// Print the configuration reference (docs/config.md) generated from the config definitions.
     #[command(hide = true)]
     ConfigDocs,
@@ -81,6 +88,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Generate(a) => generate_cmd::run(a),
+        Command::Bench(a) => bench_cmd::run(a),
         Command::ConfigDocs => {
             emit(&config_docs::render())?;
             Ok(0)

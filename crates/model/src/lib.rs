@@ -34,6 +34,7 @@
 pub mod blocks;
 pub mod builtin;
 pub mod clip;
+pub mod device_memory;
 pub mod load;
 pub mod lora;
 pub mod ops;

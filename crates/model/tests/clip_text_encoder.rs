@@ -7,7 +7,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor, Var};
+#[path = "support/device.rs"]
+mod device;
+use device::test_device;
+
+use candle_core::{D, DType, Tensor, Var};
 use sd_lora_model::clip::text_encoder::{causal_mask, eos_positions, with_text_model_prefix};
 use sd_lora_model::clip::{ClipTextConfig, ClipTextTransformer, HiddenAct};
 
@@ -36,7 +40,7 @@ impl Rng {
     fn tensor(&mut self, shape: &[usize], scale: f64, shift: f64) -> Tensor {
         let n = shape.iter().product();
         let data: Vec<f64> = (0..n).map(|_| self.normal() * scale + shift).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+        Tensor::from_vec(data, shape, &test_device()).unwrap()
     }
 }
 
@@ -113,7 +117,7 @@ fn random_weights(cfg: &ClipTextConfig, seed: u64, projection: bool) -> HashMap<
 }
 
 fn ids_tensor(ids: &[Vec<u32>]) -> Tensor {
-    Tensor::new(ids.to_vec(), &Device::Cpu).unwrap()
+    Tensor::new(ids.to_vec(), &test_device()).unwrap()
 }
 
 /// Two prompts of 7 tokens with their end token (49) at different positions and
@@ -164,7 +168,7 @@ fn reference_forward(
     let hd = d / h;
     let flat: Vec<u32> = ids.concat();
     let tok = get("embeddings.token_embedding.weight")
-        .index_select(&Tensor::new(flat, &Device::Cpu).unwrap(), 0)
+        .index_select(&Tensor::new(flat, &test_device()).unwrap(), 0)
         .unwrap()
         .reshape((b, t, d))
         .unwrap();
@@ -178,7 +182,7 @@ fn reference_forward(
             mask[i * t + j] = f64::MIN;
         }
     }
-    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (t, t), &test_device()).unwrap();
     let mut hidden = vec![x.clone()];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("encoder.layers.{l}");
@@ -227,7 +231,7 @@ fn forward_matches_naive_reference() {
         let cfg = tiny_config(act);
         let w = random_weights(&cfg, seed, true);
         let model =
-            ClipTextTransformer::from_tensors(w.clone(), &cfg, DType::F64, &Device::Cpu).unwrap();
+            ClipTextTransformer::from_tensors(w.clone(), &cfg, DType::F64, &test_device()).unwrap();
         let ids = tiny_ids();
         let out = model.forward(&ids_tensor(&ids)).unwrap();
         let (hidden, last) = reference_forward(&w, &cfg, &ids);
@@ -272,8 +276,8 @@ fn keys_with_and_without_text_model_prefix() {
         .collect();
     assert_eq!(with_text_model_prefix(stripped.clone()).len(), w.len());
     let ids = ids_tensor(&tiny_ids());
-    let a = ClipTextTransformer::from_tensors(w, &cfg, DType::F64, &Device::Cpu).unwrap();
-    let b = ClipTextTransformer::from_tensors(stripped, &cfg, DType::F64, &Device::Cpu).unwrap();
+    let a = ClipTextTransformer::from_tensors(w, &cfg, DType::F64, &test_device()).unwrap();
+    let b = ClipTextTransformer::from_tensors(stripped, &cfg, DType::F64, &test_device()).unwrap();
     assert!(a.text_projection.is_none());
     let (ya, yb) = (a.forward(&ids).unwrap(), b.forward(&ids).unwrap());
     assert_eq!(
@@ -285,7 +289,7 @@ fn keys_with_and_without_text_model_prefix() {
     // A missing key is named in the error.
     let mut w = random_weights(&cfg, 3, false);
     w.remove("text_model.encoder.layers.1.mlp.fc2.bias");
-    let err = ClipTextTransformer::from_tensors(w, &cfg, DType::F32, &Device::Cpu)
+    let err = ClipTextTransformer::from_tensors(w, &cfg, DType::F32, &test_device())
         .unwrap_err()
         .to_string();
     assert!(
@@ -303,7 +307,7 @@ fn pooling_rule_and_causal_mask() {
     // No end token at all: position 0, as transformers.
     let ids = ids_tensor(&[vec![5, 6, 7]]);
     assert_eq!(eos_positions(&ids, 49).unwrap(), [0]);
-    let mask = causal_mask(3, DType::F32, &Device::Cpu)
+    let mask = causal_mask(3, DType::F32, &test_device())
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
@@ -316,7 +320,7 @@ fn pooling_rule_and_causal_mask() {
         random_weights(&cfg, 4, false),
         &cfg,
         DType::F64,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
     let a = model
@@ -350,7 +354,7 @@ fn clip_skip() {
         random_weights(&cfg, 5, false),
         &cfg,
         DType::F64,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
     let ids = ids_tensor(&tiny_ids());
@@ -402,7 +406,7 @@ fn gradient_matches_finite_differences() {
             random_weights(&cfg, seed, false),
             &cfg,
             DType::F64,
-            &Device::Cpu,
+            &test_device(),
         )
         .unwrap();
         let ids = ids_tensor(&tiny_ids());
@@ -429,7 +433,7 @@ fn gradient_matches_finite_differences() {
             let eval = |delta: f64| {
                 let mut v = base.clone();
                 v[j] += delta;
-                let h = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap();
+                let h = Tensor::from_vec(v, shape.as_slice(), &test_device()).unwrap();
                 loss_of(&model, &h, &ids, &u).to_scalar::<f64>().unwrap()
             };
             let numeric = (eval(EPS) - eval(-EPS)) / (2.0 * EPS);
@@ -450,13 +454,13 @@ fn half_precision_storage() {
     let cfg = tiny_config(HiddenAct::QuickGelu);
     let w = random_weights(&cfg, 8, true);
     let ids = ids_tensor(&tiny_ids());
-    let exact = ClipTextTransformer::from_tensors(w.clone(), &cfg, DType::F64, &Device::Cpu)
+    let exact = ClipTextTransformer::from_tensors(w.clone(), &cfg, DType::F64, &test_device())
         .unwrap()
         .forward(&ids)
         .unwrap();
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 1e-2), (DType::BF16, 5e-2)] {
         let model =
-            ClipTextTransformer::from_tensors(w.clone(), &cfg, dtype, &Device::Cpu).unwrap();
+            ClipTextTransformer::from_tensors(w.clone(), &cfg, dtype, &test_device()).unwrap();
         assert_eq!(model.dtype(), dtype);
         let h0 = Var::from_tensor(&model.embed(&ids).unwrap()).unwrap();
         let out = model.forward_from_embeddings(h0.as_tensor(), &ids).unwrap();
@@ -543,7 +547,7 @@ fn config_from_transformers_json() {
         "/nonexistent/model.safetensors",
         &ClipTextConfig::sd1(),
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap_err()
     .to_string();
@@ -582,10 +586,10 @@ fn check_parity(name: &str) {
         folder.join("model.safetensors"),
         &cfg,
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
-    let r = candle_core::safetensors::load(&reference, &Device::Cpu).unwrap();
+    let r = candle_core::safetensors::load(&reference, &test_device()).unwrap();
     let ids = &r["text_encoder.input_ids"];
     let out = model.forward(ids).unwrap();
     let compare = |what: &str, ours: &Tensor, key: &str| {

@@ -18,7 +18,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+#[path = "support/device.rs"]
+mod device;
+use device::test_device;
+
+use candle_core::{DType, Tensor};
 use sd_lora_model::load::ModelSource;
 use sd_lora_model::lora::attach::{
     TrainOptions, adapted_layers, attach, create_trainable, set_multiplier,
@@ -56,11 +60,11 @@ const PEFT: &str = "sd1_lora_peft.safetensors";
 
 fn load_model() -> StableDiffusion {
     let source = ModelSource::open(fixtures().join("sd1_tiny")).unwrap();
-    StableDiffusion::load(&source, DType::F32, &Device::Cpu).unwrap()
+    StableDiffusion::load(&source, DType::F32, &test_device()).unwrap()
 }
 
 fn reference() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(lora_file("sd1_lora_reference.safetensors"), &Device::Cpu)
+    candle_core::safetensors::load(lora_file("sd1_lora_reference.safetensors"), &test_device())
         .unwrap()
 }
 
@@ -158,7 +162,7 @@ fn kohya_and_peft_files_read_to_the_same_lora() {
     assert_eq!(count(k.keys().map(|(c, _)| *c)), diffusers_counts());
 
     // The kohya tensors are the file's, bit for bit, with the file's alpha.
-    let raw = candle_core::safetensors::load(lora_file(KOHYA), &Device::Cpu).unwrap();
+    let raw = candle_core::safetensors::load(lora_file(KOHYA), &test_device()).unwrap();
     let mut worst = 0.0f64;
     for ((c, path), km) in k {
         let name = kohya_name(*c, path);

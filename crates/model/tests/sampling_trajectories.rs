@@ -4,7 +4,11 @@
 //! (v-prediction). Reference: tests/fixtures/sampling/trajectories.safetensors,
 //! written by tools/make_sampler_fixtures.py.
 
-use candle_core::{DType, Device, Tensor};
+#[path = "support/device.rs"]
+mod device;
+use device::test_device;
+
+use candle_core::{DType, Tensor};
 use sd_lora_model::load::ModelSource;
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::sampling::{
@@ -23,7 +27,7 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
 }
 
 fn check(model: &str, kinds: &[SamplerKind]) {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let root = fixtures();
     let sd = StableDiffusion::load(
         &ModelSource::open(root.join(model)).unwrap(),

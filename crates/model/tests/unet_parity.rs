@@ -8,6 +8,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+#[path = "support/device.rs"]
+mod device;
+use device::test_device;
+
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
@@ -57,7 +61,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn check(model: &str) {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let dir = fixtures().join(model).join("unet");
     let cfg = UNetConfig::from_file(dir.join("config.json")).unwrap();
     let weights =

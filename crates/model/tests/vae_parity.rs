@@ -6,6 +6,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+#[path = "support/device.rs"]
+mod device;
+use device::test_device;
+
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
@@ -62,14 +66,14 @@ fn weights(model: &str) -> HashMap<String, Tensor> {
     let path = fixtures()
         .join(model)
         .join("vae/diffusion_pytorch_model.safetensors");
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+    candle_core::safetensors::load(path, &test_device()).unwrap()
 }
 
 fn reference(model: &str) -> HashMap<String, Tensor> {
     let path = fixtures()
         .join("reference")
         .join(format!("{model}.safetensors"));
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+    candle_core::safetensors::load(path, &test_device()).unwrap()
 }
 
 fn check(model: &str) {
@@ -80,7 +84,7 @@ fn check(model: &str) {
         tensors: Arc::new(weights),
         used: Arc::default(),
     };
-    let vb = VarBuilder::from_backend(Box::new(tracking.clone()), DType::F32, Device::Cpu);
+    let vb = VarBuilder::from_backend(Box::new(tracking.clone()), DType::F32, test_device());
     let vae = AutoencoderKL::new(vb, &cfg).unwrap();
     let used = tracking.used.lock().unwrap().clone();
     let unused: Vec<_> = all.difference(&used).collect();
@@ -115,7 +119,7 @@ fn check(model: &str) {
     }
 
     // sample = mean + std · noise.
-    let noise = Tensor::ones(dist.mean.shape(), DType::F32, &Device::Cpu).unwrap();
+    let noise = Tensor::ones(dist.mean.shape(), DType::F32, &test_device()).unwrap();
     let sample = dist.sample(&noise).unwrap();
     assert!(rel_err(&sample, &(&dist.mean + &dist.std).unwrap()) < 1e-7);
 }
@@ -152,7 +156,7 @@ fn old_attention_names_load() {
         old.insert(renamed, v);
     }
     assert!(old.contains_key("encoder.mid_block.attentions.0.proj_attn.weight"));
-    let dev = Device::Cpu;
+    let dev = test_device();
     let a = AutoencoderKL::new(VarBuilder::from_tensors(new, DType::F32, &dev), &cfg).unwrap();
     let b = AutoencoderKL::new(VarBuilder::from_tensors(old, DType::F32, &dev), &cfg).unwrap();
     let reference = reference("sd1_tiny");
@@ -177,7 +181,7 @@ fn half_precision_storage_on_cpu() {
     let cfg = config("sd2_tiny");
     let reference = reference("sd2_tiny");
     for (dtype, tol) in [(DType::F16, 5e-3), (DType::BF16, 5e-2)] {
-        let vb = VarBuilder::from_tensors(weights("sd2_tiny"), dtype, &Device::Cpu);
+        let vb = VarBuilder::from_tensors(weights("sd2_tiny"), dtype, &test_device());
         let vae = AutoencoderKL::new(vb, &cfg).unwrap();
         let mean = vae.encode(&reference["vae.encode.image"]).unwrap().mean;
         let decoded = vae.decode(&reference["vae.decode.latent"]).unwrap();
@@ -225,9 +229,12 @@ fn missing_tensor_is_named() {
     let cfg = config("sd1_tiny");
     let mut w = weights("sd1_tiny");
     w.remove("decoder.up_blocks.0.resnets.1.conv2.weight");
-    let err = AutoencoderKL::new(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &cfg)
-        .unwrap_err()
-        .to_string();
+    let err = AutoencoderKL::new(
+        VarBuilder::from_tensors(w, DType::F32, &test_device()),
+        &cfg,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("decoder.up_blocks.0.resnets.1.conv2.weight"),
         "{err}"

@@ -18,6 +18,7 @@
 //! It drives `sd-lora-model` with samples from `sd-lora-data`; the `sd-lora`
 //! binary is a thin command-line front end over it.
 
+pub mod bench;
 pub mod class_images;
 pub mod config;
 pub mod generate;
