@@ -51,22 +51,11 @@ pub fn conv2d_forward(conv: &FrozenConv2d, x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let on_cpu = matches!(x.device(), Device::Cpu);
     if on_cpu && matches!(dtype, DType::F16 | DType::BF16) {
-        // A temporary f32 copy of the weight: CPU half precision is a storage
-        // format here, not a compute format (DESIGN.md §3).
-        let f32_conv = FrozenConv2d {
-            weight: conv.weight.to_dtype(DType::F32)?,
-            bias: conv
-                .bias
-                .as_ref()
-                .map(|b| b.to_dtype(DType::F32))
-                .transpose()?,
-            stride: conv.stride,
-            padding: conv.padding,
-            // The LoRA term is computed in f32 anyway; it is added to the f32
-            // base output before the conversion back.
-            lora: conv.lora.clone(),
-        };
-        return f32_conv.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
+        // CPU half precision is a storage format here, not a compute format
+        // (DESIGN.md §3): the conv runs in f32, the frozen kernel converted
+        // for the call only (and again in the backward — no f32 copy of the
+        // kernel waits in the graph). The LoRA term is f32 anyway.
+        return conv.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
     }
     conv.forward(x)
 }

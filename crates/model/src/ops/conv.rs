@@ -21,7 +21,7 @@
 //! A layer may carry a LoRA adapter in its `lora` slot (see [`crate::lora::layer`]):
 //! its term is added to the frozen output with differentiable ops.
 
-use candle_core::{Module, Result, Tensor, bail};
+use candle_core::{DType, Module, Result, Storage, Tensor, WithDType, bail};
 
 use super::custom_grad::with_grad1;
 use crate::lora::layer::LoraAdapter;
@@ -87,20 +87,77 @@ impl FrozenConv2d {
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (out_channels, _, kh, kw) = self.weight.dims4()?;
-        let weight = self.weight.detach();
-        let mut y = x
-            .detach()
-            .conv2d(&weight, self.padding, self.stride, 1, 1)?;
-        super::flops::add_conv(y.dims(), weight.dims());
+        // The stored kernel, whatever its dtype; `x` may compute in another
+        // one (f32 for a half-precision kernel on the CPU): the kernel is then
+        // converted for this call only, and again in the backward, so no
+        // converted copy lives in the graph between the two.
+        let stored = self.weight.detach();
+        let mut y = {
+            let weight = stored.to_dtype(x.dtype())?;
+            let y = x
+                .detach()
+                .conv2d(&weight, self.padding, self.stride, 1, 1)?;
+            super::flops::add_conv(y.dims(), weight.dims());
+            y
+        };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.detach().reshape((1, out_channels, 1, 1))?)?;
+            let b = b.detach().to_dtype(y.dtype())?;
+            y = y.broadcast_add(&b.reshape((1, out_channels, 1, 1))?)?;
         }
         let (stride, padding) = (self.stride, self.padding);
         with_grad1("frozen-conv2d", x, y, move |a| {
-            let dx = input_grad(a.grad, &weight, (h, w), (kh, kw), stride, padding)?;
+            let dx = input_grad(a.grad, &stored, (h, w), (kh, kw), stride, padding)?;
             Ok([Some(dx)])
         })
     }
+}
+
+/// `[out, in, kh, kw]` → `[in, out, kh, kw]` flipped in height and width, in
+/// `dtype`: the kernel whose stride-1 correlation is the transposed
+/// convolution. On the CPU one parallel pass over the kernel (candle's `flip`
+/// is a single-threaded gather per axis, and took a third of a whole SD1.5
+/// training step); elsewhere candle's ops.
+pub(crate) fn flipped_kernel(weight: &Tensor, dtype: DType) -> Result<Tensor> {
+    if weight.device().is_cpu() {
+        let w = weight.to_dtype(dtype)?.contiguous()?;
+        return match dtype {
+            DType::F32 => flip_cpu::<f32>(&w),
+            DType::F64 => flip_cpu::<f64>(&w),
+            DType::F16 => flip_cpu::<half::f16>(&w),
+            DType::BF16 => flip_cpu::<half::bf16>(&w),
+            _ => w.transpose(0, 1)?.contiguous()?.flip(&[2, 3]),
+        };
+    }
+    weight
+        .to_dtype(dtype)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .flip(&[2, 3])
+}
+
+fn flip_cpu<T: WithDType>(w: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (co, ci, kh, kw) = w.dims4()?;
+    let k = kh * kw;
+    let (storage, layout) = w.storage_and_layout();
+    let src = match &*storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
+        _ => bail!("flipped_kernel: expected a CPU tensor"),
+    };
+    let src = &src[layout.start_offset()..layout.start_offset() + co * ci * k];
+    let mut out = vec![T::zero(); co * ci * k];
+    // Output row `i` holds, for every output channel `o`, the reversed
+    // spatial block of source `(o, i)`.
+    out.par_chunks_mut(co * k).enumerate().for_each(|(i, row)| {
+        for (o, block) in row.chunks_mut(k).enumerate() {
+            let from = &src[(o * ci + i) * k..(o * ci + i + 1) * k];
+            for (d, s) in block.iter_mut().zip(from.iter().rev()) {
+                *d = *s;
+            }
+        }
+    });
+    drop(storage);
+    Tensor::from_vec(out, (ci, co, kh, kw), w.device())
 }
 
 impl Module for FrozenConv2d {
@@ -124,7 +181,7 @@ pub(crate) fn input_grad(
         // convolution for stride 1, and runs on the fast conv2d path.
         // (`flip` is an index-select, which candle's CPU backend only runs on
         // contiguous tensors.)
-        let flipped = weight.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
+        let flipped = flipped_kernel(weight, grad.dtype())?;
         return grad.conv2d(&flipped, kh - 1 - padding, 1, 1, 1);
     }
     // Rows (columns) past the last window get no gradient; the output padding
@@ -140,7 +197,8 @@ pub(crate) fn input_grad(
         h.saturating_sub(ch - 2 * padding),
         w.saturating_sub(cw - 2 * padding),
     );
-    let dx = grad.conv_transpose2d(weight, padding, rh.max(rw), stride, 1)?;
+    let weight = weight.to_dtype(grad.dtype())?;
+    let dx = grad.conv_transpose2d(&weight, padding, rh.max(rw), stride, 1)?;
     if dx.dim(2)? == h && dx.dim(3)? == w {
         Ok(dx)
     } else {
