@@ -15,13 +15,16 @@
 #
 # Settings: GPU_CHECK_RESOLUTION (512), GPU_CHECK_STEPS (10), GPU_CHECK_WARMUP (2),
 # GPU_CHECK_TEST_TIMEOUT_S (60), GPU_CHECK_BENCH_TIMEOUT_S (90),
-# GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_SKIP_REFERENCE=1.
+# GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_SKIP_REFERENCE=1, GPU_CHECK_SKIP_BENCH=1,
+# GPU_CHECK_TESTS="lora_parity ..." (a subset of the parity tests).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 REPO="$PWD"
 BIN="$REPO/.gpu"
 TESTS=(unet_parity vae_parity clip_text_encoder lora_parity sampling_trajectories)
+# On the GPU machine, GPU_CHECK_TESTS="lora_parity" runs only those tests.
+[[ "${1:-}" != "--prepare" && -n "${GPU_CHECK_TESTS:-}" ]] && read -r -a TESTS <<<"$GPU_CHECK_TESTS"
 
 if [[ "${1:-}" == "--prepare" ]]; then
 	# Build the CUDA binaries with the pip-wheel toolkit, strip them and pack
@@ -192,7 +195,7 @@ run_test() {
 TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT_S:-60}"
 BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT_S:-90}"
 SKIP_TESTS="${GPU_CHECK_SKIP_TESTS:-0}"
-[[ "$SKIP_TESTS" == 1 ]] || run_test unet_parity
+[[ "$SKIP_TESTS" == 1 || " ${TESTS[*]} " != *" unet_parity "* ]] || run_test unet_parity
 
 REFERENCE=0
 if [[ "${GPU_CHECK_SKIP_REFERENCE:-0}" != 1 && -f tools/bench_reference.py ]]; then
@@ -209,6 +212,7 @@ if [[ "${GPU_CHECK_SKIP_REFERENCE:-0}" != 1 && -f tools/bench_reference.py ]]; t
 fi
 
 CONFIGS=("f32" "f16 --checkpointing" "bf16 --checkpointing" "f16")
+[[ "${GPU_CHECK_SKIP_BENCH:-0}" == 1 ]] && CONFIGS=()
 for c in "${CONFIGS[@]}"; do
 	step "sd-lora bench --precision $c (resolution $RES, $STEPS steps, $WARMUP warm-up)"
 	if fits "$BENCH_TIMEOUT"; then
@@ -234,6 +238,23 @@ if [[ "$SKIP_TESTS" != 1 ]]; then
 	for t in "${TESTS[@]}"; do
 		[[ "$t" == unet_parity ]] || run_test "$t"
 	done
+fi
+
+# The product end to end on the GPU: the quickstart training run (with its
+# previews) and generation with the LoRA it wrote.
+step "sd-lora train (quickstart) and generate on cuda"
+if fits 120; then
+	rm -rf /tmp/qs-cuda /tmp/gen-cuda
+	timeout -k 5 90 "$BIN/sd-lora" train --config configs/quickstart.toml --device cuda \
+		--output /tmp/qs-cuda 2>&1 | grep -v '^step [0-9]*/' | tail -15
+	echo "--- train: exit ${PIPESTATUS[0]}"
+	cat /tmp/qs-cuda/train_summary.json 2>/dev/null
+	ls /tmp/qs-cuda/samples 2>/dev/null
+	timeout -k 5 30 "$BIN/sd-lora" generate --model builtin:tiny --device cuda \
+		--lora /tmp/qs-cuda/quickstart.safetensors:0.8 --prompt "ohwx robot" --steps 8 \
+		--width 64 --height 64 --seed 3 --output /tmp/gen-cuda
+	echo "--- generate: exit $?"
+	cp /tmp/qs-cuda/samples/quickstart-step000200-grid.png "$OUT/" 2>/dev/null
 fi
 
 step "done"

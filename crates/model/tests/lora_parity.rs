@@ -76,8 +76,10 @@ fn get<'a>(r: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
 /// Max |a − b| / max |b|, in f64.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
+    // LoRA files are read on the CPU; the model may run on a GPU.
+    let cpu = candle_core::Device::Cpu;
+    let a = a.to_device(&cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let b = b.to_device(&cpu).unwrap().to_dtype(DType::F64).unwrap();
     let diff = (&a - &b)
         .unwrap()
         .abs()
@@ -314,8 +316,11 @@ fn lora_gradients_match_pytorch() {
             .modules
             .get(&key)
             .unwrap_or_else(|| panic!("{key:?} is not in the fixture LoRA"));
-        m.down.set(&fixture.down).unwrap();
-        m.up.set(&fixture.up).unwrap();
+        m.down
+            .set(&fixture.down.to_device(&test_device()).unwrap())
+            .unwrap();
+        m.up.set(&fixture.up.to_device(&test_device()).unwrap())
+            .unwrap();
         assert_eq!(m.alpha, fixture.alpha);
     }
 
