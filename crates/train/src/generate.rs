@@ -147,6 +147,17 @@ pub fn generate(
     req: &GenerateRequest,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<RgbImage> {
+    // Sampling never needs gradients: with LoRA parameters detached, no
+    // graph is recorded (trainable adapters during previews included).
+    sd_lora_model::ops::checkpoint::no_grad(|| generate_inner(sd, sampler_cfg, req, on_step))
+}
+
+fn generate_inner(
+    sd: &StableDiffusion,
+    sampler_cfg: &SamplerConfig,
+    req: &GenerateRequest,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<RgbImage> {
     validate(req)?;
     let device = sd.unet.conv_in.weight.device().clone();
     let unet_dtype = sd.unet.dtype();

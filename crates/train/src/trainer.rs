@@ -592,17 +592,12 @@ pub fn train(
             // Previews must not cost the run: a failure is reported and
             // training goes on.
             lora.dropout.set_training(false);
-            // No graph is recorded while rendering (no_grad).
-            let rendered = checkpoint::no_grad(|| {
-                p.render(
-                    &sd,
-                    step,
-                    &mut |i, n| {
-                        progress.note(&format!("step {step}: rendering preview {}/{n}", i + 1))
-                    },
-                    &|| INTERRUPTED.load(Ordering::SeqCst),
-                )
-            });
+            let rendered = p.render(
+                &sd,
+                step,
+                &mut |i, n| progress.note(&format!("step {step}: rendering preview {}/{n}", i + 1)),
+                &|| INTERRUPTED.load(Ordering::SeqCst),
+            );
             lora.dropout.set_training(true);
             match rendered {
                 Ok(written) => {
