@@ -48,7 +48,6 @@ pub mod custom_grad;
 pub mod flops;
 pub mod linear;
 pub mod norm;
-mod norm_cpu;
 pub mod softmax;
 
 pub use activation::{geglu, gelu, quick_gelu, silu};

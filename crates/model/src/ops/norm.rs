@@ -138,9 +138,6 @@ pub fn group_norm(
     // `[b, c, spatial]` for the affine part.
     let grouped = (b * groups, per_group);
     let channels = (b, c, spatial);
-    if x.device().is_cpu() && matches!(cdt, DType::F32 | DType::F64) {
-        return group_norm_cpu(x, gamma, beta, (b, c, spatial, groups), eps);
-    }
     let xc = x.detach().to_dtype(cdt)?.reshape(grouped)?;
     let (mean, rstd) = stats(&xc, eps)?;
     let gamma_c = gamma.detach().to_dtype(cdt)?.reshape((1, c, 1))?;
@@ -184,43 +181,5 @@ pub fn group_norm(
             None
         };
         Ok([dx, dgamma, dbeta])
-    })
-}
-
-/// [`group_norm`] on the CPU, one parallel pass each way (see
-/// [`super::norm_cpu`]); the same formulas, computed in f32 or f64.
-fn group_norm_cpu(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    (b, c, spatial, groups): (usize, usize, usize, usize),
-    eps: f64,
-) -> Result<Tensor> {
-    use super::norm_cpu::{Dims, backward, forward};
-    let dtype = x.dtype();
-    let cdt = compute_dtype(dtype);
-    let d = Dims {
-        b,
-        c,
-        spatial,
-        groups,
-    };
-    let xc = x.detach().to_dtype(cdt)?;
-    let gamma_c = gamma.detach().to_dtype(cdt)?;
-    let beta_c = beta.detach().to_dtype(cdt)?;
-    let (y, mean, rstd) = match cdt {
-        DType::F64 => forward::<f64>(&xc, &gamma_c, &beta_c, d, eps)?,
-        _ => forward::<f32>(&xc, &gamma_c, &beta_c, d, eps)?,
-    };
-    let y = y.to_dtype(dtype)?;
-    with_grad3("group-norm", [x, gamma, beta], y, move |a| {
-        let [x, _, _] = a.inputs;
-        let [need_x, need_gamma, need_beta] = a.needs_grad;
-        let (xc, g) = (x.to_dtype(cdt)?, a.grad.to_dtype(cdt)?);
-        let (dx, dgamma, dbeta) = match cdt {
-            DType::F64 => backward::<f64>(&xc, &g, &gamma_c, &mean, &rstd, d, need_x)?,
-            _ => backward::<f32>(&xc, &g, &gamma_c, &mean, &rstd, d, need_x)?,
-        };
-        Ok([dx, need_gamma.then_some(dgamma), need_beta.then_some(dbeta)])
     })
 }
