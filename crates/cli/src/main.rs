@@ -80,7 +80,27 @@ pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// glibc's malloc returns large freed blocks to the OS at once (`mmap` above
+/// a threshold, heap trimming below), so a training step that allocates and
+/// frees gigabytes of tensors faults every page of them in again, zeroed: a
+/// fifth of a CPU step. Keeping freed memory for reuse made an SD1.5 step at
+/// 256 px 13 % faster for 2 % more peak memory (docs/performance.md).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; it is called before
+    // any other thread exists. Each call's failure just keeps the default.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let result = (|| match &cli.command {
         Command::Train(a) => train_cmd::run(a),
