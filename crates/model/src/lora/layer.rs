@@ -326,7 +326,7 @@ impl LoraAdapter {
 fn conv2d_down(x: &Tensor, down: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (_, _, kh, kw) = down.dims4()?;
-    let y = x.detach().conv2d(&down.detach(), padding, stride, 1, 1)?;
+    let y = crate::ops::conv::conv2d_plain(&x.detach(), &down.detach(), padding, stride)?;
     with_grad2("lora-conv-down", [x, down], y, move |a| {
         let [x, down] = a.inputs;
         let dx = if a.needs_grad[0] {

@@ -94,9 +94,7 @@ impl FrozenConv2d {
         let stored = self.weight.detach();
         let mut y = {
             let weight = stored.to_dtype(x.dtype())?;
-            let y = x
-                .detach()
-                .conv2d(&weight, self.padding, self.stride, 1, 1)?;
+            let y = conv2d_plain(&x.detach(), &weight, self.padding, self.stride)?;
             super::flops::add_conv(y.dims(), weight.dims());
             y
         };
@@ -109,6 +107,126 @@ impl FrozenConv2d {
             let dx = input_grad(a.grad, &stored, (h, w), (kh, kw), stride, padding)?;
             Ok([Some(dx)])
         })
+    }
+}
+
+/// `conv2d(x, weight)` with one group and no dilation, without a graph.
+///
+/// On the CPU (f32/f64) this is a full im2col in one parallel pass straight
+/// from NCHW, then one matrix product with the kernel viewed as `[out, in·kh·kw]`
+/// — its storage order, so the kernel is never copied — which yields NCHW
+/// directly. candle's tiled CPU conv instead reorders the whole kernel and
+/// transposes the input to NHWC on one thread at every call, which for
+/// SD1.5's 589 M conv weights cost more than the arithmetic. Elsewhere
+/// (CUDA, half precision) candle's conv2d.
+pub(crate) fn conv2d_plain(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.conv2d(weight, padding, stride, 1, 1);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (co, ci, kh, kw) = weight.dims4()?;
+    if ci != c {
+        bail!(
+            "conv2d: input has {c} channels, the kernel {ci} (shapes {:?}, {:?})",
+            x.dims(),
+            weight.dims()
+        )
+    }
+    if h + 2 * padding < kh || w + 2 * padding < kw {
+        bail!(
+            "conv2d: input {:?} smaller than the kernel {:?}",
+            x.dims(),
+            weight.dims()
+        )
+    }
+    let (oh, ow) = (
+        (h + 2 * padding - kh) / stride + 1,
+        (w + 2 * padding - kw) / stride + 1,
+    );
+    let k = ci * kh * kw;
+    let cols = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        x.reshape((b, k, oh * ow))?
+    } else {
+        let x = x.contiguous()?;
+        let geometry = Im2Col {
+            dims: (b, c, h, w),
+            kernel: (kh, kw),
+            stride,
+            padding,
+            out: (oh, ow),
+        };
+        match x.dtype() {
+            DType::F64 => geometry.run::<f64>(&x)?,
+            _ => geometry.run::<f32>(&x)?,
+        }
+    };
+    let w2 = weight.contiguous()?.reshape((co, k))?;
+    let y = if b == 1 {
+        w2.matmul(&cols.squeeze(0)?)?.unsqueeze(0)?
+    } else {
+        w2.broadcast_matmul(&cols)?
+    };
+    y.reshape((b, co, oh, ow))
+}
+
+/// The geometry of an im2col: input `[b, c, h, w]`, kernel `kh × kw`, output
+/// `oh × ow`.
+struct Im2Col {
+    dims: (usize, usize, usize, usize),
+    kernel: (usize, usize),
+    stride: usize,
+    padding: usize,
+    out: (usize, usize),
+}
+
+impl Im2Col {
+    /// `[b, c·kh·kw, oh·ow]`, rows in the kernel's `(c, i, j)` order; one task
+    /// per `(batch, channel)`, each writing its own `kh·kw` rows.
+    fn run<T: WithDType>(&self, x: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (b, c, h, w) = self.dims;
+        let (kh, kw) = self.kernel;
+        let (oh, ow) = self.out;
+        let (stride, pad) = (self.stride, self.padding);
+        let p = oh * ow;
+        let (storage, layout) = x.storage_and_layout();
+        let src = match &*storage {
+            Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
+            _ => bail!("im2col: expected a CPU tensor"),
+        };
+        let src = &src[layout.start_offset()..layout.start_offset() + b * c * h * w];
+        let mut cols = vec![T::zero(); b * c * kh * kw * p];
+        cols.par_chunks_mut(kh * kw * p)
+            .enumerate()
+            .for_each(|(bc, chunk)| {
+                let plane = &src[bc * h * w..(bc + 1) * h * w];
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let row = &mut chunk[(i * kw + j) * p..(i * kw + j + 1) * p];
+                        for oy in 0..oh {
+                            let iy = (oy * stride + i) as isize - pad as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            let line = &plane[iy as usize * w..(iy as usize + 1) * w];
+                            let dst = &mut row[oy * ow..(oy + 1) * ow];
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                let ix = (ox * stride + j) as isize - pad as isize;
+                                if ix >= 0 && ix < w as isize {
+                                    *d = line[ix as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        drop(storage);
+        Tensor::from_vec(cols, (b, c * kh * kw, p), x.device())
     }
 }
 
@@ -182,7 +300,7 @@ pub(crate) fn input_grad(
         // (`flip` is an index-select, which candle's CPU backend only runs on
         // contiguous tensors.)
         let flipped = flipped_kernel(weight, grad.dtype())?;
-        return grad.conv2d(&flipped, kh - 1 - padding, 1, 1, 1);
+        return conv2d_plain(grad, &flipped, kh - 1 - padding, 1);
     }
     // Rows (columns) past the last window get no gradient; the output padding
     // restores them. candle takes a single output padding for both axes, so use
