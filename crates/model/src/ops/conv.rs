@@ -228,6 +228,94 @@ impl Im2Col {
         drop(storage);
         Tensor::from_vec(cols, (b, c * kh * kw, p), x.device())
     }
+
+    /// The adjoint of [`Self::run`]: `cols: [b, c·kh·kw, oh·ow]` summed back
+    /// onto `[b, c, h, w]`.
+    fn col2im<T: WithDType>(&self, cols: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (b, c, h, w) = self.dims;
+        let (kh, kw) = self.kernel;
+        let (oh, ow) = self.out;
+        let (stride, pad) = (self.stride, self.padding);
+        let p = oh * ow;
+        let (storage, layout) = cols.storage_and_layout();
+        let src = match &*storage {
+            Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
+            _ => bail!("col2im: expected a CPU tensor"),
+        };
+        let src = &src[layout.start_offset()..layout.start_offset() + b * c * kh * kw * p];
+        let mut out = vec![T::zero(); b * c * h * w];
+        out.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(bc, plane)| {
+                let chunk = &src[bc * kh * kw * p..(bc + 1) * kh * kw * p];
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let row = &chunk[(i * kw + j) * p..(i * kw + j + 1) * p];
+                        for oy in 0..oh {
+                            let iy = (oy * stride + i) as isize - pad as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            let line = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+                            let from = &row[oy * ow..(oy + 1) * ow];
+                            for (ox, v) in from.iter().enumerate() {
+                                let ix = (ox * stride + j) as isize - pad as isize;
+                                if ix >= 0 && ix < w as isize {
+                                    line[ix as usize] += *v;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        drop(storage);
+        Tensor::from_vec(out, (b, c, h, w), cols.device())
+    }
+}
+
+/// The input gradient on the CPU: `cols = Wᵀ · g` (the kernel as stored,
+/// read transposed by the matrix product — no flipped copy), then col2im, the
+/// adjoint of the forward's im2col, scattering each column back onto the
+/// input pixels it came from. One parallel task per `(batch, channel)` plane,
+/// any stride and padding (candle's CPU `conv_transpose2d`, used for stride 2
+/// otherwise, is a naive loop).
+fn input_grad_cpu(
+    grad: &Tensor,
+    weight: &Tensor,
+    (h, w): (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (b, co, oh, ow) = grad.dims4()?;
+    let (wco, ci, kh, kw) = weight.dims4()?;
+    if wco != co {
+        bail!(
+            "frozen-conv2d: gradient {:?} does not fit kernel {:?}",
+            grad.dims(),
+            weight.dims()
+        )
+    }
+    let weight = weight.to_dtype(grad.dtype())?.contiguous()?;
+    let wt = weight.reshape((co, ci * kh * kw))?.t()?;
+    let g = grad.contiguous()?.reshape((b, co, oh * ow))?;
+    let cols = if b == 1 {
+        wt.matmul(&g.squeeze(0)?)?.unsqueeze(0)?
+    } else {
+        wt.broadcast_matmul(&g)?
+    }
+    .contiguous()?;
+    let geometry = Im2Col {
+        dims: (b, ci, h, w),
+        kernel: (kh, kw),
+        stride,
+        padding,
+        out: (oh, ow),
+    };
+    match cols.dtype() {
+        DType::F64 => geometry.col2im::<f64>(&cols),
+        _ => geometry.col2im::<f32>(&cols),
+    }
 }
 
 /// `[out, in, kh, kw]` → `[in, out, kh, kw]` flipped in height and width, in
@@ -294,6 +382,9 @@ pub(crate) fn input_grad(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    if grad.device().is_cpu() && matches!(grad.dtype(), DType::F32 | DType::F64) {
+        return input_grad_cpu(grad, weight, (h, w), stride, padding);
+    }
     if stride == 1 && kh == kw && padding < kh {
         // Correlation with the flipped, in/out-transposed kernel is the transposed
         // convolution for stride 1, and runs on the fast conv2d path.
