@@ -7,16 +7,17 @@
 //! a stride-2 conv on an input whose height and width differ in parity fails in
 //! the backward. [`FrozenConv2d`] computes only the input gradient:
 //!
-//! - stride 1, square kernel: `dx = conv2d(g, W′, padding k−1−p)` where `W′` is
-//!   the kernel flipped in height and width with its in/out channels swapped — the
-//!   same fast im2col path as the forward;
+//! - on the CPU (f32/f64), any stride: `cols = Wᵀ·g`, then col2im (the adjoint
+//!   of the forward's im2col), in parallel per input plane;
+//! - elsewhere, stride 1 and a square kernel: `dx = conv2d(g, W′, padding
+//!   k−1−p)` where `W′` is the kernel flipped in height and width with its
+//!   in/out channels swapped;
 //! - otherwise (stride 2 for the downsamplers): `conv_transpose2d(g, W)` with the
 //!   output padding that restores the input size.
 //!
-//! The forward runs candle's `conv2d` on detached tensors; the result is attached
-//! to `x` with [`with_grad1`] (candle's conv
-//! parameter structs cannot be built outside candle, so the storage-level conv is
-//! out of reach, unlike the storage-level matmul in [`super::linear`]).
+//! The forward ([`conv2d_plain`]) runs on detached tensors — on the CPU our own
+//! im2col + one matrix product, elsewhere candle's `conv2d` — and the result is
+//! attached to `x` with [`with_grad1`].
 //!
 //! A layer may carry a LoRA adapter in its `lora` slot (see [`crate::lora::layer`]):
 //! its term is added to the frozen output with differentiable ops.
