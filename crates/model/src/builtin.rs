@@ -268,8 +268,9 @@ pub fn tiny_sd1(
 // Seeded weights
 // ---------------------------------------------------------------------------
 
-/// splitmix64 step: the generator of every weight stream.
-fn splitmix64(state: &mut u64) -> u64 {
+/// splitmix64 step: the generator of every weight stream (also of the
+/// benchmark's random SD1.5 weights).
+pub fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -278,7 +279,7 @@ fn splitmix64(state: &mut u64) -> u64 {
 }
 
 /// FNV-1a of a key, to give each tensor its own stream.
-fn fnv1a(name: &str) -> u64 {
+pub fn fnv1a(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -461,59 +461,31 @@ fn parse_proc_stat_cpu(stat: &str) -> Option<f64> {
 // Random weights and inputs
 // ---------------------------------------------------------------------------
 
-/// splitmix64 step.
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// FNV-1a of a key, to give each tensor its own stream.
-fn fnv1a(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// The splitmix64 output for `state` (builtin's generator, one step).
+fn splitmix64(state: u64) -> u64 {
+    let mut s = state;
+    sd_lora_model::builtin::splitmix64(&mut s)
 }
 
 /// `n` values uniform in `[-bound, bound)` from stream `seed`. Filled in
-/// parallel blocks (each block its own sub-stream), because SD1.5 has 860 M
-/// weights and one thread would take several seconds.
+/// parallel blocks (each block its own sub-stream, so the values do not
+/// depend on the number of threads), because SD1.5 has 860 M weights and one
+/// thread would take several seconds.
 fn uniform(seed: u64, n: usize, bound: f32) -> Vec<f32> {
+    use rayon::prelude::*;
     const BLOCK: usize = 1 << 16;
     let mut data = vec![0f32; n];
-    let fill = |block: usize, out: &mut [f32]| {
-        let mut state = splitmix64(seed ^ (block as u64).wrapping_mul(0xA24B_AED4_963E_E407));
-        for v in out {
-            state = splitmix64(state);
-            // 24 random bits → [0, 1) exactly representable in f32.
-            let u = (state >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
-            *v = (2.0 * u - 1.0) * bound;
-        }
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    if n < 4 * BLOCK || threads == 1 {
-        for (b, out) in data.chunks_mut(BLOCK).enumerate() {
-            fill(b, out);
-        }
-        return data;
-    }
-    let blocks: Vec<(usize, &mut [f32])> = data.chunks_mut(BLOCK).enumerate().collect();
-    let per_thread = blocks.len().div_ceil(threads);
-    let mut groups: Vec<Vec<(usize, &mut [f32])>> = Vec::new();
-    let mut it = blocks.into_iter().peekable();
-    while it.peek().is_some() {
-        groups.push(it.by_ref().take(per_thread).collect());
-    }
-    std::thread::scope(|scope| {
-        for group in groups {
-            scope.spawn(move || {
-                for (b, out) in group {
-                    fill(b, out);
-                }
-            });
-        }
-    });
+    data.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(block, out)| {
+            let mut state = splitmix64(seed ^ (block as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+            for v in out {
+                state = splitmix64(state);
+                // 24 random bits → [0, 1) exactly representable in f32.
+                let u = (state >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+                *v = (2.0 * u - 1.0) * bound;
+            }
+        });
     data
 }
 
@@ -550,7 +522,7 @@ impl SimpleBackend for RandomWeights {
             [_, rest @ ..] => {
                 let fan_in: usize = rest.iter().product();
                 let bound = (3.0 / fan_in.max(1) as f32).sqrt();
-                let data = uniform(self.seed ^ fnv1a(name), n, bound);
+                let data = uniform(self.seed ^ sd_lora_model::builtin::fnv1a(name), n, bound);
                 Tensor::from_vec(data, dims, &Device::Cpu)?
             }
         };

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use image::RgbImage;
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::sampling::SamplerConfig;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The sub-folder of the output folder that holds the previews.
 pub const SAMPLES_DIR: &str = "samples";
@@ -146,11 +146,6 @@ impl Previews {
         let tail = prompt.map_or_else(|| "grid".to_string(), |i| format!("{i:02}"));
         self.dir
             .join(format!("{}-step{step:06}-{tail}.png", self.name))
-    }
-
-    /// The folder the previews go to.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

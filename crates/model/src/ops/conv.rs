@@ -321,50 +321,13 @@ fn input_grad_cpu(
 
 /// `[out, in, kh, kw]` → `[in, out, kh, kw]` flipped in height and width, in
 /// `dtype`: the kernel whose stride-1 correlation is the transposed
-/// convolution. On the CPU one parallel pass over the kernel (candle's `flip`
-/// is a single-threaded gather per axis, and took a third of a whole SD1.5
-/// training step); elsewhere candle's ops.
-pub(crate) fn flipped_kernel(weight: &Tensor, dtype: DType) -> Result<Tensor> {
-    if weight.device().is_cpu() {
-        let w = weight.to_dtype(dtype)?.contiguous()?;
-        return match dtype {
-            DType::F32 => flip_cpu::<f32>(&w),
-            DType::F64 => flip_cpu::<f64>(&w),
-            DType::F16 => flip_cpu::<half::f16>(&w),
-            DType::BF16 => flip_cpu::<half::bf16>(&w),
-            _ => w.transpose(0, 1)?.contiguous()?.flip(&[2, 3]),
-        };
-    }
+/// convolution (off the CPU f32/f64 path, which uses col2im instead).
+fn flipped_kernel(weight: &Tensor, dtype: DType) -> Result<Tensor> {
     weight
         .to_dtype(dtype)?
         .transpose(0, 1)?
         .contiguous()?
         .flip(&[2, 3])
-}
-
-fn flip_cpu<T: WithDType>(w: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let (co, ci, kh, kw) = w.dims4()?;
-    let k = kh * kw;
-    let (storage, layout) = w.storage_and_layout();
-    let src = match &*storage {
-        Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
-        _ => bail!("flipped_kernel: expected a CPU tensor"),
-    };
-    let src = &src[layout.start_offset()..layout.start_offset() + co * ci * k];
-    let mut out = vec![T::zero(); co * ci * k];
-    // Output row `i` holds, for every output channel `o`, the reversed
-    // spatial block of source `(o, i)`.
-    out.par_chunks_mut(co * k).enumerate().for_each(|(i, row)| {
-        for (o, block) in row.chunks_mut(k).enumerate() {
-            let from = &src[(o * ci + i) * k..(o * ci + i + 1) * k];
-            for (d, s) in block.iter_mut().zip(from.iter().rev()) {
-                *d = *s;
-            }
-        }
-    });
-    drop(storage);
-    Tensor::from_vec(out, (ci, co, kh, kw), w.device())
 }
 
 impl Module for FrozenConv2d {
