@@ -9,9 +9,8 @@
 use candle_core::{Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-use super::attention::{merge_heads, scaled_dot_product, split_heads};
 use super::layers::GroupNorm;
-use crate::ops::FrozenLinear;
+use crate::ops::{self, FrozenLinear};
 
 /// Self-attention over the pixels of a feature map, with its own GroupNorm.
 #[derive(Debug, Clone)]
@@ -82,14 +81,14 @@ impl SpatialSelfAttention {
             .forward(x)?
             .reshape((b, c, h * w))?
             .transpose(1, 2)?;
-        let q = split_heads(&self.to_q.forward(&tokens)?, self.heads)?;
-        let k = split_heads(&self.to_k.forward(&tokens)?, self.heads)?;
-        let v = split_heads(&self.to_v.forward(&tokens)?, self.heads)?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
         let scale = 1.0 / ((c / self.heads) as f64).sqrt();
-        let out = scaled_dot_product(&q, &k, &v, scale, None)?;
+        let out = ops::multi_head_attention(&q, &k, &v, self.heads, scale, None)?;
         let out = self
             .to_out_0
-            .forward(&merge_heads(&out)?)?
+            .forward(&out)?
             .transpose(1, 2)?
             .reshape((b, c, h, w))?;
         let out = (out + x)?;

@@ -12,7 +12,7 @@
 //! Shapes: `q: [..., tq, d]`, `k: [..., tk, d]`, `v: [..., tk, dv]` with the same
 //! leading dimensions, e.g. `[batch·heads, t, d]` or `[batch, heads, t, d]`.
 
-use candle_core::{D, Result, Tensor, bail};
+use candle_core::{D, DType, Result, Tensor, bail};
 
 use super::custom_grad::{add_frozen, with_grad3};
 use super::softmax::softmax_last_dim;
@@ -87,53 +87,157 @@ pub fn attention_chunked(
     if chunk == 0 {
         bail!("attention_chunked: chunk size must be at least 1")
     }
-    let tdim = q.rank() - 2;
-    let tq = q.dim(tdim)?;
-    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let outs = chunks(tq, chunk)
-        .map(|(start, len)| probs(&qd.narrow(tdim, start, len)?, &kd, scale)?.matmul(&vd))
-        .collect::<Result<Vec<_>>>()?;
-    let y = Tensor::cat(&outs, tdim)?;
-    drop(outs);
+    let y = chunked_forward(&q.detach(), &k.detach(), &v.detach(), scale, chunk)?;
     with_grad3("attention-chunked", [q, k, v], y, move |a| {
         let [q, k, v] = a.inputs;
-        let [need_q, need_k, need_v] = a.needs_grad;
-        let mut dq = Vec::new();
-        let mut dk: Option<Tensor> = None;
-        let mut dv: Option<Tensor> = None;
-        let accumulate = |acc: &mut Option<Tensor>, t: Tensor| -> Result<()> {
-            *acc = Some(match acc.take() {
-                Some(prev) => (prev + t)?,
-                None => t,
-            });
-            Ok(())
-        };
-        for (start, len) in chunks(tq, chunk) {
-            let qc = q.narrow(tdim, start, len)?;
-            let gc = a.grad.narrow(tdim, start, len)?;
-            let p = probs(&qc, k, scale)?;
-            if need_v {
-                accumulate(&mut dv, p.t()?.matmul(&gc)?)?;
+        chunked_backward([q, k, v], a.output, a.grad, a.needs_grad, scale, chunk)
+    })
+}
+
+/// The forward of [`attention_chunked`] on detached tensors.
+fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, chunk: usize) -> Result<Tensor> {
+    let tdim = q.rank() - 2;
+    let outs = chunks(q.dim(tdim)?, chunk)
+        .map(|(start, len)| probs(&q.narrow(tdim, start, len)?, k, scale)?.matmul(v))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outs, tdim)
+}
+
+/// The backward of [`attention_chunked`] on detached tensors: the gradients of
+/// `q`, `k`, `v` (those `needs` asks for) given the output `o` and its gradient
+/// `g`, recomputing the probabilities `chunk` queries at a time.
+fn chunked_backward(
+    [q, k, v]: [&Tensor; 3],
+    o: &Tensor,
+    g: &Tensor,
+    [need_q, need_k, need_v]: [bool; 3],
+    scale: f64,
+    chunk: usize,
+) -> Result<[Option<Tensor>; 3]> {
+    let tdim = q.rank() - 2;
+    let mut dq = Vec::new();
+    let mut dk: Option<Tensor> = None;
+    let mut dv: Option<Tensor> = None;
+    let accumulate = |acc: &mut Option<Tensor>, t: Tensor| -> Result<()> {
+        *acc = Some(match acc.take() {
+            Some(prev) => (prev + t)?,
+            None => t,
+        });
+        Ok(())
+    };
+    for (start, len) in chunks(q.dim(tdim)?, chunk) {
+        let qc = q.narrow(tdim, start, len)?;
+        let gc = g.narrow(tdim, start, len)?;
+        let p = probs(&qc, k, scale)?;
+        if need_v {
+            accumulate(&mut dv, p.t()?.matmul(&gc)?)?;
+        }
+        if need_q || need_k {
+            // dS = P ⊙ (dP − rowsum(dP ⊙ P)), and rowsum(dP ⊙ P) = rowsum(g ⊙ o).
+            let oc = o.narrow(tdim, start, len)?;
+            let delta = (&gc * &oc)?.sum_keepdim(D::Minus1)?;
+            let dp = gc.matmul(&v.t()?)?;
+            let ds = ((dp.broadcast_sub(&delta))? * &p)?;
+            if need_q {
+                dq.push((ds.matmul(k)? * scale)?);
             }
-            if need_q || need_k {
-                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), and rowsum(dP ⊙ P) = rowsum(g ⊙ o).
-                let oc = a.output.narrow(tdim, start, len)?;
-                let delta = (&gc * &oc)?.sum_keepdim(D::Minus1)?;
-                let dp = gc.matmul(&v.t()?)?;
-                let ds = ((dp.broadcast_sub(&delta))? * &p)?;
-                if need_q {
-                    dq.push((ds.matmul(k)? * scale)?);
-                }
-                if need_k {
-                    accumulate(&mut dk, (ds.t()?.matmul(&qc)? * scale)?)?;
-                }
+            if need_k {
+                accumulate(&mut dk, (ds.t()?.matmul(&qc)? * scale)?)?;
             }
         }
-        let dq = if need_q {
-            Some(Tensor::cat(&dq, tdim)?)
-        } else {
-            None
-        };
-        Ok([dq, dk, dv])
+    }
+    let dq = if need_q {
+        Some(Tensor::cat(&dq, tdim)?)
+    } else {
+        None
+    };
+    Ok([dq, dk, dv])
+}
+
+/// Score values processed at once by [`multi_head_attention`] when no chunk
+/// size is given: 2^24 (64 MiB in f32).
+pub const MAX_CHUNK_SCORES: usize = 1 << 24;
+
+/// Queries per chunk for `lead` (batch·heads) score matrices of `tq × tk` values
+/// when at most [`MAX_CHUNK_SCORES`] may exist at once (at least 1, at most `tq`).
+pub fn auto_chunk(lead: usize, tq: usize, tk: usize) -> usize {
+    (MAX_CHUNK_SCORES / (lead * tk).max(1)).clamp(1, tq.max(1))
+}
+
+/// `[b, t, heads·d]` → `[b, heads, t, d]` (contiguous).
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    x.reshape((b, t, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[b, heads, t, d]` → `[b, t, heads·d]` (contiguous).
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, t, heads * d))
+}
+
+/// Multi-head attention on unsplit projections: `q: [b, tq, heads·d]`,
+/// `k: [b, tk, heads·d]`, `v: [b, tk, heads·dv]` → `[b, tq, heads·dv]`, each
+/// head `softmax(q·kᵀ·scale)·v`.
+///
+/// One graph node from the projections to the merged output, so training keeps
+/// only `q`, `k`, `v` and the output — no head-split copies, no scores, no
+/// probabilities: the backward recomputes the probabilities `chunk` queries at a
+/// time (as flash attention does; `None` = [`auto_chunk`]). f16/bf16 inputs are
+/// computed in f32 (half-precision softmax over long sequences loses too much
+/// for training; diffusers' `upcast_softmax`), and the output and gradients come
+/// back in the input dtype.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    chunk: Option<usize>,
+) -> Result<Tensor> {
+    let ((b, tq, c), (bk, tk, ck), (bv, tv, cv)) = (q.dims3()?, k.dims3()?, v.dims3()?);
+    if heads == 0 || c % heads != 0 || cv % heads != 0 || ck != c || bk != b || bv != b || tv != tk
+    {
+        bail!(
+            "attention: incompatible shapes q {:?}, k {:?}, v {:?} for {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let chunk = match chunk {
+        Some(0) => bail!("attention: chunk size must be at least 1"),
+        Some(n) => n,
+        None => auto_chunk(b * heads, tq, tk),
+    };
+    let dtype = q.dtype();
+    let cdt = match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    };
+    let split = move |x: &Tensor| split_heads(&x.to_dtype(cdt)?, heads);
+    let (qs, ks, vs) = (
+        split(&q.detach())?,
+        split(&k.detach())?,
+        split(&v.detach())?,
+    );
+    super::flops::add_attention(qs.dims(), ks.dims(), vs.dims());
+    let y = merge_heads(&chunked_forward(&qs, &ks, &vs, scale, chunk)?)?.to_dtype(dtype)?;
+    drop((qs, ks, vs));
+    with_grad3("multi-head-attention", [q, k, v], y, move |a| {
+        let [q, k, v] = a.inputs;
+        let (qs, ks, vs) = (split(q)?, split(k)?, split(v)?);
+        let grads = chunked_backward(
+            [&qs, &ks, &vs],
+            &split(a.output)?,
+            &split(a.grad)?,
+            a.needs_grad,
+            scale,
+            chunk,
+        )?;
+        let [dq, dk, dv] = grads.map(|g| g.map(|g| merge_heads(&g)));
+        Ok([dq.transpose()?, dk.transpose()?, dv.transpose()?])
     })
 }

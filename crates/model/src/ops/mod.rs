@@ -51,7 +51,7 @@ pub mod norm;
 pub mod softmax;
 
 pub use activation::{geglu, gelu, quick_gelu, silu};
-pub use attention::{attention, attention_chunked, attention_with_bias};
+pub use attention::{attention, attention_chunked, attention_with_bias, multi_head_attention};
 pub use conv::FrozenConv2d;
 pub use custom_grad::{BackwardArgs, add_frozen, with_grad1, with_grad2, with_grad3};
 pub use linear::FrozenLinear;

@@ -111,10 +111,9 @@ impl UNet2DConditionModel {
         self.conv_in.weight.dtype()
     }
 
-    /// Sets the attention chunk size (queries per chunk; `None` chunks only
-    /// attentions whose score matrix exceeds
-    /// [`crate::blocks::attention::AUTO_CHUNK_ELEMENTS`]) of every transformer
-    /// in the UNet.
+    /// Sets the attention chunk size (queries per chunk; `None` sizes chunks
+    /// so that at most [`crate::ops::attention::MAX_CHUNK_SCORES`] score values
+    /// exist at once) of every transformer in the UNet.
     pub fn set_attention_chunk(&mut self, chunk: Option<usize>) {
         let down = self
             .down_blocks

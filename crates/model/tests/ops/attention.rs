@@ -1,5 +1,5 @@
 use candle_core::{DType, Device, Tensor, Var};
-use sd_lora_model::ops::{attention, attention_chunked, attention_with_bias};
+use sd_lora_model::ops::{attention, attention_chunked, attention_with_bias, multi_head_attention};
 
 use crate::common::{Rng, assert_grads_ok, check_grads, grad_entries, max_abs_diff};
 
@@ -130,4 +130,95 @@ fn forwards_match_reference_and_chunked_gradients_match_unchunked() {
         3 + 1,
         "q, k, v and the constant u"
     );
+}
+
+/// `[b, t, heads·d]` → `[b·heads, t, d]`, the layout of the single-head ops.
+fn heads_first(x: &Tensor, heads: usize) -> Tensor {
+    let (b, t, c) = x.dims3().unwrap();
+    x.reshape((b, t, heads, c / heads))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b * heads, t, c / heads))
+        .unwrap()
+}
+
+#[test]
+fn multi_head_attention_equals_attention_per_head() {
+    let mut rng = Rng::new(85);
+    let heads = 3;
+    // Cross-attention: 7 queries, 5 keys, head widths 4 (q, k) and 2 (v).
+    let q = rng.tensor(&[2, 7, 12], DType::F32);
+    let k = rng.tensor(&[2, 5, 12], DType::F32);
+    let v = rng.tensor(&[2, 5, 6], DType::F32);
+    let want = attention(
+        &heads_first(&q, heads),
+        &heads_first(&k, heads),
+        &heads_first(&v, heads),
+        0.5,
+    )
+    .unwrap()
+    .reshape((2, heads, 7, 2))
+    .unwrap()
+    .transpose(1, 2)
+    .unwrap()
+    .reshape((2, 7, 6))
+    .unwrap();
+    for chunk in [None, Some(1), Some(3), Some(100)] {
+        let y = multi_head_attention(&q, &k, &v, heads, 0.5, chunk).unwrap();
+        assert_eq!(y.dims(), &[2, 7, 6]);
+        assert!(max_abs_diff(&y, &want) < 1e-6, "chunk {chunk:?}");
+    }
+    // Shapes that do not split into the heads are an error, not a panic.
+    assert!(multi_head_attention(&q, &k, &v, 5, 0.5, None).is_err());
+    assert!(multi_head_attention(&q, &k, &v, heads, 0.5, Some(0)).is_err());
+}
+
+#[test]
+fn multi_head_attention_gradients_match_finite_differences() {
+    let mut rng = Rng::new(86);
+    let inputs = [
+        rng.tensor(&[2, 5, 6], DType::F64),
+        rng.tensor(&[2, 4, 6], DType::F64),
+        rng.tensor(&[2, 4, 4], DType::F64),
+    ];
+    for chunk in [None, Some(2)] {
+        let f = |xs: &[Tensor]| multi_head_attention(&xs[0], &xs[1], &xs[2], 2, 0.5, chunk);
+        let check = check_grads(f, &inputs, &[true, true, true], &mut rng);
+        assert_grads_ok("multi_head_attention", &check, 1e-6);
+        let check = check_grads(f, &inputs, &[false, true, false], &mut rng);
+        assert_grads_ok("multi_head_attention (k only)", &check, 1e-6);
+    }
+    // Self-attention on one input: the three gradients add up.
+    let x = rng.tensor(&[1, 6, 4], DType::F64);
+    let f = |xs: &[Tensor]| multi_head_attention(&xs[0], &xs[0], &xs[0], 2, 0.5, Some(4));
+    let check = check_grads(f, &[x], &[true], &mut rng);
+    assert_grads_ok("multi_head_attention(x, x, x)", &check, 1e-6);
+}
+
+#[test]
+fn multi_head_attention_keeps_half_precision_inputs_and_gradients_half() {
+    let mut rng = Rng::new(87);
+    let q = rng.tensor(&[1, 6, 8], DType::F32);
+    let want = multi_head_attention(&q, &q, &q, 2, 0.5, None).unwrap();
+    let var = Var::from_tensor(&q.to_dtype(DType::F16).unwrap()).unwrap();
+    let y = multi_head_attention(
+        var.as_tensor(),
+        var.as_tensor(),
+        var.as_tensor(),
+        2,
+        0.5,
+        None,
+    )
+    .unwrap();
+    assert_eq!(y.dtype(), DType::F16);
+    assert!(max_abs_diff(&y.to_dtype(DType::F32).unwrap(), &want) < 5e-3);
+    let grads = y
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(grads.get(var.as_tensor()).unwrap().dtype(), DType::F16);
 }
