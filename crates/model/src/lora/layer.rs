@@ -3,10 +3,12 @@
 //! [`crate::ops::FrozenLinear`] and [`crate::ops::FrozenConv2d`] have a `lora`
 //! slot; when it holds a [`LoraAdapter`] (and the adapter is not merged) their
 //! forward adds `multiplier · (alpha / rank) · up(down(dropout(x)))` to the
-//! frozen base output. The base path is unchanged (it still computes only the
-//! input gradient); the LoRA path is built from ordinary candle matmuls, plus a
-//! custom-gradient conv for the conv `down`, so `down` and `up` — candle
-//! [`Var`]s — receive gradients.
+//! frozen base output, and `down` and `up` — candle [`Var`]s — receive
+//! gradients. For a Linear layer the base output and the LoRA term are one graph
+//! node with a hand-written backward ([`LoraAdapter::apply_linear`]), which keeps
+//! one output-sized tensor instead of four; for a Conv2d the LoRA path is built
+//! from ordinary candle matmuls plus a custom-gradient conv for the `down`, added
+//! to the base output (which still computes only the input gradient).
 //!
 //! # Dtypes
 //!
@@ -269,26 +271,101 @@ impl LoraAdapter {
         }
     }
 
-    /// The LoRA term of a Linear layer for `x: (..., in)` (base dtype), in the
-    /// base dtype: `scale · x·downᵀ·upᵀ`.
-    pub fn linear_delta(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, in_features) = self.down.dims2()?;
-        let (out_features, _) = self.up.dims2()?;
+    /// A Linear layer's output with this adapter: `base + scale·(dropout(x)·downᵀ)·upᵀ`
+    /// for `x: (..., in)`, where `base = x·Wᵀ + b` was computed from `x` without a
+    /// graph and `weight` is the frozen `W: [out, in]`.
+    ///
+    /// The result is one graph node on (`x`, `down`, `up`) with a hand-written
+    /// backward, `dx = g·W + scale·((g·up)·down ⊙ mask)`, `ddown = scale·(g·up)ᵀ·x̃`,
+    /// `dup = scale·gᵀ·(x̃·downᵀ)` (x̃ = dropout(x)): built from candle ops it would
+    /// keep the base output, the up-projection, its scaled copy and the sum — four
+    /// output-sized tensors per adapted layer — where this keeps one.
+    pub fn apply_linear(&self, x: &Tensor, base: Tensor, weight: &Tensor) -> Result<Tensor> {
+        let down = param(&self.down);
+        let up = param(&self.up);
+        let (_, in_features) = down.dims2()?;
+        let (out_features, _) = up.dims2()?;
         if x.rank() == 0 || x.dim(candle_core::D::Minus1)? != in_features {
             bail!(
                 "LoRA: input shape {:?} does not end in in_features {in_features}",
                 x.dims()
             )
         }
-        let m = x.elem_count() / in_features;
-        let h = self.input(x)?.reshape((m, in_features))?;
-        let h = h.matmul(&param(&self.down).t()?)?;
-        let h = (h.matmul(&param(&self.up).t()?)? * self.scale())?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out_features;
+        if base.dims().last() != Some(&out_features)
+            || weight.dims2()? != (out_features, in_features)
+        {
+            bail!(
+                "LoRA: base output {:?} / weight {:?} do not match the adapter [{out_features}, {in_features}]",
+                base.dims(),
+                weight.dims()
+            )
         }
-        h.reshape(dims)?.to_dtype(x.dtype())
+        let m = x.elem_count() / in_features;
+        let ldt = down.dtype();
+        let scale = self.scale();
+        let mask = match self.active_dropout() {
+            Some(d) => Some(
+                d.mask(x.dims(), ldt, x.device())?
+                    .reshape((m, in_features))?,
+            ),
+            None => None,
+        };
+        // x̃ in the LoRA dtype, as a [m, in] matrix.
+        let lora_input = move |x: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
+            let x = x.to_dtype(ldt)?.reshape((m, in_features))?;
+            match mask {
+                Some(mask) => x.mul(mask),
+                None => Ok(x),
+            }
+        };
+        let (down_d, up_d) = (down.detach(), up.detach());
+        let delta = (lora_input(&x.detach(), &mask)?
+            .matmul(&down_d.t()?)?
+            .matmul(&up_d.t()?)?
+            * scale)?;
+        let delta = delta.reshape(base.shape())?.to_dtype(base.dtype())?;
+        let y = (base + delta)?;
+        let weight = weight.detach();
+        crate::ops::with_grad3("linear-lora", [x, &down, &up], y, move |a| {
+            let [x, down, up] = a.inputs;
+            let [need_x, need_down, need_up] = a.needs_grad;
+            let g = a.grad.reshape((m, out_features))?;
+            let gl = g.to_dtype(ldt)?;
+            // g·up·scale: the gradient of the rank-r bottleneck.
+            let gh = (gl.matmul(up)? * scale)?;
+            let dx = if need_x {
+                let dl = gh.matmul(down)?;
+                let dl = match &mask {
+                    Some(mask) => dl.mul(mask)?,
+                    None => dl,
+                };
+                let dx = (g.matmul(&weight)? + dl.to_dtype(g.dtype())?)?;
+                Some(dx.reshape(x.shape())?)
+            } else {
+                None
+            };
+            let xl = if need_down || need_up {
+                Some(lora_input(x, &mask)?)
+            } else {
+                None
+            };
+            let (ddown, dup) = match &xl {
+                Some(xl) => (
+                    if need_down {
+                        Some(gh.t()?.matmul(xl)?)
+                    } else {
+                        None
+                    },
+                    if need_up {
+                        Some((gl.t()?.matmul(&xl.matmul(&down.t()?)?)? * scale)?)
+                    } else {
+                        None
+                    },
+                ),
+                None => (None, None),
+            };
+            Ok([dx, ddown, dup])
+        })
     }
 
     /// The LoRA term of a Conv2d layer (stride `stride`, padding `padding`) for

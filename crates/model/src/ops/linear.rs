@@ -7,7 +7,8 @@
 //! holds `w`, so the backward computes `dx = g·w` and nothing else.
 //!
 //! A layer may carry a LoRA adapter in its `lora` slot (see [`crate::lora::layer`]):
-//! its term is added to the frozen output with ordinary, differentiable ops.
+//! then the frozen output and the LoRA term form one graph node
+//! ([`LoraAdapter::apply_linear`]) whose backward gives `dx`, `ddown` and `dup`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
@@ -64,10 +65,11 @@ impl FrozenLinear {
     /// Applies the layer to `x: (..., in)`, giving `(..., out)`: the frozen base
     /// plus the LoRA term when an unmerged adapter is attached.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.forward_base(x)?;
         match &self.lora {
-            Some(lora) if !lora.is_merged() => y + lora.linear_delta(x)?,
-            _ => Ok(y),
+            Some(lora) if !lora.is_merged() => {
+                lora.apply_linear(x, self.forward_base(&x.detach())?, &self.weight)
+            }
+            _ => self.forward_base(x),
         }
     }
 
