@@ -15,7 +15,7 @@
 //! [`crate::ops`]: norms compute their statistics in f32, and the attention here
 //! always computes its scores and softmax in f32 when storage is f16/bf16.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
 use crate::ops::{self, FrozenConv2d, FrozenLinear};
@@ -115,4 +115,120 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+}
+
+/// `conv(silu(norm(x))) + add` — both halves of a ResNet block (`add` = the time
+/// embedding, then the residual) and the UNet's output head — as one graph node
+/// on (`x`, `add`).
+///
+/// Built from separate ops, training would keep the norm's output, the SiLU's
+/// output and the conv's output for the backward — three tensors the size of `x`
+/// that a frozen conv does not need. This node keeps only `x` (and `add`): the
+/// backward recomputes the normalised values from `x` (two cheap passes), takes
+/// the conv's input gradient from its kernel and applies the SiLU and GroupNorm
+/// derivatives, in f32 for half-precision inputs.
+///
+/// The forward runs the unfused ops on detached inputs, so the output is
+/// bit-identical to them. With an active LoRA adapter on `conv` (whose `down`
+/// needs the conv's input), the unfused ops run instead. `add` must have the
+/// rank of the output and broadcast to it.
+pub fn norm_silu_conv(
+    norm: &GroupNorm,
+    conv: &FrozenConv2d,
+    x: &Tensor,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
+    let unfused = |x: &Tensor, add: Option<&Tensor>| -> Result<Tensor> {
+        let h = conv2d_forward(conv, &ops::silu(&norm.forward(x)?)?)?;
+        match add {
+            Some(add) => h.broadcast_add(add),
+            None => Ok(h),
+        }
+    };
+    let tracked = x.track_op() || add.is_some_and(Tensor::track_op);
+    let conv_lora = conv.lora.as_ref().is_some_and(|l| !l.is_merged());
+    if !tracked || conv_lora || !ops::checkpoint::is_grad_enabled() {
+        return unfused(x, add);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let add_dims = add.map(|a| a.dims().to_vec());
+    if add_dims.as_ref().is_some_and(|d| d.len() != 4) {
+        bail!("norm_silu_conv: `add` {add_dims:?} is not rank 4")
+    }
+    let (xd, addd) = (x.detach(), add.map(Tensor::detach));
+    let y = ops::checkpoint::no_grad(|| unfused(&xd, addd.as_ref()))?;
+    drop((xd, addd));
+
+    let weight = conv.weight.detach();
+    let (_, _, kh, kw) = weight.dims4()?;
+    let (stride, padding) = (conv.stride, conv.padding);
+    let (groups, eps) = (norm.num_groups, norm.eps);
+    let (gamma, beta) = (norm.weight.detach(), norm.bias.detach());
+    let grouped = (b * groups, c / groups * h * w);
+    let channels = (b, c, h * w);
+    let dx = move |x: &Tensor, g: &Tensor| -> Result<Tensor> {
+        let cdt = ops::norm::compute_dtype(x.dtype());
+        let xc = x.to_dtype(cdt)?.reshape(grouped)?;
+        let (mean, rstd) = ops::norm::stats(&xc, eps)?;
+        let xhat = xc.broadcast_sub(&mean)?.broadcast_mul(&rstd)?;
+        drop(xc);
+        let gamma = gamma.to_dtype(cdt)?.reshape((1, c, 1))?;
+        let beta = beta.to_dtype(cdt)?.reshape((1, c, 1))?;
+        let pre = xhat
+            .reshape(channels)?
+            .broadcast_mul(&gamma)?
+            .broadcast_add(&beta)?;
+        // silu'(p) = σ(p)·(1 + p·(1 − σ(p))).
+        let sig = candle_nn::ops::sigmoid(&pre)?;
+        let dact = ((&pre * (1.0 - &sig)?)? + 1.0)?.mul(&sig)?;
+        drop((pre, sig));
+        let da = ops::conv::input_grad(
+            &g.to_dtype(cdt)?,
+            &weight,
+            (h, w),
+            (kh, kw),
+            stride,
+            padding,
+        )?;
+        let dxhat = da
+            .reshape(channels)?
+            .mul(&dact)?
+            .broadcast_mul(&gamma)?
+            .reshape(grouped)?;
+        ops::norm::normalise_backward(&dxhat, &xhat, &rstd)?.reshape((b, c, h, w))
+    };
+    match add_dims {
+        None => ops::with_grad1("norm-silu-conv", x, y, move |a| {
+            Ok([Some(dx(a.inputs[0], a.grad)?)])
+        }),
+        Some(add_dims) => {
+            let inputs = [x, add.unwrap_or(x)];
+            ops::with_grad2("norm-silu-conv-add", inputs, y, move |a| {
+                let [need_x, need_add] = a.needs_grad;
+                let dx = if need_x {
+                    Some(dx(a.inputs[0], a.grad)?)
+                } else {
+                    None
+                };
+                let dadd = if need_add {
+                    Some(sum_to(a.grad, &add_dims)?)
+                } else {
+                    None
+                };
+                Ok([dx, dadd])
+            })
+        }
+    }
+}
+
+/// `g` summed over the dimensions where `dims` (same rank) has size 1 and `g`
+/// does not: the gradient of a broadcast operand.
+fn sum_to(g: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    let mut g = g.clone();
+    for (i, &d) in dims.iter().enumerate() {
+        if d == 1 && g.dim(i)? != 1 {
+            g = g.sum_keepdim(i)?;
+        }
+    }
+    Ok(g)
 }

@@ -11,7 +11,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{GroupNorm, conv2d, conv2d_forward, linear};
+use super::layers::{GroupNorm, conv2d, conv2d_forward, linear, norm_silu_conv};
 use crate::ops::{self, FrozenConv2d, FrozenLinear};
 
 /// The settings of one [`ResnetBlock2D`].
@@ -65,22 +65,22 @@ impl ResnetBlock2D {
     /// `x: [b, in, h, w]`, `temb: [b, temb_channels]` (ignored when the block has
     /// no `time_emb_proj`) → `[b, out, h, w]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = ops::silu(&self.norm1.forward(x)?)?;
-        let mut h = conv2d_forward(&self.conv1, &h)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj
-                .forward(&ops::silu(temb)?)?
-                .unsqueeze(2)?
-                .unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = ops::silu(&self.norm2.forward(&h)?)?;
-        let h = conv2d_forward(&self.conv2, &h)?;
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(
+                proj.forward(&ops::silu(temb)?)?
+                    .unsqueeze(2)?
+                    .unsqueeze(3)?,
+            ),
+            _ => None,
+        };
+        // h = conv1(silu(norm1(x))) + t; out = conv2(silu(norm2(h))) + residual,
+        // each half one graph node that keeps only its inputs.
+        let h = norm_silu_conv(&self.norm1, &self.conv1, x, t.as_ref())?;
         let residual = match &self.conv_shortcut {
             Some(conv) => conv2d_forward(conv, x)?,
             None => x.clone(),
         };
-        let out = (residual + h)?;
+        let out = norm_silu_conv(&self.norm2, &self.conv2, &h, Some(&residual))?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

@@ -156,7 +156,7 @@ fn chunked_backward(
 
 /// Score values processed at once by [`multi_head_attention`] when no chunk
 /// size is given: 2^24 (64 MiB in f32).
-pub const MAX_CHUNK_SCORES: usize = 1 << 24;
+pub const MAX_CHUNK_SCORES: usize = 1 << 22;
 
 /// Queries per chunk for `lead` (batch·heads) score matrices of `tq × tk` values
 /// when at most [`MAX_CHUNK_SCORES`] may exist at once (at least 1, at most `tq`).

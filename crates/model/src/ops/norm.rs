@@ -22,7 +22,7 @@ use candle_core::{D, DType, Result, Tensor, bail};
 use super::custom_grad::with_grad3;
 
 /// The dtype statistics are computed in: f32 for half-precision inputs.
-fn compute_dtype(dtype: DType) -> DType {
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,
         d => d,
@@ -30,7 +30,7 @@ fn compute_dtype(dtype: DType) -> DType {
 }
 
 /// Mean and `1/sqrt(var + eps)` over the last dimension (kept as size 1).
-fn stats(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+pub(crate) fn stats(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(D::Minus1)?;
     let rstd = (var + eps)?.sqrt()?.recip()?;
@@ -38,7 +38,7 @@ fn stats(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
 }
 
 /// `dx` from `dx̂` and `x̂`, both shaped `[rows, n]` with the normalisation over `n`.
-fn normalise_backward(dxhat: &Tensor, xhat: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+pub(crate) fn normalise_backward(dxhat: &Tensor, xhat: &Tensor, rstd: &Tensor) -> Result<Tensor> {
     let mean_dxhat = dxhat.mean_keepdim(D::Minus1)?;
     let mean_dxhat_xhat = (dxhat * xhat)?.mean_keepdim(D::Minus1)?;
     dxhat

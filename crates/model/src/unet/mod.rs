@@ -34,8 +34,8 @@ pub use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::{BlockKind, UNetConfig};
 pub use embeddings::{TimestepEmbedding, timestep_embedding};
 
-use crate::blocks::layers::{GroupNorm, conv2d, conv2d_forward};
-use crate::ops::{self, FrozenConv2d};
+use crate::blocks::layers::{GroupNorm, conv2d, conv2d_forward, norm_silu_conv};
+use crate::ops::FrozenConv2d;
 
 /// SDXL's added conditioning (`addition_embed_type = "text_time"`).
 #[derive(Debug, Clone)]
@@ -235,8 +235,7 @@ impl UNet2DConditionModel {
 
     /// `conv_out(silu(conv_norm_out(h)))`.
     pub fn forward_conv_out(&self, h: &Tensor) -> Result<Tensor> {
-        let h = ops::silu(&self.conv_norm_out.forward(h)?)?;
-        conv2d_forward(&self.conv_out, &h)
+        norm_silu_conv(&self.conv_norm_out, &self.conv_out, h, None)
     }
 
     /// The noise (or v) prediction for `sample: [b, c, h, w]` at `timesteps: [b]`

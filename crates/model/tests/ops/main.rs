@@ -6,6 +6,7 @@ mod activation;
 mod attention;
 mod common;
 mod conv;
+mod fused;
 mod half;
 mod linear;
 mod norm;

@@ -1,0 +1,90 @@
+use candle_core::{DType, Tensor, Var};
+use sd_lora_model::blocks::layers::{GroupNorm, conv2d_forward, norm_silu_conv};
+use sd_lora_model::ops::{self, FrozenConv2d};
+
+use crate::common::{Rng, assert_grads_ok, check_grads, max_abs_diff};
+
+fn norm(rng: &mut Rng, c: usize, groups: usize, dtype: DType) -> GroupNorm {
+    GroupNorm {
+        weight: rng.tensor(&[c], dtype).affine(0.2, 1.0).unwrap(),
+        bias: (rng.tensor(&[c], dtype) * 0.2).unwrap(),
+        num_groups: groups,
+        eps: 1e-5,
+    }
+}
+
+fn conv(rng: &mut Rng, cin: usize, cout: usize, k: usize, dtype: DType) -> FrozenConv2d {
+    let w = (rng.tensor(&[cout, cin, k, k], dtype) * 0.3).unwrap();
+    let b = rng.tensor(&[cout], dtype);
+    FrozenConv2d::new(w, Some(b), 1, k / 2).unwrap()
+}
+
+/// The same computation from separate ops.
+fn unfused(n: &GroupNorm, c: &FrozenConv2d, x: &Tensor, add: Option<&Tensor>) -> Tensor {
+    let h = conv2d_forward(c, &ops::silu(&n.forward(x).unwrap()).unwrap()).unwrap();
+    match add {
+        Some(a) => h.broadcast_add(a).unwrap(),
+        None => h,
+    }
+}
+
+#[test]
+fn norm_silu_conv_gradients_match_finite_differences() {
+    let mut rng = Rng::new(90);
+    let n = norm(&mut rng, 4, 2, DType::F64);
+    let x = rng.tensor(&[2, 4, 5, 6], DType::F64);
+    for k in [3, 1] {
+        let c = conv(&mut rng, 4, 3, k, DType::F64);
+        let f = |xs: &[Tensor]| norm_silu_conv(&n, &c, &xs[0], None);
+        let check = check_grads(f, std::slice::from_ref(&x), &[true], &mut rng);
+        assert_grads_ok("norm_silu_conv", &check, 1e-6);
+        // A broadcast add (a time embedding) and a full one (a residual).
+        for add_shape in [[2, 3, 1, 1], [2, 3, 5, 6]] {
+            let add = rng.tensor(&add_shape, DType::F64);
+            let inputs = [x.clone(), add];
+            let f = |xs: &[Tensor]| norm_silu_conv(&n, &c, &xs[0], Some(&xs[1]));
+            for wrt in [[true, true], [false, true], [true, false]] {
+                let check = check_grads(f, &inputs, &wrt, &mut rng);
+                assert_grads_ok(
+                    &format!("norm_silu_conv + {add_shape:?} {wrt:?}"),
+                    &check,
+                    1e-6,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn norm_silu_conv_equals_the_separate_ops() {
+    let mut rng = Rng::new(91);
+    let n = norm(&mut rng, 8, 4, DType::F32);
+    let c = conv(&mut rng, 8, 6, 3, DType::F32);
+    let x = Var::from_tensor(&rng.tensor(&[1, 8, 7, 9], DType::F32)).unwrap();
+    let t = Var::from_tensor(&rng.tensor(&[1, 6, 1, 1], DType::F32)).unwrap();
+    let u = rng.tensor(&[1, 6, 7, 9], DType::F32);
+    let fused = norm_silu_conv(&n, &c, x.as_tensor(), Some(t.as_tensor())).unwrap();
+    let plain = unfused(&n, &c, x.as_tensor(), Some(t.as_tensor()));
+    // The forward runs the same ops: bit-identical.
+    assert_eq!(max_abs_diff(&fused, &plain), 0.0);
+    let gf = (fused * &u).unwrap().sum_all().unwrap().backward().unwrap();
+    let gp = (plain * &u).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &t] {
+        let (a, b) = (
+            gf.get(v.as_tensor()).unwrap(),
+            gp.get(v.as_tensor()).unwrap(),
+        );
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(max_abs_diff(a, b) <= 1e-5 * scale, "{:?}", v.dims());
+    }
+    // Untracked inputs: no graph, same values.
+    let y = norm_silu_conv(&n, &c, &x.as_tensor().detach(), None).unwrap();
+    assert!(!y.track_op());
+    assert_eq!(max_abs_diff(&y, &unfused(&n, &c, x.as_tensor(), None)), 0.0);
+}
