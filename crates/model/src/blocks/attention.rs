@@ -99,8 +99,32 @@ impl FeedForward {
         })
     }
 
+    /// `net_2(geglu(net_0.proj(x)))`. When `net.2` has no active LoRA adapter,
+    /// the GEGLU and `net.2` are one graph node on the projection: the GEGLU's
+    /// output (half the projection's size) is not kept for the backward, which
+    /// takes `net.2`'s input gradient from its weight and applies the GEGLU
+    /// derivative to the projection.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.net_2.forward(&self.net_0.forward(x)?)
+        let p = self.net_0.proj.forward(x)?;
+        let lora = self.net_2.lora.as_ref().is_some_and(|l| !l.is_merged());
+        if lora || !p.track_op() || !ops::checkpoint::is_grad_enabled() {
+            return self.net_2.forward(&ops::geglu(&p)?);
+        }
+        let pd = p.detach();
+        let y = ops::checkpoint::no_grad(|| self.net_2.forward(&ops::geglu(&pd)?))?;
+        drop(pd);
+        let w = self.net_2.weight.detach();
+        ops::with_grad1("geglu-linear", &p, y, move |a| {
+            let [p] = a.inputs;
+            let (n, k) = w.dims2()?;
+            let m = a.grad.elem_count() / n;
+            let mut dims = p.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = k;
+            }
+            let dh = a.grad.reshape((m, n))?.matmul(&w)?.reshape(dims)?;
+            Ok([Some(ops::activation::geglu_backward(p, &dh)?)])
+        })
     }
 }
 

@@ -65,9 +65,10 @@ fn chunks(t: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |start| (start, chunk.min(t - start)))
 }
 
-/// The softmax probabilities for queries `qc` (detached, no graph).
+/// The softmax probabilities for queries `qc` (detached, no graph). The scale
+/// is applied to the queries, `d` values per row instead of `tk` scores.
 fn probs(qc: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (qc.matmul(&k.t()?)? * scale)?;
+    let scores = (qc * scale)?.matmul(&k.t()?)?;
     candle_nn::ops::softmax_last_dim(&scores.contiguous()?)
 }
 

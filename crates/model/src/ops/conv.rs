@@ -186,6 +186,18 @@ struct Im2Col {
 }
 
 impl Im2Col {
+    /// The output columns `lo..hi` whose input column `ox·stride + j − padding`
+    /// (kernel column `j`) lies inside the image; the others read padding.
+    fn valid_columns(&self, j: usize) -> (usize, usize) {
+        let (_, _, _, w) = self.dims;
+        let (_, ow) = self.out;
+        let (s, pad) = (self.stride, self.padding);
+        // ox·s + j ≥ pad  ⇔  ox ≥ ⌈(pad − j) / s⌉;  ox·s + j < w + pad  ⇔  ox < ⌈(w + pad − j) / s⌉.
+        let lo = pad.saturating_sub(j).div_ceil(s);
+        let hi = (w + pad).saturating_sub(j).div_ceil(s).min(ow);
+        (lo.min(hi), hi)
+    }
+
     /// `[b, c·kh·kw, oh·ow]`, rows in the kernel's `(c, i, j)` order; one task
     /// per `(batch, channel)`, each writing its own `kh·kw` rows.
     fn run<T: WithDType>(&self, x: &Tensor) -> Result<Tensor> {
@@ -216,10 +228,14 @@ impl Im2Col {
                             }
                             let line = &plane[iy as usize * w..(iy as usize + 1) * w];
                             let dst = &mut row[oy * ow..(oy + 1) * ow];
-                            for (ox, d) in dst.iter_mut().enumerate() {
-                                let ix = (ox * stride + j) as isize - pad as isize;
-                                if ix >= 0 && ix < w as isize {
-                                    *d = line[ix as usize];
+                            let (lo, hi) = self.valid_columns(j);
+                            if stride == 1 {
+                                // A contiguous run: one vectorised copy.
+                                let from = lo + j - pad;
+                                dst[lo..hi].copy_from_slice(&line[from..from + hi - lo]);
+                            } else {
+                                for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                                    *d = line[ox * stride + j - pad];
                                 }
                             }
                         }
@@ -260,10 +276,15 @@ impl Im2Col {
                             }
                             let line = &mut plane[iy as usize * w..(iy as usize + 1) * w];
                             let from = &row[oy * ow..(oy + 1) * ow];
-                            for (ox, v) in from.iter().enumerate() {
-                                let ix = (ox * stride + j) as isize - pad as isize;
-                                if ix >= 0 && ix < w as isize {
-                                    line[ix as usize] += *v;
+                            let (lo, hi) = self.valid_columns(j);
+                            if stride == 1 {
+                                let to = lo + j - pad;
+                                for (d, v) in line[to..to + hi - lo].iter_mut().zip(&from[lo..hi]) {
+                                    *d += *v;
+                                }
+                            } else {
+                                for (ox, v) in from.iter().enumerate().take(hi).skip(lo) {
+                                    line[ox * stride + j - pad] += *v;
                                 }
                             }
                         }

@@ -76,3 +76,43 @@ fn geglu_rejects_odd_width() {
     let x = Tensor::zeros((2, 5), DType::F32, &candle_core::Device::Cpu).unwrap();
     assert!(geglu(&x).is_err());
 }
+
+/// The f32 CPU kernel of GEGLU (forward and backward in one pass each) against
+/// the generic tensor-op path, which f64 inputs take.
+#[test]
+fn geglu_f32_kernel_matches_the_f64_path() {
+    let mut rng = Rng::new(77);
+    // 37 rows of width 2·24: rows do not divide the kernel's tasks evenly.
+    let x64 = (rng.tensor(&[37, 48], DType::F64) * 2.0).unwrap();
+    let g64 = rng.tensor(&[37, 24], DType::F64);
+    let run = |x: &Tensor, g: &Tensor| {
+        let v = Var::from_tensor(x).unwrap();
+        let y = geglu(v.as_tensor()).unwrap();
+        let grads = (&y * g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(v.as_tensor()).unwrap().clone();
+        (y, dx)
+    };
+    let (y64, dx64) = run(&x64, &g64);
+    let (x32, g32) = (
+        x64.to_dtype(DType::F32).unwrap(),
+        g64.to_dtype(DType::F32).unwrap(),
+    );
+    let (y32, dx32) = run(&x32, &g32);
+    let close = |a: &Tensor, b: &Tensor| {
+        let a = a.to_dtype(DType::F64).unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        max_abs_diff(&a, b) / scale
+    };
+    assert!(close(&y32, &y64) < 1e-6, "forward {}", close(&y32, &y64));
+    assert!(
+        close(&dx32, &dx64) < 1e-6,
+        "backward {}",
+        close(&dx32, &dx64)
+    );
+}

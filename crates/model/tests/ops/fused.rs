@@ -1,6 +1,7 @@
 use candle_core::{DType, Tensor, Var};
+use sd_lora_model::blocks::attention::{FeedForward, GegluProj};
 use sd_lora_model::blocks::layers::{GroupNorm, conv2d_forward, norm_silu_conv};
-use sd_lora_model::ops::{self, FrozenConv2d};
+use sd_lora_model::ops::{self, FrozenConv2d, FrozenLinear};
 
 use crate::common::{Rng, assert_grads_ok, check_grads, max_abs_diff};
 
@@ -87,4 +88,44 @@ fn norm_silu_conv_equals_the_separate_ops() {
     let y = norm_silu_conv(&n, &c, &x.as_tensor().detach(), None).unwrap();
     assert!(!y.track_op());
     assert_eq!(max_abs_diff(&y, &unfused(&n, &c, x.as_tensor(), None)), 0.0);
+}
+
+fn feed_forward(rng: &mut Rng, dim: usize, inner: usize, dtype: DType) -> FeedForward {
+    let lin = |rng: &mut Rng, o: usize, i: usize| {
+        let w = (rng.tensor(&[o, i], dtype) * 0.4).unwrap();
+        FrozenLinear::new(w, Some(rng.tensor(&[o], dtype))).unwrap()
+    };
+    FeedForward {
+        net_0: GegluProj {
+            proj: lin(rng, 2 * inner, dim),
+        },
+        net_2: lin(rng, dim, inner),
+    }
+}
+
+#[test]
+fn feed_forward_gradients_match_finite_differences_and_the_separate_ops() {
+    let mut rng = Rng::new(92);
+    let ff = feed_forward(&mut rng, 4, 6, DType::F64);
+    let x = rng.tensor(&[2, 3, 4], DType::F64);
+    let f = |xs: &[Tensor]| ff.forward(&xs[0]);
+    let check = check_grads(f, std::slice::from_ref(&x), &[true], &mut rng);
+    assert_grads_ok("feed-forward (GEGLU + net.2 fused)", &check, 1e-6);
+
+    // The same values and gradient as the ops one by one.
+    let xv = Var::from_tensor(&x).unwrap();
+    let u = rng.tensor(&[2, 3, 4], DType::F64);
+    let fused = ff.forward(xv.as_tensor()).unwrap();
+    let plain = ff
+        .net_2
+        .forward(&ops::geglu(&ff.net_0.proj.forward(xv.as_tensor()).unwrap()).unwrap())
+        .unwrap();
+    assert_eq!(max_abs_diff(&fused, &plain), 0.0);
+    let gf = (fused * &u).unwrap().sum_all().unwrap().backward().unwrap();
+    let gp = (plain * &u).unwrap().sum_all().unwrap().backward().unwrap();
+    let (a, b) = (
+        gf.get(xv.as_tensor()).unwrap(),
+        gp.get(xv.as_tensor()).unwrap(),
+    );
+    assert!(max_abs_diff(a, b) < 1e-12);
 }
