@@ -7,7 +7,7 @@
 //! PyTorch. [`gelu`] and [`geglu`] therefore use the exact derivative. [`silu`] is candle's own op,
 //! whose backward is exact (the tests check it).
 
-use candle_core::{D, DType, Result, Storage, Tensor, bail};
+use candle_core::{D, Result, Tensor, bail};
 
 use super::custom_grad::with_grad1;
 
@@ -54,7 +54,7 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     }
     let d = n / 2;
     let xd = x.detach();
-    let y = match with_cpu_f32(&xd, |x| cpu_geglu::forward(x, d)) {
+    let y = match super::with_cpu_f32(&xd, |x| cpu_geglu::forward(x, d)) {
         Some(y) => {
             let mut dims = x.dims().to_vec();
             if let Some(last) = dims.last_mut() {
@@ -84,7 +84,9 @@ pub(crate) fn geglu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
             grad.dims()
         )
     }
-    let fast = with_cpu_f32(x, |x| with_cpu_f32(grad, |g| cpu_geglu::backward(x, g, d)));
+    let fast = super::with_cpu_f32(x, |x| {
+        super::with_cpu_f32(grad, |g| cpu_geglu::backward(x, g, d))
+    });
     if let Some(Some(dx)) = fast {
         return Tensor::from_vec(dx, x.dims(), x.device());
     }
@@ -93,19 +95,6 @@ pub(crate) fn geglu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let dh = (grad * gate.gelu_erf()?)?;
     let dgate = ((grad * h)? * gelu_derivative(&gate)?)?;
     Tensor::cat(&[dh, dgate], D::Minus1)
-}
-
-/// Runs `f` on the data of `t` when it is a contiguous f32 CPU tensor.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !t.device().is_cpu() || t.dtype() != DType::F32 {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    match &*storage {
-        Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok().map(|s| f(&s[start..end])),
-        _ => None,
-    }
 }
 
 /// GEGLU on contiguous f32 rows `[h | gate]` of width `2·d`, forward and

@@ -213,35 +213,50 @@ impl Im2Col {
             _ => bail!("im2col: expected a CPU tensor"),
         };
         let src = &src[layout.start_offset()..layout.start_offset() + b * c * h * w];
-        let mut cols = vec![T::zero(); b * c * kh * kw * p];
-        cols.par_chunks_mut(kh * kw * p)
+        // Every element is written exactly once below (padding as zeros), in
+        // parallel: no serial zero-fill of the largest buffer of the step.
+        let n = b * c * kh * kw * p;
+        let mut cols: Vec<T> = Vec::with_capacity(n);
+        let zero = std::mem::MaybeUninit::new(T::zero());
+        cols.spare_capacity_mut()[..n]
+            .par_chunks_mut(kh * kw * p)
             .enumerate()
             .for_each(|(bc, chunk)| {
                 let plane = &src[bc * h * w..(bc + 1) * h * w];
                 for i in 0..kh {
                     for j in 0..kw {
                         let row = &mut chunk[(i * kw + j) * p..(i * kw + j + 1) * p];
+                        let (lo, hi) = self.valid_columns(j);
                         for oy in 0..oh {
+                            let dst = &mut row[oy * ow..(oy + 1) * ow];
                             let iy = (oy * stride + i) as isize - pad as isize;
                             if iy < 0 || iy >= h as isize {
+                                dst.fill(zero);
                                 continue;
                             }
                             let line = &plane[iy as usize * w..(iy as usize + 1) * w];
-                            let dst = &mut row[oy * ow..(oy + 1) * ow];
-                            let (lo, hi) = self.valid_columns(j);
+                            dst[..lo].fill(zero);
+                            dst[hi..].fill(zero);
                             if stride == 1 {
-                                // A contiguous run: one vectorised copy.
-                                let from = lo + j - pad;
-                                dst[lo..hi].copy_from_slice(&line[from..from + hi - lo]);
+                                // A contiguous run: a vectorised copy.
+                                let from = &line[lo + j - pad..hi + j - pad];
+                                for (d, &v) in dst[lo..hi].iter_mut().zip(from) {
+                                    d.write(v);
+                                }
                             } else {
                                 for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
-                                    *d = line[ox * stride + j - pad];
+                                    d.write(line[ox * stride + j - pad]);
                                 }
                             }
                         }
                     }
                 }
             });
+        // SAFETY: the loop above wrote all `n` elements: each task owns the
+        // `kh·kw` rows of one (batch, channel) plane, and every row position
+        // `oy·ow + ox` is written — as a zero outside `lo..hi` or an invalid
+        // input row, else from the input.
+        unsafe { cols.set_len(n) };
         drop(storage);
         Tensor::from_vec(cols, (b, c * kh * kw, p), x.device())
     }

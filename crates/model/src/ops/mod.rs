@@ -57,3 +57,18 @@ pub use custom_grad::{BackwardArgs, add_frozen, with_grad1, with_grad2, with_gra
 pub use linear::FrozenLinear;
 pub use norm::{group_norm, layer_norm};
 pub use softmax::softmax_last_dim;
+
+use candle_core::{DType, Storage, Tensor};
+
+/// Runs `f` on the data of `t` when it is a contiguous f32 CPU tensor.
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok().map(|s| f(&s[start..end])),
+        _ => None,
+    }
+}

@@ -63,6 +63,9 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     let dtype = x.dtype();
     let cdt = compute_dtype(dtype);
     let rows = x.elem_count() / n.max(1);
+    if let Some(y) = layer_norm_cpu_f32(x, gamma, beta, eps, rows, n)? {
+        return Ok(y);
+    }
     let xc = x.detach().to_dtype(cdt)?.reshape((rows, n))?;
     let (mean, rstd) = stats(&xc, eps)?;
     let gamma_c = gamma.detach().to_dtype(cdt)?;
@@ -78,14 +81,13 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
         let [x, _, _] = a.inputs;
         let [need_x, need_gamma, need_beta] = a.needs_grad;
         let g = a.grad.to_dtype(cdt)?.reshape((rows, n))?;
-        let xhat = || -> Result<Tensor> {
-            x.to_dtype(cdt)?
-                .reshape((rows, n))?
-                .broadcast_sub(&mean)?
-                .broadcast_mul(&rstd)
-        };
         let xhat = if need_x || need_gamma {
-            Some(xhat()?)
+            Some(
+                x.to_dtype(cdt)?
+                    .reshape((rows, n))?
+                    .broadcast_sub(&mean)?
+                    .broadcast_mul(&rstd)?,
+            )
         } else {
             None
         };
@@ -103,6 +105,113 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
         let dbeta = if need_beta { Some(g.sum(0)?) } else { None };
         Ok([dx, dgamma, dbeta])
     })
+}
+
+/// [`layer_norm`] for contiguous f32 CPU tensors with frozen `γ, β` (the LoRA
+/// case): forward and input gradient each in one parallel pass over the rows,
+/// instead of a dozen tensor ops (several of them single-threaded reductions).
+/// The row statistics are kept from the forward for the backward. `None` when
+/// the inputs do not qualify.
+fn layer_norm_cpu_f32(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    rows: usize,
+    n: usize,
+) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    if gamma.track_op() || beta.track_op() || n == 0 {
+        return Ok(None);
+    }
+    let (gamma, beta) = (gamma.detach(), beta.detach());
+    let per = (16_384 / n).max(1);
+    let forward = super::with_cpu_f32(x, |xs| {
+        super::with_cpu_f32(&gamma, |gs| {
+            super::with_cpu_f32(&beta, |bs| {
+                let mut y = vec![0f32; rows * n];
+                let mut stats = vec![(0f32, 0f32); rows];
+                y.par_chunks_mut(per * n)
+                    .zip(stats.par_chunks_mut(per))
+                    .zip(xs.par_chunks(per * n))
+                    .for_each(|((y, st), x)| {
+                        for ((y, st), x) in y.chunks_exact_mut(n).zip(st).zip(x.chunks_exact(n)) {
+                            let mean = row_sum(x, |v| v) / n as f32;
+                            let var = row_sum(x, |v| (v - mean) * (v - mean)) / n as f32;
+                            let rstd = 1.0 / (var + eps as f32).sqrt();
+                            for (((y, &v), &g), &b) in y.iter_mut().zip(x).zip(gs).zip(bs) {
+                                *y = (v - mean) * rstd * g + b;
+                            }
+                            *st = (mean, rstd);
+                        }
+                    });
+                (y, stats)
+            })
+        })
+    });
+    let Some(Some(Some((y, stats)))) = forward else {
+        return Ok(None);
+    };
+    let y = Tensor::from_vec(y, x.shape(), x.device())?;
+    let out = with_grad3("layer-norm", [x, &gamma, &beta], y, move |a| {
+        let [x, gamma, _] = a.inputs;
+        let grad = a.grad.contiguous()?;
+        let dx = super::with_cpu_f32(x, |xs| {
+            super::with_cpu_f32(gamma, |gs| {
+                super::with_cpu_f32(&grad, |gr| {
+                    let mut dx = vec![0f32; rows * n];
+                    dx.par_chunks_mut(per * n)
+                        .zip(stats.par_chunks(per))
+                        .zip(xs.par_chunks(per * n).zip(gr.par_chunks(per * n)))
+                        .for_each(|((dx, st), (x, g))| {
+                            let rows = dx.chunks_exact_mut(n).zip(st);
+                            for ((dx, &(mean, rstd)), (x, g)) in
+                                rows.zip(x.chunks_exact(n).zip(g.chunks_exact(n)))
+                            {
+                                // dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), dx̂ = g·γ.
+                                let mut s1 = 0f32;
+                                let mut s2 = 0f32;
+                                for ((&v, &g), &w) in x.iter().zip(g).zip(gs) {
+                                    let d = g * w;
+                                    s1 += d;
+                                    s2 += d * (v - mean) * rstd;
+                                }
+                                let (m1, m2) = (s1 / n as f32, s2 / n as f32);
+                                for (((dx, &v), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(gs) {
+                                    let xhat = (v - mean) * rstd;
+                                    *dx = (g * w - m1 - xhat * m2) * rstd;
+                                }
+                            }
+                        });
+                    dx
+                })
+            })
+        });
+        let Some(Some(Some(dx))) = dx else {
+            bail!("layer-norm: the CPU f32 backward got inputs it cannot read")
+        };
+        Ok([
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            None,
+            None,
+        ])
+    })?;
+    Ok(Some(out))
+}
+
+/// `Σ f(v)` over a row with eight independent accumulators, so the compiler
+/// can vectorise the sum (a single f32 accumulator is a serial dependency).
+#[inline]
+fn row_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// Group normalisation of `x: [batch, channels, ...]` over `groups` groups of

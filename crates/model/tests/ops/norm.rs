@@ -1,4 +1,4 @@
-use candle_core::{DType, Module, Var};
+use candle_core::{DType, Module, Tensor, Var};
 use sd_lora_model::ops::{group_norm, layer_norm};
 
 use crate::common::{Rng, assert_grads_ok, check_grads, max_abs_diff};
@@ -102,4 +102,58 @@ fn group_norm_rejects_indivisible_channels() {
     let x = rng.tensor(&[1, 6, 2, 2], DType::F32);
     let (g, b) = (rng.tensor(&[6], DType::F32), rng.tensor(&[6], DType::F32));
     assert!(group_norm(&x, 4, &g, &b, 1e-5).is_err());
+}
+
+/// The f32 CPU kernel (frozen γ, β: one pass forward, one backward) against
+/// the generic path in f64, on rows that do not fill the kernel's tasks evenly.
+#[test]
+fn layer_norm_f32_kernel_matches_the_f64_path() {
+    let mut rng = Rng::new(93);
+    let x = rng
+        .tensor(&[3, 41, 37], DType::F64)
+        .affine(3.0, 0.5)
+        .unwrap();
+    let gamma = rng.tensor(&[37], DType::F64);
+    let beta = rng.tensor(&[37], DType::F64);
+    let u = rng.tensor(&[3, 41, 37], DType::F64);
+    let run = |dtype: DType| {
+        let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let (g, b) = (
+            gamma.to_dtype(dtype).unwrap(),
+            beta.to_dtype(dtype).unwrap(),
+        );
+        let y = layer_norm(v.as_tensor(), &g, &b, 1e-5).unwrap();
+        let u = u.to_dtype(dtype).unwrap();
+        let grads = (&y * &u).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        (y.to_dtype(DType::F64).unwrap(), dx)
+    };
+    let (y64, dx64) = run(DType::F64);
+    let (y32, dx32) = run(DType::F32);
+    let rel = |a: &Tensor, b: &Tensor| {
+        max_abs_diff(a, b)
+            / b.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+    };
+    assert!(rel(&y32, &y64) < 1e-6, "forward {}", rel(&y32, &y64));
+    assert!(rel(&dx32, &dx64) < 1e-5, "backward {}", rel(&dx32, &dx64));
+    // A trainable γ takes the generic path and gets its gradient.
+    let gv = Var::from_tensor(&gamma.to_dtype(DType::F32).unwrap()).unwrap();
+    let y = layer_norm(
+        &x.to_dtype(DType::F32).unwrap(),
+        gv.as_tensor(),
+        &beta.to_dtype(DType::F32).unwrap(),
+        1e-5,
+    )
+    .unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(gv.as_tensor()).is_some());
 }
