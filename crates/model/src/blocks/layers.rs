@@ -156,7 +156,31 @@ pub fn norm_silu_conv(
         bail!("norm_silu_conv: `add` {add_dims:?} is not rank 4")
     }
     let (xd, addd) = (x.detach(), add.map(Tensor::detach));
-    let y = ops::checkpoint::no_grad(|| unfused(&xd, addd.as_ref()))?;
+    // On the CPU in f32, GroupNorm + SiLU is one kernel pass whose group
+    // statistics serve the backward too.
+    let fast = ops::norm::group_norm_cpu_f32(
+        &xd,
+        norm.num_groups,
+        &norm.weight,
+        &norm.bias,
+        norm.eps,
+        true,
+    );
+    let (y, stats) = match fast {
+        Some((a, stats)) => {
+            let h = conv2d_forward(conv, &a)?;
+            drop(a);
+            let y = match &addd {
+                Some(add) => h.broadcast_add(add)?,
+                None => h,
+            };
+            (y, Some(stats))
+        }
+        None => (
+            ops::checkpoint::no_grad(|| unfused(&xd, addd.as_ref()))?,
+            None,
+        ),
+    };
     drop((xd, addd));
 
     let weight = conv.weight.detach();
@@ -167,6 +191,14 @@ pub fn norm_silu_conv(
     let grouped = (b * groups, c / groups * h * w);
     let channels = (b, c, h * w);
     let dx = move |x: &Tensor, g: &Tensor| -> Result<Tensor> {
+        if let Some(stats) = &stats {
+            let da = ops::conv::input_grad(g, &weight, (h, w), (kh, kw), stride, padding)?;
+            let dx =
+                ops::norm::group_norm_backward_cpu_f32(x, stats, groups, &gamma, &beta, &da, true);
+            if let Some(dx) = dx {
+                return dx;
+            }
+        }
         let cdt = ops::norm::compute_dtype(x.dtype());
         let xc = x.to_dtype(cdt)?.reshape(grouped)?;
         let (mean, rstd) = ops::norm::stats(&xc, eps)?;

@@ -247,6 +247,19 @@ pub fn group_norm(
     // `[b, c, spatial]` for the affine part.
     let grouped = (b * groups, per_group);
     let channels = (b, c, spatial);
+    if !gamma.track_op()
+        && !beta.track_op()
+        && let Some((y, st)) = group_norm_cpu_f32(x, groups, gamma, beta, eps, false)
+    {
+        return with_grad3("group-norm", [x, gamma, beta], y, move |a| {
+            let [x, gamma, beta] = a.inputs;
+            let dx = group_norm_backward_cpu_f32(x, &st, groups, gamma, beta, a.grad, false);
+            match dx {
+                Some(dx) => Ok([Some(dx?), None, None]),
+                None => bail!("group-norm: the CPU f32 backward got inputs it cannot read"),
+            }
+        });
+    }
     let xc = x.detach().to_dtype(cdt)?.reshape(grouped)?;
     let (mean, rstd) = stats(&xc, eps)?;
     let gamma_c = gamma.detach().to_dtype(cdt)?.reshape((1, c, 1))?;
@@ -291,4 +304,143 @@ pub fn group_norm(
         };
         Ok([dx, dgamma, dbeta])
     })
+}
+
+/// Per-group `(mean, rstd)` of a [`group_norm`], as kept by the CPU f32 kernels.
+pub(crate) type GroupStats = Vec<(f32, f32)>;
+
+/// `group_norm(x)` — followed by SiLU when `silu` — for a contiguous f32 CPU
+/// `x: [b, c, ...]` and f32 `γ, β`, one parallel pass per group (a group's
+/// channels are one contiguous block in NCHW), with the group statistics for
+/// [`group_norm_backward_cpu_f32`]. No graph. `None` when the inputs do not
+/// qualify (other device or dtype); the generic path then runs.
+pub(crate) fn group_norm_cpu_f32(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Option<(Tensor, GroupStats)> {
+    use rayon::prelude::*;
+    let dims = x.dims();
+    let (b, c) = (*dims.first()?, *dims.get(1)?);
+    if groups == 0 || c % groups != 0 || b == 0 {
+        return None;
+    }
+    let spatial: usize = dims[2..].iter().product();
+    let cpg = c / groups;
+    let block = cpg * spatial;
+    let gamma = gamma.contiguous().ok()?;
+    let beta = beta.contiguous().ok()?;
+    let (y, st) = super::with_cpu_f32(x, |xs| {
+        super::with_cpu_f32(&gamma, |gs| {
+            super::with_cpu_f32(&beta, |bs| {
+                let mut y = vec![0f32; xs.len()];
+                let mut st = vec![(0f32, 0f32); b * groups];
+                y.par_chunks_mut(block.max(1))
+                    .zip(xs.par_chunks(block.max(1)))
+                    .zip(st.par_iter_mut())
+                    .enumerate()
+                    .for_each(|(gi, ((y, x), st))| {
+                        let mean = row_sum(x, |v| v) / block as f32;
+                        let var = row_sum(x, |v| (v - mean) * (v - mean)) / block as f32;
+                        let rstd = 1.0 / (var + eps as f32).sqrt();
+                        *st = (mean, rstd);
+                        let ch0 = (gi % groups) * cpg;
+                        for (k, (y, x)) in y
+                            .chunks_exact_mut(spatial.max(1))
+                            .zip(x.chunks_exact(spatial.max(1)))
+                            .enumerate()
+                        {
+                            let (g, bb) = (gs[ch0 + k], bs[ch0 + k]);
+                            for (y, &v) in y.iter_mut().zip(x) {
+                                let p = (v - mean) * rstd * g + bb;
+                                // candle's SiLU formula, so the output is the same.
+                                *y = if silu { p / (1.0 + (-p).exp()) } else { p };
+                            }
+                        }
+                    });
+                (y, st)
+            })
+        })
+    })???;
+    Some((Tensor::from_vec(y, dims, x.device()).ok()?, st))
+}
+
+/// The input gradient of [`group_norm_cpu_f32`] (with the same `silu`) from the
+/// gradient `grad` of its output and the statistics it returned: two passes
+/// per group, the first writing `dx̂` (through the SiLU derivative, recomputing
+/// the normalised value) and the row sums, the second finishing
+/// `dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))` in place.
+pub(crate) fn group_norm_backward_cpu_f32(
+    x: &Tensor,
+    st: &[(f32, f32)],
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    grad: &Tensor,
+    silu: bool,
+) -> Option<Result<Tensor>> {
+    use rayon::prelude::*;
+    let dims = x.dims();
+    let c = *dims.get(1)?;
+    let spatial: usize = dims[2..].iter().product();
+    let cpg = c / groups.max(1);
+    let block = (cpg * spatial).max(1);
+    let grad = match grad.contiguous() {
+        Ok(g) => g,
+        Err(e) => return Some(Err(e)),
+    };
+    if grad.dims() != dims || st.len() * block != x.elem_count() {
+        return None;
+    }
+    let dx = super::with_cpu_f32(x, |xs| {
+        super::with_cpu_f32(gamma, |gs| {
+            super::with_cpu_f32(beta, |bs| {
+                super::with_cpu_f32(&grad, |gr| {
+                    let mut dx = vec![0f32; xs.len()];
+                    dx.par_chunks_mut(block)
+                        .zip(xs.par_chunks(block).zip(gr.par_chunks(block)))
+                        .zip(st.par_iter())
+                        .enumerate()
+                        .for_each(|(gi, ((dx, (x, g)), &(mean, rstd)))| {
+                            let ch0 = (gi % groups) * cpg;
+                            let (mut s1, mut s2) = (0f32, 0f32);
+                            let sp = spatial.max(1);
+                            for (k, ((dx, x), g)) in dx
+                                .chunks_exact_mut(sp)
+                                .zip(x.chunks_exact(sp))
+                                .zip(g.chunks_exact(sp))
+                                .enumerate()
+                            {
+                                let (w, bb) = (gs[ch0 + k], bs[ch0 + k]);
+                                for ((dx, &v), &g) in dx.iter_mut().zip(x).zip(g) {
+                                    let xh = (v - mean) * rstd;
+                                    let dp = if silu {
+                                        // silu'(p) = σ(p)·(1 + p·(1 − σ(p))).
+                                        let p = xh * w + bb;
+                                        let s = 1.0 / (1.0 + (-p).exp());
+                                        g * s * (1.0 + p * (1.0 - s))
+                                    } else {
+                                        g
+                                    };
+                                    let d = dp * w;
+                                    s1 += d;
+                                    s2 += d * xh;
+                                    *dx = d;
+                                }
+                            }
+                            let (m1, m2) = (s1 / block as f32, s2 / block as f32);
+                            for (dx, &v) in dx.iter_mut().zip(x.iter()) {
+                                let xh = (v - mean) * rstd;
+                                *dx = (*dx - m1 - xh * m2) * rstd;
+                            }
+                        });
+                    dx
+                })
+            })
+        })
+    })????;
+    Some(Tensor::from_vec(dx, dims, x.device()))
 }

@@ -129,3 +129,61 @@ fn feed_forward_gradients_match_finite_differences_and_the_separate_ops() {
     );
     assert!(max_abs_diff(a, b) < 1e-12);
 }
+
+/// On the CPU in f32, GroupNorm + SiLU and its backward are one-pass kernels;
+/// f64 takes the generic tensor-op path. Both must agree.
+#[test]
+fn norm_silu_conv_f32_kernels_match_the_f64_path() {
+    let mut rng = Rng::new(94);
+    let n64 = norm(&mut rng, 6, 3, DType::F64);
+    let c64 = conv(&mut rng, 6, 4, 3, DType::F64);
+    let x64 = rng
+        .tensor(&[2, 6, 5, 7], DType::F64)
+        .affine(2.0, 0.3)
+        .unwrap();
+    let add64 = rng.tensor(&[2, 4, 5, 7], DType::F64);
+    let u = rng.tensor(&[2, 4, 5, 7], DType::F64);
+    let to = |t: &Tensor, d: DType| t.to_dtype(d).unwrap();
+    let run = |d: DType| {
+        let n = GroupNorm {
+            weight: to(&n64.weight, d),
+            bias: to(&n64.bias, d),
+            num_groups: 3,
+            eps: 1e-5,
+        };
+        let c = FrozenConv2d::new(
+            to(&c64.weight, d),
+            c64.bias.as_ref().map(|b| to(b, d)),
+            1,
+            1,
+        )
+        .unwrap();
+        let (x, add) = (
+            Var::from_tensor(&to(&x64, d)).unwrap(),
+            Var::from_tensor(&to(&add64, d)).unwrap(),
+        );
+        let y = norm_silu_conv(&n, &c, x.as_tensor(), Some(add.as_tensor())).unwrap();
+        let g = (&y * to(&u, d))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grad = |v: &Var| to(g.get(v.as_tensor()).unwrap(), DType::F64);
+        (to(&y, DType::F64), grad(&x), grad(&add))
+    };
+    let (y64, dx64, da64) = run(DType::F64);
+    let (y32, dx32, da32) = run(DType::F32);
+    let rel = |a: &Tensor, b: &Tensor| {
+        max_abs_diff(a, b)
+            / b.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+    };
+    assert!(rel(&y32, &y64) < 1e-5, "forward {}", rel(&y32, &y64));
+    assert!(rel(&dx32, &dx64) < 1e-5, "dx {}", rel(&dx32, &dx64));
+    assert!(rel(&da32, &da64) < 1e-6, "dadd {}", rel(&da32, &da64));
+}

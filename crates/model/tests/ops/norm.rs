@@ -157,3 +157,45 @@ fn layer_norm_f32_kernel_matches_the_f64_path() {
     let grads = y.sum_all().unwrap().backward().unwrap();
     assert!(grads.get(gv.as_tensor()).is_some());
 }
+
+/// GroupNorm's f32 CPU kernels (frozen γ, β) against the generic f64 path.
+#[test]
+fn group_norm_f32_kernel_matches_the_f64_path() {
+    let mut rng = Rng::new(95);
+    let x = rng
+        .tensor(&[2, 6, 5, 3], DType::F64)
+        .affine(2.0, -0.4)
+        .unwrap();
+    let gamma = rng.tensor(&[6], DType::F64);
+    let beta = rng.tensor(&[6], DType::F64);
+    let u = rng.tensor(&[2, 6, 5, 3], DType::F64);
+    let run = |dtype: DType| {
+        let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let (g, b) = (
+            gamma.to_dtype(dtype).unwrap(),
+            beta.to_dtype(dtype).unwrap(),
+        );
+        let y = group_norm(v.as_tensor(), 3, &g, &b, 1e-5).unwrap();
+        let u = u.to_dtype(dtype).unwrap();
+        let grads = (&y * &u).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        (y.to_dtype(DType::F64).unwrap(), dx)
+    };
+    let (y64, dx64) = run(DType::F64);
+    let (y32, dx32) = run(DType::F32);
+    let rel = |a: &Tensor, b: &Tensor| {
+        max_abs_diff(a, b)
+            / b.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+    };
+    assert!(rel(&y32, &y64) < 1e-6, "forward {}", rel(&y32, &y64));
+    assert!(rel(&dx32, &dx64) < 1e-5, "backward {}", rel(&dx32, &dx64));
+}
