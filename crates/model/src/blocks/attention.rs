@@ -122,7 +122,7 @@ impl FeedForward {
             if let Some(last) = dims.last_mut() {
                 *last = k;
             }
-            let dh = a.grad.reshape((m, n))?.matmul(&w)?.reshape(dims)?;
+            let dh = ops::matmul::matmul(&a.grad.reshape((m, n))?, &w)?.reshape(dims)?;
             Ok([Some(ops::activation::geglu_backward(p, &dh)?)])
         })
     }

@@ -49,6 +49,7 @@ use candle_core::{DType, Result, Tensor, Var, bail};
 use super::LayerKind;
 use crate::ops::checkpoint::param;
 use crate::ops::conv::input_grad;
+use crate::ops::matmul::matmul;
 use crate::ops::with_grad2;
 
 /// The dtype of the LoRA tensors for a base layer of dtype `base`: f64 for an
@@ -319,10 +320,8 @@ impl LoraAdapter {
             }
         };
         let (down_d, up_d) = (down.detach(), up.detach());
-        let delta = (lora_input(&x.detach(), &mask)?
-            .matmul(&down_d.t()?)?
-            .matmul(&up_d.t()?)?
-            * scale)?;
+        let h = matmul(&lora_input(&x.detach(), &mask)?, &down_d.t()?)?;
+        let delta = (matmul(&h, &up_d.t()?)? * scale)?;
         let delta = delta.reshape(base.shape())?.to_dtype(base.dtype())?;
         let y = (base + delta)?;
         let weight = weight.detach();
@@ -332,14 +331,14 @@ impl LoraAdapter {
             let g = a.grad.reshape((m, out_features))?;
             let gl = g.to_dtype(ldt)?;
             // g·up·scale: the gradient of the rank-r bottleneck.
-            let gh = (gl.matmul(up)? * scale)?;
+            let gh = (matmul(&gl, up)? * scale)?;
             let dx = if need_x {
-                let dl = gh.matmul(down)?;
+                let dl = matmul(&gh, down)?;
                 let dl = match &mask {
                     Some(mask) => dl.mul(mask)?,
                     None => dl,
                 };
-                let dx = (g.matmul(&weight)? + dl.to_dtype(g.dtype())?)?;
+                let dx = (matmul(&g, &weight)? + dl.to_dtype(g.dtype())?)?;
                 Some(dx.reshape(x.shape())?)
             } else {
                 None
@@ -352,12 +351,12 @@ impl LoraAdapter {
             let (ddown, dup) = match &xl {
                 Some(xl) => (
                     if need_down {
-                        Some(gh.t()?.matmul(xl)?)
+                        Some(matmul(&gh.t()?, xl)?)
                     } else {
                         None
                     },
                     if need_up {
-                        Some((gl.t()?.matmul(&xl.matmul(&down.t()?)?)? * scale)?)
+                        Some((matmul(&gl.t()?, &matmul(xl, &down.t()?)?)? * scale)?)
                     } else {
                         None
                     },

@@ -15,6 +15,7 @@
 use candle_core::{D, DType, Result, Tensor, bail};
 
 use super::custom_grad::{add_frozen, with_grad3};
+use super::matmul::matmul;
 use super::softmax::softmax_last_dim;
 
 fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
@@ -68,7 +69,7 @@ fn chunks(t: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
 /// The softmax probabilities for queries `qc` (detached, no graph). The scale
 /// is applied to the queries, `d` values per row instead of `tk` scores.
 fn probs(qc: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (qc * scale)?.matmul(&k.t()?)?;
+    let scores = matmul(&(qc * scale)?, &k.t()?)?;
     candle_nn::ops::softmax_last_dim(&scores.contiguous()?)
 }
 
@@ -99,7 +100,7 @@ pub fn attention_chunked(
 fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, chunk: usize) -> Result<Tensor> {
     let tdim = q.rank() - 2;
     let outs = chunks(q.dim(tdim)?, chunk)
-        .map(|(start, len)| probs(&q.narrow(tdim, start, len)?, k, scale)?.matmul(v))
+        .map(|(start, len)| matmul(&probs(&q.narrow(tdim, start, len)?, k, scale)?, v))
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&outs, tdim)
 }
@@ -131,19 +132,19 @@ fn chunked_backward(
         let gc = g.narrow(tdim, start, len)?;
         let p = probs(&qc, k, scale)?;
         if need_v {
-            accumulate(&mut dv, p.t()?.matmul(&gc)?)?;
+            accumulate(&mut dv, matmul(&p.t()?, &gc)?)?;
         }
         if need_q || need_k {
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)), and rowsum(dP ⊙ P) = rowsum(g ⊙ o).
             let oc = o.narrow(tdim, start, len)?;
             let delta = (&gc * &oc)?.sum_keepdim(D::Minus1)?;
-            let dp = gc.matmul(&v.t()?)?;
+            let dp = matmul(&gc, &v.t()?)?;
             let ds = ((dp.broadcast_sub(&delta))? * &p)?;
             if need_q {
-                dq.push((ds.matmul(k)? * scale)?);
+                dq.push((matmul(&ds, k)? * scale)?);
             }
             if need_k {
-                accumulate(&mut dk, (ds.t()?.matmul(&qc)? * scale)?)?;
+                accumulate(&mut dk, (matmul(&ds.t()?, &qc)? * scale)?)?;
             }
         }
     }

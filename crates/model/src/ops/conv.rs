@@ -168,7 +168,7 @@ pub(crate) fn conv2d_plain(
     };
     let w2 = weight.contiguous()?.reshape((co, k))?;
     let y = if b == 1 {
-        w2.matmul(&cols.squeeze(0)?)?.unsqueeze(0)?
+        super::matmul::matmul(&w2, &cols.squeeze(0)?)?.unsqueeze(0)?
     } else {
         w2.broadcast_matmul(&cols)?
     };
@@ -337,7 +337,7 @@ fn input_grad_cpu(
     let wt = weight.reshape((co, ci * kh * kw))?.t()?;
     let g = grad.contiguous()?.reshape((b, co, oh * ow))?;
     let cols = if b == 1 {
-        wt.matmul(&g.squeeze(0)?)?.unsqueeze(0)?
+        super::matmul::matmul(&wt, &g.squeeze(0)?)?.unsqueeze(0)?
     } else {
         wt.broadcast_matmul(&g)?
     }

@@ -13,8 +13,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, D, Layout, MetalStorage, Module, Result, Shape, Storage,
-    Tensor, bail,
+    CpuStorage, CudaStorage, CustomOp1, D, DType, Layout, MetalStorage, Module, Result, Shape,
+    Storage, Tensor, bail,
 };
 
 use crate::lora::layer::LoraAdapter;
@@ -142,6 +142,46 @@ impl LinearOp {
     }
 }
 
+impl LinearOp {
+    /// The f32 CPU forward through [`super::matmul::products_f32`] (no
+    /// zero-fill of the output before the product writes it), with the bias
+    /// added in parallel rows; `None` for other dtypes or layouts.
+    fn cpu_fwd_f32(&self, x: &CpuStorage, x_l: &Layout) -> Result<Option<(CpuStorage, Shape)>> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(xs), Some((start, _))) = (x, x_l.contiguous_offsets()) else {
+            return Ok(None);
+        };
+        let (w, w_l) = self.weight.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(ws)), Some((w_start, _))) =
+            (&*w, w_l.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let dims = x_l.dims();
+        let k = dims[dims.len() - 1];
+        let m = x_l.shape().elem_count() / k.max(1);
+        let (n, _) = w_l.shape().dims2()?;
+        // `w` is `[n, k]` row-major, read as the `[k, n]` right-hand side.
+        let mut y = super::matmul::products_f32(
+            (xs, start, (0, k, 1)),
+            (ws, w_start, (0, 1, k)),
+            (1, m, k, n),
+        )?;
+        drop(w);
+        if let Some(bias) = &self.bias {
+            let b = bias.to_dtype(DType::F32)?.contiguous()?.to_vec1::<f32>()?;
+            y.par_chunks_mut(n.max(1)).for_each(|row| {
+                for (v, b) in row.iter_mut().zip(&b) {
+                    *v += *b;
+                }
+            });
+        }
+        let mut out = dims.to_vec();
+        out[dims.len() - 1] = n;
+        Ok(Some((CpuStorage::F32(y), Shape::from(out))))
+    }
+}
+
 /// Runs [`LinearOp::fwd`] on the `$variant` storages of the weight and bias, or
 /// fails if they live on another device than the input.
 macro_rules! backend_fwd {
@@ -169,6 +209,9 @@ impl CustomOp1 for LinearOp {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if let Some(out) = self.cpu_fwd_f32(x, x_l)? {
+            return Ok(out);
+        }
         backend_fwd!(self, Cpu, x, x_l)
     }
 
@@ -183,7 +226,7 @@ impl CustomOp1 for LinearOp {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (n, _) = self.weight.dims2()?;
         let m = grad.elem_count() / n;
-        let dx = grad.reshape((m, n))?.matmul(&self.weight)?;
+        let dx = super::matmul::matmul(&grad.reshape((m, n))?, &self.weight)?;
         Ok(Some(dx.reshape(arg.shape())?))
     }
 }

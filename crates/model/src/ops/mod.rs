@@ -47,6 +47,7 @@ pub mod conv;
 pub mod custom_grad;
 pub mod flops;
 pub mod linear;
+pub mod matmul;
 pub mod norm;
 pub mod softmax;
 

@@ -9,5 +9,6 @@ mod conv;
 mod fused;
 mod half;
 mod linear;
+mod matmul;
 mod norm;
 mod softmax;
