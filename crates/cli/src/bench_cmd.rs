@@ -27,8 +27,8 @@ pub struct BenchArgs {
     /// keeping its activations (less memory, more time).
     #[arg(long)]
     checkpointing: bool,
-    /// Queries per attention chunk (memory-saving attention). Left out: plain attention, chunked
-    /// automatically where a score matrix would exceed 2^24 values (SD1.5 above 256 px).
+    /// Queries per attention chunk. Left out: chunks sized so that at most 2^22 score values exist
+    /// at once (attention never keeps its probabilities for the backward either way).
     #[arg(long, value_name = "N")]
     attention_chunk: Option<usize>,
     /// LoRA rank on to_q/to_k/to_v/to_out.0 (alpha = rank).

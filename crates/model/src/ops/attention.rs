@@ -157,7 +157,7 @@ fn chunked_backward(
 }
 
 /// Score values processed at once by [`multi_head_attention`] when no chunk
-/// size is given: 2^24 (64 MiB in f32).
+/// size is given: 2^22 (16 MiB in f32).
 pub const MAX_CHUNK_SCORES: usize = 1 << 22;
 
 /// Queries per chunk for `lead` (batch·heads) score matrices of `tq × tk` values

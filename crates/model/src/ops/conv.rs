@@ -15,7 +15,7 @@
 //! - otherwise (stride 2 for the downsamplers): `conv_transpose2d(g, W)` with the
 //!   output padding that restores the input size.
 //!
-//! The forward ([`conv2d_plain`]) runs on detached tensors — on the CPU our own
+//! The forward (`conv2d_plain`) runs on detached tensors — on the CPU our own
 //! im2col + one matrix product, elsewhere candle's `conv2d` — and the result is
 //! attached to `x` with [`with_grad1`].
 //!

@@ -31,11 +31,26 @@
 //! closure — and every other module uses it, except [`linear`], which runs the
 //! matmul on the backend storages directly to avoid copying the output.
 //!
+//! # What training keeps
+//!
+//! Every graph node keeps its inputs until the backward, so the layers are cut
+//! into nodes whose inputs are what a backward through frozen weights needs: a
+//! LoRA Linear is one node ([`crate::lora::layer::LoraAdapter::apply_linear`]),
+//! attention is one node on the unsplit projections
+//! ([`attention::multi_head_attention`], probabilities recomputed), and the
+//! blocks fuse `conv(silu(norm(x))) + add` and GEGLU + `net.2`
+//! ([`crate::blocks::layers::norm_silu_conv`], [`crate::blocks::attention::FeedForward`]).
+//!
+//! # Dtypes and devices
+//!
 //! All ops work on f32 and f64 (the tests check gradients in f64 against finite
 //! differences) and run forward and backward on f16/bf16 storage too (norms compute
 //! their statistics in f32; candle's CPU backend has no bf16 conv). They are
-//! written only in terms of candle tensor ops and backend traits, so the CUDA
-//! backend runs them as well as the CPU one.
+//! written in terms of candle tensor ops and backend traits, so the CUDA backend
+//! runs them as well as the CPU one. On the CPU in f32 — training's case there —
+//! LayerNorm, GroupNorm (+ SiLU) and GEGLU run one-pass parallel kernels each way
+//! and [`matmul`] calls the `gemm` crate without candle's serial zero-fill; the
+//! tests check each kernel against the generic path in f64.
 //!
 //! Testing tip: `GradStore` has no `len`; its `Debug` output names each key as
 //! `TensorId(n)`, which is how the tests count entries.
