@@ -178,7 +178,7 @@ impl BenchOptions {
             bail!("rank must be at least 1")
         }
         if self.attention_chunk == Some(0) {
-            bail!("attention chunk must be at least 1 query (or leave it out for plain attention)")
+            bail!("attention chunk must be at least 1 query (or leave it out for automatic chunks)")
         }
         Ok(())
     }
