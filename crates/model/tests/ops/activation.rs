@@ -1,7 +1,7 @@
 use candle_core::{D, DType, Tensor, Var};
 use sd_lora_model::ops::{geglu, gelu, quick_gelu, silu};
 
-use crate::common::{Rng, assert_grads_ok, check_grads, max_abs_diff};
+use crate::common::{Rng, assert_grads_ok, check_grads, f32_against_f64, max_abs_diff};
 
 fn check_unary(name: &str, seed: u64, f: fn(&Tensor) -> candle_core::Result<Tensor>) {
     let mut rng = Rng::new(seed);
@@ -83,36 +83,9 @@ fn geglu_rejects_odd_width() {
 fn geglu_f32_kernel_matches_the_f64_path() {
     let mut rng = Rng::new(77);
     // 37 rows of width 2·24: rows do not divide the kernel's tasks evenly.
-    let x64 = (rng.tensor(&[37, 48], DType::F64) * 2.0).unwrap();
-    let g64 = rng.tensor(&[37, 24], DType::F64);
-    let run = |x: &Tensor, g: &Tensor| {
-        let v = Var::from_tensor(x).unwrap();
-        let y = geglu(v.as_tensor()).unwrap();
-        let grads = (&y * g).unwrap().sum_all().unwrap().backward().unwrap();
-        let dx = grads.get(v.as_tensor()).unwrap().clone();
-        (y, dx)
-    };
-    let (y64, dx64) = run(&x64, &g64);
-    let (x32, g32) = (
-        x64.to_dtype(DType::F32).unwrap(),
-        g64.to_dtype(DType::F32).unwrap(),
-    );
-    let (y32, dx32) = run(&x32, &g32);
-    let close = |a: &Tensor, b: &Tensor| {
-        let a = a.to_dtype(DType::F64).unwrap();
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        max_abs_diff(&a, b) / scale
-    };
-    assert!(close(&y32, &y64) < 1e-6, "forward {}", close(&y32, &y64));
-    assert!(
-        close(&dx32, &dx64) < 1e-6,
-        "backward {}",
-        close(&dx32, &dx64)
-    );
+    let x = (rng.tensor(&[37, 48], DType::F64) * 2.0).unwrap();
+    let u = rng.tensor(&[37, 24], DType::F64);
+    let (forward, backward) = f32_against_f64(|x, _| geglu(x), &x, &u);
+    assert!(forward < 1e-6, "forward {forward}");
+    assert!(backward < 1e-6, "backward {backward}");
 }

@@ -158,3 +158,42 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .and_then(|d| d.to_scalar::<f64>())
         .expect("diff")
 }
+
+/// max |a − b| / max |b|, both read as f64.
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (
+        a.to_dtype(DType::F64).expect("a"),
+        b.to_dtype(DType::F64).expect("b"),
+    );
+    let scale = b
+        .abs()
+        .and_then(|t| t.max_all())
+        .and_then(|t| t.to_scalar::<f64>())
+        .expect("scale");
+    max_abs_diff(&a, &b) / scale
+}
+
+/// How an op's f32 CPU path (its one-pass kernels) compares with the generic
+/// tensor-op path that f64 takes: runs `f(x, dtype)` on `x` (f64) as is and
+/// converted to f32, backpropagates `Σ f(x)·u` in each, and returns the
+/// relative differences of the f32 output and input gradient from the f64 ones.
+/// `f` converts any other operands to `dtype` itself.
+pub fn f32_against_f64<F>(f: F, x: &Tensor, u: &Tensor) -> (f64, f64)
+where
+    F: Fn(&Tensor, DType) -> Result<Tensor>,
+{
+    let run = |dtype: DType| {
+        let v = Var::from_tensor(&x.to_dtype(dtype).expect("x")).expect("var");
+        let y = f(v.as_tensor(), dtype).expect("forward");
+        let u = u.to_dtype(dtype).expect("u");
+        let grads = (&y * &u)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        let dx = grads.get(v.as_tensor()).expect("input gradient").clone();
+        (y, dx)
+    };
+    let (y64, dx64) = run(DType::F64);
+    let (y32, dx32) = run(DType::F32);
+    (rel_diff(&y32, &y64), rel_diff(&dx32, &dx64))
+}

@@ -1,7 +1,7 @@
 use candle_core::{DType, Module, Tensor, Var};
 use sd_lora_model::ops::{group_norm, layer_norm};
 
-use crate::common::{Rng, assert_grads_ok, check_grads, max_abs_diff};
+use crate::common::{Rng, assert_grads_ok, check_grads, f32_against_f64, max_abs_diff};
 
 #[test]
 fn layer_norm_gradients_match_finite_differences() {
@@ -116,35 +116,10 @@ fn layer_norm_f32_kernel_matches_the_f64_path() {
     let gamma = rng.tensor(&[37], DType::F64);
     let beta = rng.tensor(&[37], DType::F64);
     let u = rng.tensor(&[3, 41, 37], DType::F64);
-    let run = |dtype: DType| {
-        let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-        let (g, b) = (
-            gamma.to_dtype(dtype).unwrap(),
-            beta.to_dtype(dtype).unwrap(),
-        );
-        let y = layer_norm(v.as_tensor(), &g, &b, 1e-5).unwrap();
-        let u = u.to_dtype(dtype).unwrap();
-        let grads = (&y * &u).unwrap().sum_all().unwrap().backward().unwrap();
-        let dx = grads
-            .get(v.as_tensor())
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        (y.to_dtype(DType::F64).unwrap(), dx)
-    };
-    let (y64, dx64) = run(DType::F64);
-    let (y32, dx32) = run(DType::F32);
-    let rel = |a: &Tensor, b: &Tensor| {
-        max_abs_diff(a, b)
-            / b.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-    };
-    assert!(rel(&y32, &y64) < 1e-6, "forward {}", rel(&y32, &y64));
-    assert!(rel(&dx32, &dx64) < 1e-5, "backward {}", rel(&dx32, &dx64));
+    let f = |x: &Tensor, d: DType| layer_norm(x, &gamma.to_dtype(d)?, &beta.to_dtype(d)?, 1e-5);
+    let (forward, backward) = f32_against_f64(f, &x, &u);
+    assert!(forward < 1e-6, "forward {forward}");
+    assert!(backward < 1e-5, "backward {backward}");
     // A trainable γ takes the generic path and gets its gradient.
     let gv = Var::from_tensor(&gamma.to_dtype(DType::F32).unwrap()).unwrap();
     let y = layer_norm(
@@ -169,33 +144,8 @@ fn group_norm_f32_kernel_matches_the_f64_path() {
     let gamma = rng.tensor(&[6], DType::F64);
     let beta = rng.tensor(&[6], DType::F64);
     let u = rng.tensor(&[2, 6, 5, 3], DType::F64);
-    let run = |dtype: DType| {
-        let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-        let (g, b) = (
-            gamma.to_dtype(dtype).unwrap(),
-            beta.to_dtype(dtype).unwrap(),
-        );
-        let y = group_norm(v.as_tensor(), 3, &g, &b, 1e-5).unwrap();
-        let u = u.to_dtype(dtype).unwrap();
-        let grads = (&y * &u).unwrap().sum_all().unwrap().backward().unwrap();
-        let dx = grads
-            .get(v.as_tensor())
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        (y.to_dtype(DType::F64).unwrap(), dx)
-    };
-    let (y64, dx64) = run(DType::F64);
-    let (y32, dx32) = run(DType::F32);
-    let rel = |a: &Tensor, b: &Tensor| {
-        max_abs_diff(a, b)
-            / b.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-    };
-    assert!(rel(&y32, &y64) < 1e-6, "forward {}", rel(&y32, &y64));
-    assert!(rel(&dx32, &dx64) < 1e-5, "backward {}", rel(&dx32, &dx64));
+    let f = |x: &Tensor, d: DType| group_norm(x, 3, &gamma.to_dtype(d)?, &beta.to_dtype(d)?, 1e-5);
+    let (forward, backward) = f32_against_f64(f, &x, &u);
+    assert!(forward < 1e-6, "forward {forward}");
+    assert!(backward < 1e-5, "backward {backward}");
 }
