@@ -643,40 +643,30 @@ fn estimate_memory(cfg: &TrainConfig, m: &ModelFacts, spec: &TargetSpec) -> Memo
             let px = side * side;
             let b = cfg.train.batch_size as u64;
             let abytes = wbytes;
-            // ~64 saved feature maps per channel-pixel at each UNet level
-            // (resnets, norms, transformer blocks, down and up paths).
-            let mut feats = 0u64;
-            let mut attn = 0u64;
-            for (l, c) in u.block_out_channels.iter().enumerate() {
-                let lpx = px >> (2 * l);
-                feats += 64 * *c as u64 * lpx;
-                let has_attn = u
-                    .down_block_types
-                    .get(l)
-                    .is_some_and(|k| *k == BlockKind::CrossAttn);
-                if has_attn {
-                    let heads = u.num_attention_heads.get(l).copied().unwrap_or(8) as u64;
-                    // Self-attention probabilities (hw × hw per head), kept for
-                    // backward with the softmax output and its gradient:
-                    // 3 maps × (down + up transformer blocks at this level).
-                    let blocks = u.layers_per_block.get(l).copied().unwrap_or(2) as u64 * 2 + 1;
-                    attn += 3 * heads * lpx * lpx * blocks;
-                }
-            }
-            if cfg.train.gradient_checkpointing {
-                // Only block inputs are kept (~6 maps per level), plus the
-                // recomputation of the largest single block in backward.
-                let kept: u64 = u
-                    .block_out_channels
-                    .iter()
-                    .enumerate()
-                    .map(|(l, c)| 6 * *c as u64 * (px >> (2 * l)))
-                    .sum();
-                let largest = feats / 8 + attn / 5;
-                b * (kept + largest) * abytes
+            // Values held per channel-pixel of each UNet level at the peak of
+            // the backward, measured for SD1.5 (docs/performance.md): what
+            // the forward keeps plus the backward's working memory. Levels
+            // with transformer blocks hold far more than plain ones.
+            // Attention keeps no probability matrices (it recomputes them).
+            let (with_attn, plain) = if cfg.train.gradient_checkpointing {
+                (70, 6)
             } else {
-                b * (feats + attn) * abytes
-            }
+                (240, 20)
+            };
+            let values: u64 = u
+                .block_out_channels
+                .iter()
+                .enumerate()
+                .map(|(l, c)| {
+                    let has_attn = u
+                        .down_block_types
+                        .get(l)
+                        .is_some_and(|k| *k == BlockKind::CrossAttn);
+                    let per = if has_attn { with_attn } else { plain };
+                    per * *c as u64 * (px >> (2 * l))
+                })
+                .sum();
+            b * values * abytes
         })
         .unwrap_or(0);
     MemoryEstimate {
