@@ -40,7 +40,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 #[path = "support/random_unet.rs"]
 mod random_unet;
-use random_unet::{Recorder, config, randn};
+use random_unet::{Recorder, config, max_abs, randn, rel_err};
 
 fn build(dtype: DType) -> UNet2DConditionModel {
     let cfg = config();
@@ -111,22 +111,6 @@ fn loss(unet: &UNet2DConditionModel, b: &Batch) -> Tensor {
         .unwrap()
         .mean_all()
         .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    max_abs(&d) / max_abs(b).max(1e-30)
 }
 
 fn scalar(t: &Tensor) -> f64 {

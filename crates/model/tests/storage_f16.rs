@@ -74,7 +74,7 @@ fn live() -> i64 {
 
 #[path = "support/random_unet.rs"]
 mod random_unet;
-use random_unet::{Recorder, config, randn};
+use random_unet::{Recorder, config, max_abs, randn, rel_err};
 
 /// The f64 weights of [`config`], by key.
 fn weights() -> HashMap<String, Tensor> {
@@ -92,22 +92,6 @@ fn build(weights: &HashMap<String, Tensor>, dtype: DType) -> (UNet2DConditionMod
     let unet = UNet2DConditionModel::new(vb.clone(), &config()).unwrap();
     let held = live() - before;
     (unet, held)
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    max_abs(&d) / max_abs(b).max(1e-30)
 }
 
 struct Batch {

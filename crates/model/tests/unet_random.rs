@@ -4,109 +4,14 @@
 //! paths, and half-precision storage on the CPU.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use candle_nn::var_builder::SimpleBackend;
 use sd_lora_model::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 
-/// splitmix64: a tiny seedable generator (candle's CPU `randn` cannot be seeded).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
-
-/// FNV-1a, to derive a per-tensor seed from its key.
-fn hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// A seeded `N(0, std²)` (plus `mean`) tensor of `shape`.
-fn randn(seed: u64, shape: impl Into<Shape>, mean: f64, std: f64, dtype: DType) -> Tensor {
-    let shape = shape.into();
-    let mut rng = Rng::new(seed);
-    let data: Vec<f64> = (0..shape.elem_count())
-        .map(|_| mean + std * rng.normal())
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
-/// A weight for key `name`: norm scales around 1, small biases, other weights
-/// scaled by 1/√fan-in so activations stay O(1) through the network.
-fn random_weight(name: &str, shape: &Shape) -> Tensor {
-    let dims = shape.dims();
-    let seed = hash(name);
-    if dims.len() == 1 {
-        let is_scale = name.ends_with(".weight");
-        let mean = if is_scale { 1.0 } else { 0.0 };
-        randn(seed, shape.clone(), mean, 0.1, DType::F64)
-    } else {
-        let fan_in: usize = dims[1..].iter().product();
-        randn(
-            seed,
-            shape.clone(),
-            0.0,
-            1.0 / (fan_in as f64).sqrt(),
-            DType::F64,
-        )
-    }
-}
-
-/// A backend that invents each requested tensor (deterministically from its
-/// key) and records it, so the same weights can then be served from a HashMap.
-#[derive(Default, Clone)]
-struct Recorder(Arc<Mutex<HashMap<String, Tensor>>>);
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        _: &Device,
-    ) -> Result<Tensor> {
-        let t = random_weight(name, &s);
-        self.0.lock().unwrap().insert(name.to_string(), t.clone());
-        t.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("get_unchecked({name}) without a shape")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
+#[path = "support/random_unet.rs"]
+mod random_unet;
+use random_unet::{Recorder, max_abs, randn, rel_err};
 
 /// Seeded random weights for `cfg`, keyed by the diffusers key paths.
 fn random_weights(cfg: &UNetConfig) -> HashMap<String, Tensor> {
@@ -140,23 +45,6 @@ fn tiny_sd1() -> UNetConfig {
         }"#,
     )
     .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    max_abs(&(a - &b).unwrap()) / max_abs(&b)
 }
 
 #[test]

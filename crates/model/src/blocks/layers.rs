@@ -138,8 +138,9 @@ pub fn norm_silu_conv(
     x: &Tensor,
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let unfused = |x: &Tensor, add: Option<&Tensor>| -> Result<Tensor> {
-        let h = conv2d_forward(conv, &ops::silu(&norm.forward(x)?)?)?;
+    // conv(a) + add; records no graph when `a` and `add` have none.
+    let conv_add = |a: &Tensor, add: Option<&Tensor>| -> Result<Tensor> {
+        let h = conv2d_forward(conv, a)?;
         match add {
             Some(add) => h.broadcast_add(add),
             None => Ok(h),
@@ -148,7 +149,7 @@ pub fn norm_silu_conv(
     let tracked = x.track_op() || add.is_some_and(Tensor::track_op);
     let conv_lora = conv.lora.as_ref().is_some_and(|l| !l.is_merged());
     if !tracked || conv_lora || !ops::checkpoint::is_grad_enabled() {
-        return unfused(x, add);
+        return conv_add(&ops::silu(&norm.forward(x)?)?, add);
     }
     let (b, c, h, w) = x.dims4()?;
     let add_dims = add.map(|a| a.dims().to_vec());
@@ -166,22 +167,15 @@ pub fn norm_silu_conv(
         norm.eps,
         true,
     );
-    let (y, stats) = match fast {
-        Some((a, stats)) => {
-            let h = conv2d_forward(conv, &a)?;
-            drop(a);
-            let y = match &addd {
-                Some(add) => h.broadcast_add(add)?,
-                None => h,
-            };
-            (y, Some(stats))
-        }
+    let (act, stats) = match fast {
+        Some((act, stats)) => (act, Some(stats)),
         None => (
-            ops::checkpoint::no_grad(|| unfused(&xd, addd.as_ref()))?,
+            ops::checkpoint::no_grad(|| ops::silu(&norm.forward(&xd)?))?,
             None,
         ),
     };
-    drop((xd, addd));
+    let y = ops::checkpoint::no_grad(|| conv_add(&act, addd.as_ref()))?;
+    drop((act, xd, addd));
 
     let weight = conv.weight.detach();
     let (_, _, kh, kw) = weight.dims4()?;
@@ -191,15 +185,22 @@ pub fn norm_silu_conv(
     let grouped = (b * groups, c / groups * h * w);
     let channels = (b, c, h * w);
     let dx = move |x: &Tensor, g: &Tensor| -> Result<Tensor> {
-        if let Some(stats) = &stats {
-            let da = ops::conv::input_grad(g, &weight, (h, w), (kh, kw), stride, padding)?;
-            let dx =
-                ops::norm::group_norm_backward_cpu_f32(x, stats, groups, &gamma, &beta, &da, true);
-            if let Some(dx) = dx {
-                return dx;
-            }
-        }
         let cdt = ops::norm::compute_dtype(x.dtype());
+        // The gradient of the SiLU's output, through the frozen conv.
+        let da = ops::conv::input_grad(
+            &g.to_dtype(cdt)?,
+            &weight,
+            (h, w),
+            (kh, kw),
+            stride,
+            padding,
+        )?;
+        if let Some(stats) = &stats
+            && let Some(dx) =
+                ops::norm::group_norm_backward_cpu_f32(x, stats, groups, &gamma, &beta, &da, true)
+        {
+            return dx;
+        }
         let xc = x.to_dtype(cdt)?.reshape(grouped)?;
         let (mean, rstd) = ops::norm::stats(&xc, eps)?;
         let xhat = xc.broadcast_sub(&mean)?.broadcast_mul(&rstd)?;
@@ -214,14 +215,6 @@ pub fn norm_silu_conv(
         let sig = candle_nn::ops::sigmoid(&pre)?;
         let dact = ((&pre * (1.0 - &sig)?)? + 1.0)?.mul(&sig)?;
         drop((pre, sig));
-        let da = ops::conv::input_grad(
-            &g.to_dtype(cdt)?,
-            &weight,
-            (h, w),
-            (kh, kw),
-            stride,
-            padding,
-        )?;
         let dxhat = da
             .reshape(channels)?
             .mul(&dact)?

@@ -12,7 +12,7 @@
 //! Shapes: `q: [..., tq, d]`, `k: [..., tk, d]`, `v: [..., tk, dv]` with the same
 //! leading dimensions, e.g. `[batch·heads, t, d]` or `[batch, heads, t, d]`.
 
-use candle_core::{D, DType, Result, Tensor, bail};
+use candle_core::{D, Result, Tensor, bail};
 
 use super::custom_grad::{add_frozen, with_grad3};
 use super::matmul::matmul;
@@ -215,10 +215,7 @@ pub fn multi_head_attention(
         None => auto_chunk(b * heads, tq, tk),
     };
     let dtype = q.dtype();
-    let cdt = match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    };
+    let cdt = super::norm::compute_dtype(dtype);
     let split = move |x: &Tensor| split_heads(&x.to_dtype(cdt)?, heads);
     let (qs, ks, vs) = (
         split(&q.detach())?,

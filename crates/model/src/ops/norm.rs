@@ -21,7 +21,8 @@ use candle_core::{D, DType, Result, Tensor, bail};
 
 use super::custom_grad::with_grad3;
 
-/// The dtype statistics are computed in: f32 for half-precision inputs.
+/// The dtype norm statistics and attention are computed in: f32 for
+/// half-precision inputs.
 pub(crate) fn compute_dtype(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,

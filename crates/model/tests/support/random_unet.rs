@@ -1,5 +1,9 @@
 //! A tiny SD1-like UNet with seeded random weights, shared by the tests that
-//! compare two ways of running the same model (checkpointing, half storage).
+//! compare two ways of running the same model (checkpointing, half storage,
+//! the random-weight UNet tests), and the relative error they compare with.
+//! Each test binary uses a different part of it.
+
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -104,4 +108,22 @@ pub fn config() -> UNetConfig {
         }"#,
     )
     .unwrap()
+}
+
+/// The largest absolute value of `t`.
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// max |a − b| / max |b|.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    max_abs(&d) / max_abs(b).max(1e-30)
 }
