@@ -150,29 +150,27 @@ pub(crate) fn conv2d_plain(
         (w + 2 * padding - kw) / stride + 1,
     );
     let k = ci * kh * kw;
-    let cols = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
-        x.reshape((b, k, oh * ow))?
-    } else {
-        let x = x.contiguous()?;
-        let geometry = Im2Col {
-            dims: (b, c, h, w),
-            kernel: (kh, kw),
-            stride,
-            padding,
-            out: (oh, ow),
+    if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        let cols = x.reshape((b, k, oh * ow))?;
+        let w2 = weight.contiguous()?.reshape((co, k))?;
+        let y = if b == 1 {
+            super::matmul::matmul(&w2, &cols.squeeze(0)?)?.unsqueeze(0)?
+        } else {
+            w2.broadcast_matmul(&cols)?
         };
-        match x.dtype() {
-            DType::F64 => geometry.run::<f64>(&x)?,
-            _ => geometry.run::<f32>(&x)?,
-        }
+        return y.reshape((b, co, oh, ow));
+    }
+    let geometry = Im2Col {
+        dims: (b, c, h, w),
+        kernel: (kh, kw),
+        stride,
+        padding,
+        out: (oh, ow),
     };
-    let w2 = weight.contiguous()?.reshape((co, k))?;
-    let y = if b == 1 {
-        super::matmul::matmul(&w2, &cols.squeeze(0)?)?.unsqueeze(0)?
-    } else {
-        w2.broadcast_matmul(&cols)?
-    };
-    y.reshape((b, co, oh, ow))
+    match x.dtype() {
+        DType::F64 => geometry.forward::<f64>(x, weight, COL_CHUNK_VALUES),
+        _ => geometry.forward::<f32>(x, weight, COL_CHUNK_VALUES),
+    }
 }
 
 /// The geometry of an im2col: input `[b, c, h, w]`, kernel `kh × kw`, output
@@ -198,9 +196,58 @@ impl Im2Col {
         (lo.min(hi), hi)
     }
 
-    /// `[b, c·kh·kw, oh·ow]`, rows in the kernel's `(c, i, j)` order; one task
-    /// per `(batch, channel)`, each writing its own `kh·kw` rows.
-    fn run<T: WithDType>(&self, x: &Tensor) -> Result<Tensor> {
+    /// The conv's output `[b, co, oh, ow]` for the kernel `weight`: per
+    /// batch item, the columns of a group of input channels at a time (at most
+    /// `max_values` values) times those channels' part of the kernel, summed
+    /// over the groups — one group, one product in the usual case.
+    fn forward<T: WithDType>(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        max_values: usize,
+    ) -> Result<Tensor> {
+        let (b, ci, _, _) = self.dims;
+        let (kh, kw) = self.kernel;
+        let (oh, ow) = self.out;
+        let (kk, p) = (kh * kw, oh * ow);
+        let co = weight.dim(0)?;
+        let x = x.contiguous()?;
+        // The kernel viewed as `[co, ci·kh·kw]`, its storage order: never copied.
+        let w2 = weight.contiguous()?.reshape((co, ci * kk))?;
+        let group = (max_values / (kk * p).max(1)).clamp(1, ci.max(1));
+        if group >= ci {
+            let cols = self.run::<T>(&x, 0..b * ci)?.reshape((b, ci * kk, p))?;
+            let y = if b == 1 {
+                super::matmul::matmul(&w2, &cols.squeeze(0)?)?.unsqueeze(0)?
+            } else {
+                w2.broadcast_matmul(&cols)?
+            };
+            return y.reshape((b, co, oh, ow));
+        }
+        let mut items = Vec::with_capacity(b);
+        for bi in 0..b {
+            let mut y: Option<Tensor> = None;
+            for c0 in (0..ci).step_by(group) {
+                let n = group.min(ci - c0);
+                let cols = self.run::<T>(&x, bi * ci + c0..bi * ci + c0 + n)?;
+                let part = super::matmul::matmul(&w2.narrow(1, c0 * kk, n * kk)?, &cols)?;
+                y = Some(match y {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
+            match y {
+                Some(y) => items.push(y),
+                None => bail!("conv2d: no input channels"),
+            }
+        }
+        Tensor::stack(&items, 0)?.reshape((b, co, oh, ow))
+    }
+
+    /// The im2col of the input planes `planes` (indices into the `b·c`
+    /// planes): `[planes·kh·kw, oh·ow]`, rows in the kernel's `(c, i, j)`
+    /// order; one task per plane, each writing its own `kh·kw` rows.
+    fn run<T: WithDType>(&self, x: &Tensor, planes: std::ops::Range<usize>) -> Result<Tensor> {
         use rayon::prelude::*;
         let (b, c, h, w) = self.dims;
         let (kh, kw) = self.kernel;
@@ -212,10 +259,15 @@ impl Im2Col {
             Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
             _ => bail!("im2col: expected a CPU tensor"),
         };
-        let src = &src[layout.start_offset()..layout.start_offset() + b * c * h * w];
+        if planes.end > b * c {
+            bail!("im2col: planes {planes:?} of {}", b * c)
+        }
+        let src = &src[layout.start_offset() + planes.start * h * w
+            ..layout.start_offset() + planes.end * h * w];
         // Every element is written exactly once below (padding as zeros), in
         // parallel: no serial zero-fill of the largest buffer of the step.
-        let n = b * c * kh * kw * p;
+        let count = planes.len();
+        let n = count * kh * kw * p;
         let mut cols: Vec<T> = Vec::with_capacity(n);
         let zero = std::mem::MaybeUninit::new(T::zero());
         cols.spare_capacity_mut()[..n]
@@ -258,26 +310,34 @@ impl Im2Col {
         // input row, else from the input.
         unsafe { cols.set_len(n) };
         drop(storage);
-        Tensor::from_vec(cols, (b, c * kh * kw, p), x.device())
+        Tensor::from_vec(cols, (count * kh * kw, p), x.device())
     }
 
-    /// The adjoint of [`Self::run`]: `cols: [b, c·kh·kw, oh·ow]` summed back
-    /// onto `[b, c, h, w]`.
-    fn col2im<T: WithDType>(&self, cols: &Tensor) -> Result<Tensor> {
+    /// The adjoint of [`Self::run`] for `n` consecutive input planes: `cols`
+    /// (`[n·kh·kw, oh·ow]`, contiguous) summed back onto `planes`
+    /// (`n` planes of `h·w`, zeroed by the caller), one parallel task per plane.
+    fn col2im_into<T: WithDType>(&self, cols: &Tensor, planes: &mut [T]) -> Result<()> {
         use rayon::prelude::*;
-        let (b, c, h, w) = self.dims;
+        let (_, _, h, w) = self.dims;
         let (kh, kw) = self.kernel;
         let (oh, ow) = self.out;
         let (stride, pad) = (self.stride, self.padding);
         let p = oh * ow;
+        let n = planes.len() / (h * w).max(1);
         let (storage, layout) = cols.storage_and_layout();
         let src = match &*storage {
             Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
             _ => bail!("col2im: expected a CPU tensor"),
         };
-        let src = &src[layout.start_offset()..layout.start_offset() + b * c * kh * kw * p];
-        let mut out = vec![T::zero(); b * c * h * w];
-        out.par_chunks_mut(h * w)
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("col2im: expected contiguous columns")
+        };
+        if end - start != n * kh * kw * p {
+            bail!("col2im: {} column values for {n} planes", end - start)
+        }
+        let src = &src[start..end];
+        planes
+            .par_chunks_mut(h * w)
             .enumerate()
             .for_each(|(bc, plane)| {
                 let chunk = &src[bc * kh * kw * p..(bc + 1) * kh * kw * p];
@@ -306,17 +366,24 @@ impl Im2Col {
                     }
                 }
             });
-        drop(storage);
-        Tensor::from_vec(out, (b, c, h, w), cols.device())
+        Ok(())
     }
 }
+
+/// Column-gradient values per pass of [`input_grad_cpu`]: 2^22 (16 MiB in
+/// f32). The whole column gradient is `kh·kw` times the input's size — 141 MB
+/// for SD1.5's 960-channel up-path convolutions at 512 px.
+const COL_CHUNK_VALUES: usize = 1 << 22;
 
 /// The input gradient on the CPU: `cols = Wᵀ · g` (the kernel as stored,
 /// read transposed by the matrix product — no flipped copy), then col2im, the
 /// adjoint of the forward's im2col, scattering each column back onto the
 /// input pixels it came from. One parallel task per `(batch, channel)` plane,
 /// any stride and padding (candle's CPU `conv_transpose2d`, used for stride 2
-/// otherwise, is a naive loop).
+/// otherwise, is a naive loop). Input channels are independent here (channel
+/// `c` gets its gradient from `W[:, c]` alone), so the columns are computed and
+/// scattered a group of channels at a time, at most [`COL_CHUNK_VALUES`]
+/// values.
 fn input_grad_cpu(
     grad: &Tensor,
     weight: &Tensor,
@@ -333,15 +400,6 @@ fn input_grad_cpu(
             weight.dims()
         )
     }
-    let weight = weight.to_dtype(grad.dtype())?.contiguous()?;
-    let wt = weight.reshape((co, ci * kh * kw))?.t()?;
-    let g = grad.contiguous()?.reshape((b, co, oh * ow))?;
-    let cols = if b == 1 {
-        super::matmul::matmul(&wt, &g.squeeze(0)?)?.unsqueeze(0)?
-    } else {
-        wt.broadcast_matmul(&g)?
-    }
-    .contiguous()?;
     let geometry = Im2Col {
         dims: (b, ci, h, w),
         kernel: (kh, kw),
@@ -349,9 +407,46 @@ fn input_grad_cpu(
         padding,
         out: (oh, ow),
     };
-    match cols.dtype() {
-        DType::F64 => geometry.col2im::<f64>(&cols),
-        _ => geometry.col2im::<f32>(&cols),
+    match grad.dtype() {
+        DType::F64 => geometry.input_grad::<f64>(grad, weight, COL_CHUNK_VALUES),
+        _ => geometry.input_grad::<f32>(grad, weight, COL_CHUNK_VALUES),
+    }
+}
+
+impl Im2Col {
+    /// [`input_grad_cpu`] in `T`, at most `max_values` column values at once.
+    fn input_grad<T: WithDType>(
+        &self,
+        grad: &Tensor,
+        weight: &Tensor,
+        max_values: usize,
+    ) -> Result<Tensor> {
+        let (b, ci, h, w) = self.dims;
+        let (kh, kw) = self.kernel;
+        let (oh, ow) = self.out;
+        let (kk, p) = (kh * kw, oh * ow);
+        let co = grad.dim(1)?;
+        let w2 = weight
+            .to_dtype(grad.dtype())?
+            .contiguous()?
+            .reshape((co, ci * kk))?;
+        let g = grad.contiguous()?.reshape((b, co, p))?;
+        let group = (max_values / (kk * p).max(1)).clamp(1, ci.max(1));
+        let mut out = vec![T::zero(); b * ci * h * w];
+        for bi in 0..b {
+            let gb = g.get(bi)?;
+            for c0 in (0..ci).step_by(group) {
+                let n = group.min(ci - c0);
+                // `[n·kk, co]`: these channels' columns of the kernel matrix,
+                // read transposed in place (copying the kernel every step
+                // would cost more than the product).
+                let wt = w2.narrow(1, c0 * kk, n * kk)?.t()?;
+                let cols = super::matmul::matmul(&wt, &gb)?.contiguous()?;
+                let planes = &mut out[(bi * ci + c0) * h * w..(bi * ci + c0 + n) * h * w];
+                self.col2im_into(&cols, planes)?;
+            }
+        }
+        Tensor::from_vec(out, (b, ci, h, w), grad.device())
     }
 }
 
@@ -412,5 +507,70 @@ pub(crate) fn input_grad(
         Ok(dx)
     } else {
         dx.narrow(2, 0, h)?.narrow(3, 0, w)?.contiguous()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::Im2Col;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The channel groups of the CPU conv give the same output as candle's
+    /// conv2d, and of its input gradient the same as one pass over all
+    /// channels (the finite-difference tests in `tests/ops/conv.rs` check the
+    /// single pass), for stride 1 and 2, with and without padding.
+    #[test]
+    fn channel_groups_equal_one_pass() {
+        let dev = Device::Cpu;
+        for (stride, padding) in [(1, 1), (2, 1), (1, 0)] {
+            let (b, ci, co, h, w, k) = (2, 7, 5, 9, 8, 3);
+            let (oh, ow) = (
+                (h + 2 * padding - k) / stride + 1,
+                (w + 2 * padding - k) / stride + 1,
+            );
+            let grad = Tensor::randn(0f64, 1.0, (b, co, oh, ow), &dev).unwrap();
+            let weight = Tensor::randn(0f64, 1.0, (co, ci, k, k), &dev).unwrap();
+            let geometry = Im2Col {
+                dims: (b, ci, h, w),
+                kernel: (k, k),
+                stride,
+                padding,
+                out: (oh, ow),
+            };
+            // The forward, grouped, against candle's conv2d.
+            let x = Tensor::randn(0f64, 1.0, (b, ci, h, w), &dev).unwrap();
+            let reference = x.conv2d(&weight, padding, stride, 1, 1).unwrap();
+            let whole = geometry
+                .input_grad::<f64>(&grad, &weight, usize::MAX)
+                .unwrap();
+            for max_values in [usize::MAX, 1, k * k * oh * ow * 2, k * k * oh * ow * 3 + 1] {
+                let y = geometry.forward::<f64>(&x, &weight, max_values).unwrap();
+                let diff = max_abs_diff(&y, &reference);
+                assert!(
+                    diff < 1e-12,
+                    "forward, stride {stride}, {max_values} values: {diff}"
+                );
+                let grouped = geometry
+                    .input_grad::<f64>(&grad, &weight, max_values)
+                    .unwrap();
+                let diff = max_abs_diff(&grouped, &whole);
+                assert!(
+                    diff < 1e-12,
+                    "input gradient, stride {stride}, {max_values} values: {diff}"
+                );
+            }
+        }
     }
 }
