@@ -138,8 +138,7 @@ fn chunked_backward(
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)), and rowsum(dP ⊙ P) = rowsum(g ⊙ o).
             let oc = o.narrow(tdim, start, len)?;
             let delta = (&gc * &oc)?.sum_keepdim(D::Minus1)?;
-            let dp = matmul(&gc, &v.t()?)?;
-            let ds = ((dp.broadcast_sub(&delta))? * &p)?;
+            let ds = softmax_grad(&p, matmul(&gc, &v.t()?)?, &delta)?;
             if need_q {
                 dq.push((matmul(&ds, k)? * scale)?);
             }
@@ -156,9 +155,48 @@ fn chunked_backward(
     Ok([dq, dk, dv])
 }
 
+/// The gradient of the scores given the probabilities `p`, their gradient `dp`
+/// and `delta = rowsum(dp ⊙ p)` (one value per row): `p ⊙ (dp − delta)`. On
+/// CPU f32 one parallel pass (the tensor ops take two and a temporary the size
+/// of the scores).
+fn softmax_grad(p: &Tensor, dp: Tensor, delta: &Tensor) -> Result<Tensor> {
+    let n = p.dim(D::Minus1)?;
+    let fast = super::with_cpu_f32(p, |ps| {
+        super::with_cpu_f32(&dp, |dps| {
+            super::with_cpu_f32(delta, |ds| {
+                use rayon::prelude::*;
+                if ps.len() != dps.len() || ds.len() * n != ps.len() {
+                    return None;
+                }
+                let mut out = vec![0f32; ps.len()];
+                out.par_chunks_mut(n)
+                    .zip(ps.par_chunks(n).zip(dps.par_chunks(n)))
+                    .zip(ds.par_iter())
+                    .for_each(|((o, (p, g)), &d)| {
+                        for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+                            *o = p * (g - d);
+                        }
+                    });
+                Some(out)
+            })
+        })
+    });
+    match fast.flatten().flatten().flatten() {
+        Some(out) => Tensor::from_vec(out, p.dims(), p.device()),
+        None => dp.broadcast_sub(delta)? * p,
+    }
+}
+
 /// Score values processed at once by [`multi_head_attention`] when no chunk
 /// size is given: 2^22 (16 MiB in f32).
 pub const MAX_CHUNK_SCORES: usize = 1 << 22;
+
+/// Score values per chunk of [`multi_head_attention`]'s backward, which goes
+/// one head at a time: 2^20 (4 MiB in f32). The backward holds three arrays of
+/// this size (probabilities, their gradient, the scores' gradient); a chunk of
+/// 2^20 still gives the matrix products hundreds of rows (256 queries of
+/// 4096 keys at 512 px).
+pub const MAX_BACKWARD_HEAD_SCORES: usize = 1 << 20;
 
 /// Queries per chunk for `lead` (batch·heads) score matrices of `tq × tk` values
 /// when at most [`MAX_CHUNK_SCORES`] may exist at once (at least 1, at most `tq`).
@@ -209,34 +247,59 @@ pub fn multi_head_attention(
             v.dims()
         )
     }
-    let chunk = match chunk {
+    let chunk_given = match chunk {
         Some(0) => bail!("attention: chunk size must be at least 1"),
-        Some(n) => n,
-        None => auto_chunk(b * heads, tq, tk),
+        other => other,
     };
+    let chunk = chunk_given.unwrap_or_else(|| auto_chunk(b * heads, tq, tk));
     let dtype = q.dtype();
     let cdt = super::norm::compute_dtype(dtype);
-    let split = move |x: &Tensor| split_heads(&x.to_dtype(cdt)?, heads);
+    let split = move |x: &Tensor, heads: usize| split_heads(&x.to_dtype(cdt)?, heads);
     let (qs, ks, vs) = (
-        split(&q.detach())?,
-        split(&k.detach())?,
-        split(&v.detach())?,
+        split(&q.detach(), heads)?,
+        split(&k.detach(), heads)?,
+        split(&v.detach(), heads)?,
     );
     super::flops::add_attention(qs.dims(), ks.dims(), vs.dims());
     let y = merge_heads(&chunked_forward(&qs, &ks, &vs, scale, chunk)?)?.to_dtype(dtype)?;
     drop((qs, ks, vs));
+    // The backward goes one head at a time, writing each head's gradients
+    // into the merged `[b, t, heads·d]` results: only one head's split copies
+    // and accumulators exist at once, instead of all heads' (five tensors the
+    // size of `q` at the largest resolution).
+    let head_chunk = chunk_given
+        .unwrap_or_else(|| (MAX_BACKWARD_HEAD_SCORES / (b * tk).max(1)).clamp(1, tq.max(1)));
     with_grad3("multi-head-attention", [q, k, v], y, move |a| {
         let [q, k, v] = a.inputs;
-        let (qs, ks, vs) = (split(q)?, split(k)?, split(v)?);
-        let grads = chunked_backward(
-            [&qs, &ks, &vs],
-            &split(a.output)?,
-            &split(a.grad)?,
-            a.needs_grad,
-            scale,
-            chunk,
-        )?;
-        let [dq, dk, dv] = grads.map(|g| g.map(|g| merge_heads(&g)));
-        Ok([dq.transpose()?, dk.transpose()?, dv.transpose()?])
+        let (d, dv) = (c / heads, cv / heads);
+        let widths = [d, d, dv];
+        let mut grads = [q, k, v]
+            .iter()
+            .zip(a.needs_grad)
+            .map(|(x, need)| {
+                need.then(|| Tensor::zeros(x.dims(), dtype, x.device()))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = |x: &Tensor, h: usize, width: usize| split(&x.narrow(2, h * width, width)?, 1);
+        for h in 0..heads {
+            let head_grads = chunked_backward(
+                [&head(q, h, d)?, &head(k, h, d)?, &head(v, h, dv)?],
+                &head(a.output, h, dv)?,
+                &head(a.grad, h, dv)?,
+                a.needs_grad,
+                scale,
+                head_chunk,
+            )?;
+            for ((out, g), width) in grads.iter_mut().zip(head_grads).zip(widths) {
+                if let (Some(out), Some(g)) = (out.as_mut(), g) {
+                    out.slice_set(&merge_heads(&g)?.to_dtype(dtype)?, 2, h * width)?;
+                }
+            }
+        }
+        let [dq, dk, dv]: [Option<Tensor>; 3] = grads
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("attention: three gradients expected".into()))?;
+        Ok([dq, dk, dv])
     })
 }
