@@ -543,6 +543,16 @@ impl SimpleBackend for RandomWeights {
 mod tests {
     use super::*;
 
+    /// The FLOP counter is global: two benchmarks running at once would reset
+    /// each other's counts, so the tests that run one take this lock.
+    static COUNTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        COUNTER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A UNet with SD1's layout at toy widths (as the built-in tiny model).
     fn tiny_config() -> UNetConfig {
         UNetConfig::from_json_str(sd_lora_model::builtin::TINY_UNET_CONFIG_JSON).unwrap()
@@ -622,6 +632,7 @@ mod tests {
 
     #[test]
     fn tiny_unet_bench_runs_and_reports_sane_fields() {
+        let _serial = serial();
         let opts = BenchOptions {
             resolution: 64,
             steps: 1,
@@ -685,6 +696,7 @@ mod tests {
 
     #[test]
     fn tiny_unet_bench_runs_with_checkpointing_and_half_storage() {
+        let _serial = serial();
         let opts = BenchOptions {
             resolution: 64,
             steps: 1,
