@@ -104,7 +104,15 @@ impl FeedForward {
     /// output (half the projection's size) is not kept for the backward, which
     /// takes `net.2`'s input gradient from its weight and applies the GEGLU
     /// derivative to the projection.
+    ///
+    /// Inside a checkpointed segment's recomputation
+    /// ([`ops::checkpoint::is_recomputing`]) and without LoRA on either layer,
+    /// the whole feed-forward is one node that keeps only `x`
+    /// ([`Self::forward_recomputing`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if ops::checkpoint::is_recomputing() && !self.has_lora() {
+            return self.forward_recomputing(x);
+        }
         let p = self.net_0.proj.forward(x)?;
         let lora = self.net_2.lora.as_ref().is_some_and(|l| !l.is_merged());
         if lora || !p.track_op() || !ops::checkpoint::is_grad_enabled() {
@@ -126,6 +134,82 @@ impl FeedForward {
             Ok([Some(ops::activation::geglu_backward(p, &dh)?)])
         })
     }
+
+    /// Whether either layer carries an active (unmerged) LoRA adapter.
+    fn has_lora(&self) -> bool {
+        [&self.net_0.proj, &self.net_2]
+            .iter()
+            .any(|l| l.lora.as_ref().is_some_and(|l| !l.is_merged()))
+    }
+
+    /// The feed-forward of frozen layers as one graph node that keeps only `x`:
+    /// the forward and the backward both run over chunks of at most
+    /// [`FF_CHUNK_VALUES`] projection values, and the backward recomputes each
+    /// chunk's projection (one more `net.0.proj` product) instead of keeping
+    /// the projection, eight times `x`'s size, from the forward. Any LoRA
+    /// adapter on the layers is ignored: [`Self::forward`] only takes this path
+    /// without one.
+    pub fn forward_recomputing(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let Some((&dim, lead)) = dims.split_last() else {
+            candle_core::bail!("feed-forward: input is a scalar")
+        };
+        let rows = lead.iter().product::<usize>();
+        let width = self.net_0.proj.out_features()?;
+        let chunk = (FF_CHUNK_VALUES / width.max(1)).clamp(1, rows.max(1));
+        let (proj, out) = (self.net_0.proj.clone(), self.net_2.clone());
+        let (proj, out) = (
+            FrozenLinear { lora: None, ..proj },
+            FrozenLinear { lora: None, ..out },
+        );
+        let xd = x.detach().reshape((rows, dim))?;
+        let y = ops::checkpoint::no_grad(|| {
+            by_row_chunks(rows, chunk, |start, n| {
+                out.forward(&ops::geglu(&proj.forward(&xd.narrow(0, start, n)?)?)?)
+            })
+        })?;
+        drop(xd);
+        let mut out_dims = lead.to_vec();
+        out_dims.push(y.dim(1)?);
+        let y = y.reshape(out_dims)?;
+        let (w1, w2) = (proj.weight.detach(), out.weight.detach());
+        ops::with_grad1("feed-forward-recompute", x, y, move |a| {
+            let x = a.inputs[0].reshape((rows, dim))?;
+            let g = a.grad.reshape((rows, w2.dim(0)?))?;
+            let dx = by_row_chunks(rows, chunk, |start, n| {
+                let p = ops::checkpoint::no_grad(|| proj.forward(&x.narrow(0, start, n)?))?;
+                let dh = ops::matmul::matmul(&g.narrow(0, start, n)?, &w2)?;
+                let dp = ops::activation::geglu_backward(&p, &dh)?;
+                ops::matmul::matmul(&dp, &w1)
+            })?;
+            Ok([Some(dx.reshape(dims.as_slice())?)])
+        })
+    }
+}
+
+/// Projection values (rows × `2·inner`) per chunk of
+/// [`FeedForward::forward_recomputing`]: 16 MiB in f32, like attention's
+/// score chunks.
+pub const FF_CHUNK_VALUES: usize = 1 << 22;
+
+/// `f(start, n)` over consecutive chunks of at most `chunk` of `rows` rows,
+/// concatenated along the first dimension.
+fn by_row_chunks(
+    rows: usize,
+    chunk: usize,
+    mut f: impl FnMut(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if chunk >= rows {
+        return f(0, rows);
+    }
+    let mut pieces = Vec::with_capacity(rows.div_ceil(chunk));
+    let mut start = 0;
+    while start < rows {
+        let n = chunk.min(rows - start);
+        pieces.push(f(start, n)?);
+        start += n;
+    }
+    Tensor::cat(&pieces, 0)
 }
 
 crate::lora::visit::impl_visit_layers!(Attention {

@@ -48,7 +48,7 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, TensorId, Var};
+use candle_core::{Result, Tensor, TensorId, Var, bail};
 
 use super::custom_grad::{with_grad1, with_grad2, with_grad3};
 use crate::lora::visit::VisitLayers;
@@ -56,6 +56,8 @@ use crate::lora::visit::VisitLayers;
 thread_local! {
     /// Whether the no-grad switch is on (inside a checkpointed forward).
     static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+    /// Whether a segment's recomputation (its backward) is running.
+    static RECOMPUTING: Cell<bool> = const { Cell::new(false) };
     /// LoRA parameter gradients computed by segment recomputations, keyed by
     /// the variable's tensor id, waiting for [`backward`] to merge them.
     static SIDE_GRADS: RefCell<HashMap<TensorId, Tensor>> = RefCell::new(HashMap::new());
@@ -75,6 +77,31 @@ impl Drop for GradMode {
     fn drop(&mut self) {
         NO_GRAD.with(|c| c.set(self.0));
     }
+}
+
+/// Marks a segment's recomputation until dropped (restoring the previous
+/// state, so nested segments work).
+struct Recomputing(bool);
+
+impl Recomputing {
+    fn enter() -> Self {
+        Self(RECOMPUTING.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for Recomputing {
+    fn drop(&mut self) {
+        RECOMPUTING.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether this thread is re-running a checkpointed segment for its backward.
+/// Checkpointing trades time for memory, so layers that can recompute a large
+/// intermediate in their own backward instead of keeping it (the feed-forward's
+/// hidden layer, [`crate::blocks::FeedForward`]) do so here, where the segment's
+/// whole forward is being recomputed anyway.
+pub fn is_recomputing() -> bool {
+    RECOMPUTING.with(Cell::get)
 }
 
 /// Whether gradients are recorded on this thread (false inside [`no_grad`]).
@@ -118,108 +145,176 @@ pub fn lora_params<M: VisitLayers + ?Sized>(module: &M) -> Vec<Var> {
     out
 }
 
-/// Runs `f(a, b)` as a checkpointed segment whose trainable parameters are
+/// Runs `f(inputs)` as a checkpointed segment whose trainable parameters are
 /// `params` (see the module docs). `f` must be deterministic and must read
 /// every trainable parameter it uses through [`param`] (LoRA adapters do);
 /// parameters it uses that are not in `params` get no gradient.
 ///
-/// Falls back to a plain `f(a, b)` when there is nothing to differentiate (no
+/// Inputs that take part in no gradient computation (a frozen text encoder's
+/// context, a time embedding with no LoRA upstream) are kept by the closure as
+/// constants; at most three inputs may be tracked (a custom op has at most
+/// three inputs). Taking several inputs lets a segment start with cheap glue
+/// such as the up path's concatenation, whose output then is not kept.
+///
+/// Falls back to a plain `f(inputs)` when there is nothing to differentiate (no
 /// input tracked and no parameter) or when already inside a no-grad region.
-pub fn checkpoint<F>(
-    name: &'static str,
-    inputs: [&Tensor; 2],
-    params: &[Var],
-    f: F,
-) -> Result<Tensor>
+pub fn checkpoint<F>(name: &'static str, inputs: &[&Tensor], params: &[Var], f: F) -> Result<Tensor>
 where
-    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
 {
-    let [a, b] = inputs;
-    if !is_grad_enabled() || (!a.track_op() && !b.track_op() && params.is_empty()) {
-        return f(a, b);
+    let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+    let tracked: Vec<usize> = (0..inputs.len())
+        .filter(|&i| inputs[i].track_op())
+        .collect();
+    if !is_grad_enabled() || (tracked.is_empty() && params.is_empty()) {
+        return f(&owned);
+    }
+    if tracked.len() > 3 {
+        bail!(
+            "{name}: {} inputs need a gradient; a checkpointed segment takes at most 3",
+            tracked.len()
+        )
     }
     // The final detach drops any graph `f` might still have recorded (a frozen
     // weight that happens to be a `Var`), so no activation survives.
-    let output = no_grad(|| f(&a.detach(), &b.detach()))?.detach();
-    // When the segment has parameters, the first one anchors the op in the
-    // graph even if no input is tracked (a variable always is). Its slot
-    // returns no gradient: all parameter gradients go to the side store.
-    let anchor = params.first().map(|v| v.as_tensor().clone());
-    let params = params.to_vec();
-    match anchor {
-        None => with_grad2(name, [a, b], output, move |args| {
-            let [x, y] = args.inputs;
-            let needs = args.needs_grad;
-            let [dx, dy] = recompute(&f, [x, y], needs, &params, args.grad)?;
-            Ok([dx, dy])
+    let detached: Vec<Tensor> = owned.iter().map(Tensor::detach).collect();
+    let output = no_grad(|| f(&detached))?.detach();
+    // The closure keeps the untracked inputs; the tracked ones come back as the
+    // op's inputs in the backward (one copy kept, by the graph).
+    let constants = detached
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (!tracked.contains(&i)).then_some(t))
+        .collect();
+    let segment = Segment {
+        f,
+        constants,
+        tracked: tracked.clone(),
+        params: params.to_vec(),
+    };
+    let graph_inputs: Vec<&Tensor> = tracked.iter().map(|&i| inputs[i]).collect();
+    match graph_inputs[..] {
+        [] => {
+            // No input is tracked but the segment has parameters: the first one
+            // anchors the op in the graph (a variable always is). Its slot
+            // returns no gradient: all parameter gradients go to the side store.
+            let anchor = params[0].as_tensor();
+            with_grad1(name, anchor, output, move |args| {
+                segment.recompute(&[], &[], args.grad)?;
+                Ok([None])
+            })
+        }
+        [a] => with_grad1(name, a, output, move |args| {
+            segment.input_grads(&args.inputs, &args.needs_grad, args.grad)
         }),
-        Some(anchor) => with_grad3(name, [a, b, &anchor], output, move |args| {
-            let [x, y, _] = args.inputs;
-            let needs = [args.needs_grad[0], args.needs_grad[1]];
-            let [dx, dy] = recompute(&f, [x, y], needs, &params, args.grad)?;
-            Ok([dx, dy, None])
+        [a, b] => with_grad2(name, [a, b], output, move |args| {
+            segment.input_grads(&args.inputs, &args.needs_grad, args.grad)
         }),
+        [a, b, c] => with_grad3(name, [a, b, c], output, move |args| {
+            segment.input_grads(&args.inputs, &args.needs_grad, args.grad)
+        }),
+        _ => unreachable!("at most three tracked inputs, checked above"),
     }
 }
 
-/// The backward of a segment: re-runs `f` with gradients on (tracked copies of
-/// the inputs that `needs` a gradient), backpropagates `grad` from its output,
-/// stashes the parameters' gradients and returns the inputs'.
-fn recompute<F>(
-    f: &F,
-    inputs: [&Tensor; 2],
-    needs: [bool; 2],
-    params: &[Var],
-    grad: &Tensor,
-) -> Result<[Option<Tensor>; 2]>
+/// What a checkpointed segment's backward needs to re-run it.
+struct Segment<F> {
+    f: F,
+    /// Every input of `f` that is not tracked; `None` where it is (its value
+    /// arrives as the op's input in the backward).
+    constants: Vec<Option<Tensor>>,
+    /// The positions of the tracked inputs in `f`'s argument list.
+    tracked: Vec<usize>,
+    params: Vec<Var>,
+}
+
+impl<F> Segment<F>
 where
-    F: Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    F: Fn(&[Tensor]) -> Result<Tensor>,
 {
-    let _mode = GradMode::set(true);
-    let vars = [0, 1].map(|i| needs[i].then(|| Var::from_tensor(inputs[i])));
-    let [va, vb] = vars.map(|v| v.transpose());
-    let (va, vb) = (va?, vb?);
-    let a = va.as_ref().map_or(inputs[0], |v| v.as_tensor());
-    let b = vb.as_ref().map_or(inputs[1], |v| v.as_tensor());
-    let output = f(a, b)?;
-    // Backpropagate `grad` without building `(output · grad).sum()`: a scalar
-    // whose backward hands `grad` straight to `output`.
-    let zero = Tensor::zeros((), output.dtype(), output.device())?;
-    let g = grad.clone();
-    let root = with_grad1("checkpoint-vjp", &output, zero, move |_| {
-        Ok([Some(g.clone())])
-    })?;
-    let grads = root.backward()?;
-    drop(root);
-    drop(output);
-    SIDE_GRADS.with(|store| -> Result<()> {
-        let mut store = store.borrow_mut();
-        for p in params {
-            let Some(g) = grads.get(p.as_tensor()) else {
-                continue;
-            };
-            let id = p.as_tensor().id();
-            let sum = match store.remove(&id) {
-                Some(prev) => (prev + g)?,
-                None => g.clone(),
-            };
-            store.insert(id, sum);
+    /// [`Self::recompute`] for a custom op with `N` inputs.
+    fn input_grads<const N: usize>(
+        &self,
+        inputs: &[&Tensor; N],
+        needs: &[bool; N],
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; N]> {
+        let grads = self.recompute(inputs, needs, grad)?;
+        let n = grads.len();
+        grads.try_into().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "checkpointed segment: {n} input gradients for {N} inputs"
+            ))
+        })
+    }
+
+    /// The backward of the segment: re-runs `f` with gradients on (a tracked
+    /// copy of each tracked input that `needs` a gradient), backpropagates
+    /// `grad` from its output, stashes the parameters' gradients and returns
+    /// the tracked inputs' gradients.
+    fn recompute(
+        &self,
+        inputs: &[&Tensor],
+        needs: &[bool],
+        grad: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let _mode = GradMode::set(true);
+        let _recomputing = Recomputing::enter();
+        let mut args = self.constants.clone();
+        let mut vars = Vec::with_capacity(inputs.len());
+        for ((&pos, &input), &need) in self.tracked.iter().zip(inputs).zip(needs) {
+            let var = need.then(|| Var::from_tensor(input)).transpose()?;
+            args[pos] = Some(var.as_ref().map_or(input, Var::as_tensor).clone());
+            vars.push(var);
         }
-        Ok(())
-    })?;
-    // candle expects a gradient for every tracked input it handed us (it fails
-    // on a node whose gradient was never populated), so a path that turned out
-    // not to reach the output gives zeros.
-    let input_grad = |v: &Option<Var>| -> Result<Option<Tensor>> {
-        match v {
-            None => Ok(None),
-            Some(v) => match grads.get(v.as_tensor()) {
-                Some(g) => Ok(Some(g.clone())),
-                None => Ok(Some(v.as_tensor().zeros_like()?)),
-            },
+        let args: Vec<Tensor> = args.into_iter().flatten().collect();
+        if args.len() != self.constants.len() {
+            bail!(
+                "checkpointed segment: {} inputs for {} arguments",
+                args.len(),
+                self.constants.len()
+            )
         }
-    };
-    Ok([input_grad(&va)?, input_grad(&vb)?])
+        let output = (self.f)(&args)?;
+        drop(args);
+        // Backpropagate `grad` without building `(output · grad).sum()`: a
+        // scalar whose backward hands `grad` straight to `output`.
+        let zero = Tensor::zeros((), output.dtype(), output.device())?;
+        let g = grad.clone();
+        let root = with_grad1("checkpoint-vjp", &output, zero, move |_| {
+            Ok([Some(g.clone())])
+        })?;
+        let grads = root.backward()?;
+        drop(root);
+        drop(output);
+        SIDE_GRADS.with(|store| -> Result<()> {
+            let mut store = store.borrow_mut();
+            for p in &self.params {
+                let Some(g) = grads.get(p.as_tensor()) else {
+                    continue;
+                };
+                let id = p.as_tensor().id();
+                let sum = match store.remove(&id) {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                };
+                store.insert(id, sum);
+            }
+            Ok(())
+        })?;
+        // candle expects a gradient for every tracked input it handed us (it
+        // fails on a node whose gradient was never populated), so a path that
+        // turned out not to reach the output gives zeros.
+        vars.iter()
+            .map(|v| match v {
+                None => Ok(None),
+                Some(v) => match grads.get(v.as_tensor()) {
+                    Some(g) => Ok(Some(g.clone())),
+                    None => Ok(Some(v.as_tensor().zeros_like()?)),
+                },
+            })
+            .collect()
+    }
 }
 
 /// `loss.backward()`, plus the parameter gradients that checkpointed segments

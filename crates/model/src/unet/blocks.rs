@@ -13,8 +13,10 @@
 //! [`super::UNet2DConditionModel::set_gradient_checkpointing`]), every ResNet
 //! and every transformer of a block runs as one checkpointed segment
 //! ([`crate::ops::checkpoint`]) — the granularity of diffusers'
-//! `enable_gradient_checkpointing`. Samplers, concatenations and the
-//! embeddings run as usual.
+//! `enable_gradient_checkpointing` — and so does every upsampler. The up
+//! path's concatenations run inside the ResNet segments that consume them, so
+//! only the segments' inputs and outputs are kept. Downsamplers and the
+//! embeddings run as usual (their outputs are kept anyway, as skips or inputs).
 
 use candle_core::{Result, Tensor, bail};
 use candle_nn::VarBuilder;
@@ -51,18 +53,38 @@ fn resnet_config(cfg: &UNetConfig, in_channels: usize, out_channels: usize) -> R
     }
 }
 
-/// `resnet(x, temb)`, as a checkpointed segment when `ckpt`.
-fn run_resnet(resnet: &ResnetBlock2D, x: &Tensor, temb: &Tensor, ckpt: bool) -> Result<Tensor> {
+/// `resnet(x, temb)` — `resnet(cat(x, skip), temb)` on the up path — as a
+/// checkpointed segment when `ckpt`. The concatenation runs inside the
+/// segment, so with checkpointing its output (the largest tensor of an up-path
+/// ResNet) is not kept: `x` and `skip` are kept anyway as other segments'
+/// outputs.
+fn run_resnet(
+    resnet: &ResnetBlock2D,
+    x: &Tensor,
+    skip: Option<&Tensor>,
+    temb: &Tensor,
+    ckpt: bool,
+) -> Result<Tensor> {
     if !ckpt {
-        return resnet.forward(x, Some(temb));
+        return match skip {
+            Some(skip) => resnet.forward(&Tensor::cat(&[x, skip], 1)?, Some(temb)),
+            None => resnet.forward(x, Some(temb)),
+        };
     }
     let params = checkpoint::lora_params(resnet);
     // The backward re-runs the block, so it keeps a (cheap: shared tensors)
     // clone of it.
     let block = resnet.clone();
-    checkpoint::checkpoint("checkpoint-resnet", [x, temb], &params, move |x, t| {
-        block.forward(x, Some(t))
-    })
+    match skip {
+        Some(skip) => {
+            checkpoint::checkpoint("checkpoint-resnet", &[x, skip, temb], &params, move |a| {
+                block.forward(&Tensor::cat(&[&a[0], &a[1]], 1)?, Some(&a[2]))
+            })
+        }
+        None => checkpoint::checkpoint("checkpoint-resnet", &[x, temb], &params, move |a| {
+            block.forward(&a[0], Some(&a[1]))
+        }),
+    }
 }
 
 /// `attention(x, context)`, as a checkpointed segment when `ckpt`.
@@ -77,24 +99,41 @@ fn run_attention(
     }
     let params = checkpoint::lora_params(attention);
     let block = attention.clone();
-    checkpoint::checkpoint(
-        "checkpoint-transformer",
-        [x, context],
-        &params,
-        move |x, c| block.forward(x, c),
-    )
+    checkpoint::checkpoint("checkpoint-transformer", &[x, context], &params, move |a| {
+        block.forward(&a[0], &a[1])
+    })
 }
 
-/// Runs `resnet` then, when there is one, `attention`.
+/// `upsampler(x)`, as a checkpointed segment when `ckpt`: the nearest-neighbour
+/// resize (four times `x`'s size) is then not kept for the convolution.
+fn run_upsampler(
+    upsampler: &Upsample2D,
+    x: &Tensor,
+    size: Option<(usize, usize)>,
+    ckpt: bool,
+) -> Result<Tensor> {
+    if !ckpt {
+        return upsampler.forward(x, size);
+    }
+    let params = checkpoint::lora_params(upsampler);
+    let block = upsampler.clone();
+    checkpoint::checkpoint("checkpoint-upsampler", &[x], &params, move |a| {
+        block.forward(&a[0], size)
+    })
+}
+
+/// Runs `resnet` (on `cat(x, skip)` when there is a skip tensor) then, when
+/// there is one, `attention`.
 fn resnet_attention(
     resnet: &ResnetBlock2D,
     attention: Option<&Transformer2DModel>,
     x: &Tensor,
+    skip: Option<&Tensor>,
     temb: &Tensor,
     context: &Tensor,
     ckpt: bool,
 ) -> Result<Tensor> {
-    let h = run_resnet(resnet, x, temb, ckpt)?;
+    let h = run_resnet(resnet, x, skip, temb, ckpt)?;
     match attention {
         Some(attn) => run_attention(attn, &h, context, ckpt),
         None => Ok(h),
@@ -174,6 +213,7 @@ impl DownBlock {
                 resnet,
                 self.attentions.get(j),
                 &h,
+                None,
                 temb,
                 context,
                 self.gradient_checkpointing,
@@ -222,10 +262,10 @@ impl MidBlock {
             bail!("UNet mid block has no ResNets")
         };
         let ckpt = self.gradient_checkpointing;
-        let mut h = run_resnet(first, x, temb, ckpt)?;
+        let mut h = run_resnet(first, x, None, temb, ckpt)?;
         for (attn, resnet) in self.attentions.iter().zip(rest) {
             h = run_attention(attn, &h, context, ckpt)?;
-            h = run_resnet(resnet, &h, temb, ckpt)?;
+            h = run_resnet(resnet, &h, None, temb, ckpt)?;
         }
         Ok(h)
     }
@@ -309,18 +349,18 @@ impl UpBlock {
         }
         let mut h = x.clone();
         for (j, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            let cat = Tensor::cat(&[&h, skip], 1)?;
             h = resnet_attention(
                 resnet,
                 self.attentions.get(j),
-                &cat,
+                &h,
+                Some(skip),
                 temb,
                 context,
                 self.gradient_checkpointing,
             )?;
         }
         for up in &self.upsamplers {
-            h = up.forward(&h, upsample_size)?;
+            h = run_upsampler(up, &h, upsample_size, self.gradient_checkpointing)?;
         }
         Ok(h)
     }

@@ -130,6 +130,37 @@ fn feed_forward_gradients_match_finite_differences_and_the_separate_ops() {
     assert!(max_abs_diff(a, b) < 1e-12);
 }
 
+/// The feed-forward that keeps only its input (used inside checkpointed
+/// recomputations): finite differences on a small input, and on an input of
+/// several chunks (more than `FF_CHUNK_VALUES` projection values) the same
+/// output and gradient as the usual feed-forward.
+#[test]
+fn recomputing_feed_forward_matches_finite_differences_and_the_usual_one() {
+    use sd_lora_model::blocks::attention::FF_CHUNK_VALUES;
+    let mut rng = Rng::new(93);
+    let ff = feed_forward(&mut rng, 4, 6, DType::F64);
+    let x = rng.tensor(&[2, 3, 4], DType::F64);
+    let f = |xs: &[Tensor]| ff.forward_recomputing(&xs[0]);
+    let check = check_grads(f, std::slice::from_ref(&x), &[true], &mut rng);
+    assert_grads_ok("feed-forward (recomputing)", &check, 1e-6);
+
+    // 2·inner = 12 projection values per row: 2.5 chunks' worth of rows.
+    let rows = FF_CHUNK_VALUES / 12 * 5 / 2;
+    let x = rng.tensor(&[1, rows, 4], DType::F64);
+    let u = rng.tensor(&[1, rows, 4], DType::F64);
+    let xv = Var::from_tensor(&x).unwrap();
+    let lean = ff.forward_recomputing(xv.as_tensor()).unwrap();
+    let usual = ff.forward(xv.as_tensor()).unwrap();
+    assert!(max_abs_diff(&lean, &usual) < 1e-12);
+    let gl = (lean * &u).unwrap().sum_all().unwrap().backward().unwrap();
+    let gu = (usual * &u).unwrap().sum_all().unwrap().backward().unwrap();
+    let (a, b) = (
+        gl.get(xv.as_tensor()).unwrap(),
+        gu.get(xv.as_tensor()).unwrap(),
+    );
+    assert!(max_abs_diff(a, b) < 1e-10, "{}", max_abs_diff(a, b));
+}
+
 /// On the CPU in f32, GroupNorm + SiLU and its backward are one-pass kernels;
 /// f64 takes the generic tensor-op path. Both must agree.
 #[test]
