@@ -188,28 +188,35 @@ impl FeedForward {
 }
 
 /// Projection values (rows × `2·inner`) per chunk of
-/// [`FeedForward::forward_recomputing`]: 16 MiB in f32, like attention's
-/// score chunks.
-pub const FF_CHUNK_VALUES: usize = 1 << 22;
+/// [`FeedForward::forward_recomputing`]: 4 MiB in f32 (the backward holds the
+/// chunk's projection, its gradient and half-size temporaries; 409 rows of
+/// SD1.5's widest projection, still a full-speed matrix product).
+pub const FF_CHUNK_VALUES: usize = 1 << 20;
 
 /// `f(start, n)` over consecutive chunks of at most `chunk` of `rows` rows,
-/// concatenated along the first dimension.
+/// written into one `[rows, …]` result as they come (no list of pieces to
+/// concatenate, which would hold the result twice).
 fn by_row_chunks(
     rows: usize,
     chunk: usize,
     mut f: impl FnMut(usize, usize) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    let first = f(0, chunk.min(rows))?;
     if chunk >= rows {
-        return f(0, rows);
+        return Ok(first);
     }
-    let mut pieces = Vec::with_capacity(rows.div_ceil(chunk));
-    let mut start = 0;
+    let mut dims = first.dims().to_vec();
+    dims[0] = rows;
+    let out = Tensor::zeros(dims, first.dtype(), first.device())?;
+    out.slice_set(&first.contiguous()?, 0, 0)?;
+    drop(first);
+    let mut start = chunk;
     while start < rows {
         let n = chunk.min(rows - start);
-        pieces.push(f(start, n)?);
+        out.slice_set(&f(start, n)?.contiguous()?, 0, start)?;
         start += n;
     }
-    Tensor::cat(&pieces, 0)
+    Ok(out)
 }
 
 crate::lora::visit::impl_visit_layers!(Attention {
