@@ -23,8 +23,8 @@ pub struct BenchArgs {
     /// optimizer stay f32). On the CPU, f16/bf16 save memory, not time.
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// Recompute each ResNet and transformer block in the backward instead of
-    /// keeping its activations (less memory, more time).
+    /// Recompute each ResNet, transformer block and upsampler in the backward
+    /// instead of keeping their activations (less memory, more time).
     #[arg(long)]
     checkpointing: bool,
     /// Queries per attention chunk. Left out: chunks sized so that at most 2^22 score values exist

@@ -649,7 +649,7 @@ fn estimate_memory(cfg: &TrainConfig, m: &ModelFacts, spec: &TargetSpec) -> Memo
             // with transformer blocks hold far more than plain ones.
             // Attention keeps no probability matrices (it recomputes them).
             let (with_attn, plain) = if cfg.train.gradient_checkpointing {
-                (70, 6)
+                (36, 3)
             } else {
                 (240, 20)
             };
