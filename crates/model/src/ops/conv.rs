@@ -196,6 +196,14 @@ impl Im2Col {
         (lo.min(hi), hi)
     }
 
+    /// Input channels whose columns (`kh·kw·oh·ow` values each) fit in
+    /// `max_values`: at least one, at most all.
+    fn channels_per_pass(&self, max_values: usize) -> usize {
+        let (_, c, _, _) = self.dims;
+        let per_channel = self.kernel.0 * self.kernel.1 * self.out.0 * self.out.1;
+        (max_values / per_channel.max(1)).clamp(1, c.max(1))
+    }
+
     /// The conv's output `[b, co, oh, ow]` for the kernel `weight`: per
     /// batch item, the columns of a group of input channels at a time (at most
     /// `max_values` values) times those channels' part of the kernel, summed
@@ -214,7 +222,7 @@ impl Im2Col {
         let x = x.contiguous()?;
         // The kernel viewed as `[co, ci·kh·kw]`, its storage order: never copied.
         let w2 = weight.contiguous()?.reshape((co, ci * kk))?;
-        let group = (max_values / (kk * p).max(1)).clamp(1, ci.max(1));
+        let group = self.channels_per_pass(max_values);
         if group >= ci {
             let cols = self.run::<T>(&x, 0..b * ci)?.reshape((b, ci * kk, p))?;
             let y = if b == 1 {
@@ -431,7 +439,7 @@ impl Im2Col {
             .contiguous()?
             .reshape((co, ci * kk))?;
         let g = grad.contiguous()?.reshape((b, co, p))?;
-        let group = (max_values / (kk * p).max(1)).clamp(1, ci.max(1));
+        let group = self.channels_per_pass(max_values);
         let mut out = vec![T::zero(); b * ci * h * w];
         for bi in 0..b {
             let gb = g.get(bi)?;
