@@ -23,6 +23,10 @@ use sd_lora_model::lora::{LayerKind, LoraComponent, LoraModule, LoraWeights, Tar
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::unet::UNet2DConditionModel;
 
+#[path = "support/random_unet.rs"]
+mod random_unet;
+use random_unet::{max_abs, rel_err};
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -57,23 +61,6 @@ impl Rng {
         let data: Vec<f32> = (0..n).map(|_| (self.next() * scale) as f32).collect();
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    max_abs(&(a - &b).unwrap()) / max_abs(&b).max(1e-30)
 }
 
 /// A LoRA with random non-zero weights on `targets`.

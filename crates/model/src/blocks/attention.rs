@@ -114,8 +114,10 @@ impl FeedForward {
             return self.forward_recomputing(x);
         }
         let p = self.net_0.proj.forward(x)?;
-        let lora = self.net_2.lora.as_ref().is_some_and(|l| !l.is_merged());
-        if lora || !p.track_op() || !ops::checkpoint::is_grad_enabled() {
+        if self.net_2.active_lora().is_some()
+            || !p.track_op()
+            || !ops::checkpoint::is_grad_enabled()
+        {
             return self.net_2.forward(&ops::geglu(&p)?);
         }
         let pd = p.detach();
@@ -123,23 +125,13 @@ impl FeedForward {
         drop(pd);
         let w = self.net_2.weight.detach();
         ops::with_grad1("geglu-linear", &p, y, move |a| {
-            let [p] = a.inputs;
-            let (n, k) = w.dims2()?;
-            let m = a.grad.elem_count() / n;
-            let mut dims = p.dims().to_vec();
-            if let Some(last) = dims.last_mut() {
-                *last = k;
-            }
-            let dh = ops::matmul::matmul(&a.grad.reshape((m, n))?, &w)?.reshape(dims)?;
-            Ok([Some(ops::activation::geglu_backward(p, &dh)?)])
+            Ok([Some(projection_grad(a.inputs[0], a.grad, &w)?)])
         })
     }
 
     /// Whether either layer carries an active (unmerged) LoRA adapter.
     fn has_lora(&self) -> bool {
-        [&self.net_0.proj, &self.net_2]
-            .iter()
-            .any(|l| l.lora.as_ref().is_some_and(|l| !l.is_merged()))
+        self.net_0.proj.active_lora().is_some() || self.net_2.active_lora().is_some()
     }
 
     /// The feed-forward of frozen layers as one graph node that keeps only `x`:
@@ -158,15 +150,9 @@ impl FeedForward {
         let width = self.net_0.proj.out_features()?;
         let chunk = (FF_CHUNK_VALUES / width.max(1)).clamp(1, rows.max(1));
         let (proj, out) = (self.net_0.proj.clone(), self.net_2.clone());
-        let (proj, out) = (
-            FrozenLinear { lora: None, ..proj },
-            FrozenLinear { lora: None, ..out },
-        );
         let xd = x.detach().reshape((rows, dim))?;
-        let y = ops::checkpoint::no_grad(|| {
-            by_row_chunks(rows, chunk, |start, n| {
-                out.forward(&ops::geglu(&proj.forward(&xd.narrow(0, start, n)?)?)?)
-            })
+        let y = by_row_chunks(rows, chunk, |start, n| {
+            out.forward_base(&ops::geglu(&proj.forward_base(&xd.narrow(0, start, n)?)?)?)
         })?;
         drop(xd);
         let mut out_dims = lead.to_vec();
@@ -177,14 +163,27 @@ impl FeedForward {
             let x = a.inputs[0].reshape((rows, dim))?;
             let g = a.grad.reshape((rows, w2.dim(0)?))?;
             let dx = by_row_chunks(rows, chunk, |start, n| {
-                let p = ops::checkpoint::no_grad(|| proj.forward(&x.narrow(0, start, n)?))?;
-                let dh = ops::matmul::matmul(&g.narrow(0, start, n)?, &w2)?;
-                let dp = ops::activation::geglu_backward(&p, &dh)?;
+                let p = proj.forward_base(&x.narrow(0, start, n)?)?;
+                let dp = projection_grad(&p, &g.narrow(0, start, n)?, &w2)?;
                 ops::matmul::matmul(&dp, &w1)
             })?;
             Ok([Some(dx.reshape(dims.as_slice())?)])
         })
     }
+}
+
+/// The gradient of the projection `p: (..., 2·inner)` of a feed-forward from
+/// the gradient `grad: (..., dim)` of its output `net_2(geglu(p))`, where `w`
+/// is `net.2`'s frozen weight `[dim, inner]`: through `net.2`, then GEGLU.
+fn projection_grad(p: &Tensor, grad: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    let m = grad.elem_count() / n.max(1);
+    let mut dims = p.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = k;
+    }
+    let dh = ops::matmul::matmul(&grad.reshape((m, n))?, w)?.reshape(dims)?;
+    ops::activation::geglu_backward(p, &dh)
 }
 
 /// Projection values (rows × `2·inner`) per chunk of
@@ -210,11 +209,8 @@ fn by_row_chunks(
     let out = Tensor::zeros(dims, first.dtype(), first.device())?;
     out.slice_set(&first.contiguous()?, 0, 0)?;
     drop(first);
-    let mut start = chunk;
-    while start < rows {
-        let n = chunk.min(rows - start);
+    for (start, n) in ops::attention::chunks(rows, chunk).skip(1) {
         out.slice_set(&f(start, n)?.contiguous()?, 0, start)?;
-        start += n;
     }
     Ok(out)
 }

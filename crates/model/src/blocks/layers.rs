@@ -147,8 +147,7 @@ pub fn norm_silu_conv(
         }
     };
     let tracked = x.track_op() || add.is_some_and(Tensor::track_op);
-    let conv_lora = conv.lora.as_ref().is_some_and(|l| !l.is_merged());
-    if !tracked || conv_lora || !ops::checkpoint::is_grad_enabled() {
+    if !tracked || conv.active_lora().is_some() || !ops::checkpoint::is_grad_enabled() {
         return conv_add(&ops::silu(&norm.forward(x)?)?, add);
     }
     let (b, c, h, w) = x.dims4()?;

@@ -59,8 +59,8 @@ pub fn attention_with_bias(
     softmax_last_dim(&scores)?.matmul(v)
 }
 
-/// Splits `0..t` into ranges of at most `chunk` items.
-fn chunks(t: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+/// Splits `0..t` into ranges `(start, len)` of at most `chunk` items.
+pub(crate) fn chunks(t: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t)
         .step_by(chunk)
         .map(move |start| (start, chunk.min(t - start)))
@@ -273,14 +273,12 @@ pub fn multi_head_attention(
         let [q, k, v] = a.inputs;
         let (d, dv) = (c / heads, cv / heads);
         let widths = [d, d, dv];
-        let mut grads = [q, k, v]
-            .iter()
-            .zip(a.needs_grad)
-            .map(|(x, need)| {
-                need.then(|| Tensor::zeros(x.dims(), dtype, x.device()))
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut grads: [Option<Tensor>; 3] = [None, None, None];
+        for ((out, x), need) in grads.iter_mut().zip([q, k, v]).zip(a.needs_grad) {
+            if need {
+                *out = Some(Tensor::zeros(x.dims(), dtype, x.device())?);
+            }
+        }
         let head = |x: &Tensor, h: usize, width: usize| split(&x.narrow(2, h * width, width)?, 1);
         for h in 0..heads {
             let head_grads = chunked_backward(
@@ -297,9 +295,6 @@ pub fn multi_head_attention(
                 }
             }
         }
-        let [dq, dk, dv]: [Option<Tensor>; 3] = grads
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("attention: three gradients expected".into()))?;
-        Ok([dq, dk, dv])
+        Ok(grads)
     })
 }

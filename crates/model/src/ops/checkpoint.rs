@@ -162,37 +162,32 @@ pub fn checkpoint<F>(name: &'static str, inputs: &[&Tensor], params: &[Var], f: 
 where
     F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
 {
-    let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
-    let tracked: Vec<usize> = (0..inputs.len())
-        .filter(|&i| inputs[i].track_op())
-        .collect();
-    if !is_grad_enabled() || (tracked.is_empty() && params.is_empty()) {
-        return f(&owned);
+    let graph_inputs: Vec<&Tensor> = inputs.iter().copied().filter(|t| t.track_op()).collect();
+    if !is_grad_enabled() || (graph_inputs.is_empty() && params.is_empty()) {
+        return f(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
     }
-    if tracked.len() > 3 {
+    if graph_inputs.len() > 3 {
         bail!(
             "{name}: {} inputs need a gradient; a checkpointed segment takes at most 3",
-            tracked.len()
+            graph_inputs.len()
         )
     }
     // The final detach drops any graph `f` might still have recorded (a frozen
     // weight that happens to be a `Var`), so no activation survives.
-    let detached: Vec<Tensor> = owned.iter().map(Tensor::detach).collect();
+    let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
     let output = no_grad(|| f(&detached))?.detach();
     // The closure keeps the untracked inputs; the tracked ones come back as the
     // op's inputs in the backward (one copy kept, by the graph).
-    let constants = detached
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (!tracked.contains(&i)).then_some(t))
+    let constants = inputs
+        .iter()
+        .zip(detached)
+        .map(|(t, d)| (!t.track_op()).then_some(d))
         .collect();
     let segment = Segment {
         f,
         constants,
-        tracked: tracked.clone(),
         params: params.to_vec(),
     };
-    let graph_inputs: Vec<&Tensor> = tracked.iter().map(|&i| inputs[i]).collect();
     match graph_inputs[..] {
         [] => {
             // No input is tracked but the segment has parameters: the first one
@@ -221,10 +216,8 @@ where
 struct Segment<F> {
     f: F,
     /// Every input of `f` that is not tracked; `None` where it is (its value
-    /// arrives as the op's input in the backward).
+    /// arrives, in order, as the op's next input in the backward).
     constants: Vec<Option<Tensor>>,
-    /// The positions of the tracked inputs in `f`'s argument list.
-    tracked: Vec<usize>,
     params: Vec<Var>,
 }
 
@@ -260,20 +253,20 @@ where
     ) -> Result<Vec<Option<Tensor>>> {
         let _mode = GradMode::set(true);
         let _recomputing = Recomputing::enter();
-        let mut args = self.constants.clone();
+        let mut given = inputs.iter().zip(needs);
         let mut vars = Vec::with_capacity(inputs.len());
-        for ((&pos, &input), &need) in self.tracked.iter().zip(inputs).zip(needs) {
+        let mut args = Vec::with_capacity(self.constants.len());
+        for constant in &self.constants {
+            if let Some(t) = constant {
+                args.push(t.clone());
+                continue;
+            }
+            let Some((&input, &need)) = given.next() else {
+                bail!("checkpointed segment: fewer inputs than tracked arguments")
+            };
             let var = need.then(|| Var::from_tensor(input)).transpose()?;
-            args[pos] = Some(var.as_ref().map_or(input, Var::as_tensor).clone());
+            args.push(var.as_ref().map_or(input, Var::as_tensor).clone());
             vars.push(var);
-        }
-        let args: Vec<Tensor> = args.into_iter().flatten().collect();
-        if args.len() != self.constants.len() {
-            bail!(
-                "checkpointed segment: {} inputs for {} arguments",
-                args.len(),
-                self.constants.len()
-            )
         }
         let output = (self.f)(&args)?;
         drop(args);

@@ -78,10 +78,16 @@ impl FrozenConv2d {
     /// LoRA term when an unmerged adapter is attached.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.forward_base(x)?;
-        match &self.lora {
-            Some(lora) if !lora.is_merged() => y + lora.conv_delta(x, self.stride, self.padding)?,
-            _ => Ok(y),
+        match self.active_lora() {
+            Some(lora) => y + lora.conv_delta(x, self.stride, self.padding)?,
+            None => Ok(y),
         }
+    }
+
+    /// The attached LoRA adapter when it takes part in the forward (attached
+    /// and not merged into `weight`).
+    pub fn active_lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref().filter(|l| !l.is_merged())
     }
 
     /// The frozen convolution alone, ignoring any LoRA adapter.
@@ -151,14 +157,8 @@ pub(crate) fn conv2d_plain(
     );
     let k = ci * kh * kw;
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
-        let cols = x.reshape((b, k, oh * ow))?;
         let w2 = weight.contiguous()?.reshape((co, k))?;
-        let y = if b == 1 {
-            super::matmul::matmul(&w2, &cols.squeeze(0)?)?.unsqueeze(0)?
-        } else {
-            w2.broadcast_matmul(&cols)?
-        };
-        return y.reshape((b, co, oh, ow));
+        return kernel_product(&w2, &x.reshape((b, k, oh * ow))?)?.reshape((b, co, oh, ow));
     }
     let geometry = Im2Col {
         dims: (b, c, h, w),
@@ -170,6 +170,16 @@ pub(crate) fn conv2d_plain(
     match x.dtype() {
         DType::F64 => geometry.forward::<f64>(x, weight, COL_CHUNK_VALUES),
         _ => geometry.forward::<f32>(x, weight, COL_CHUNK_VALUES),
+    }
+}
+
+/// `w2 · cols[i]` for each batch item: the kernel as a `[co, k]` matrix times
+/// columns `[b, k, p]`, giving `[b, co, p]`.
+fn kernel_product(w2: &Tensor, cols: &Tensor) -> Result<Tensor> {
+    if cols.dim(0)? == 1 {
+        super::matmul::matmul(w2, &cols.squeeze(0)?)?.unsqueeze(0)
+    } else {
+        w2.broadcast_matmul(cols)
     }
 }
 
@@ -225,12 +235,7 @@ impl Im2Col {
         let group = self.channels_per_pass(max_values);
         if group >= ci {
             let cols = self.run::<T>(&x, 0..b * ci)?.reshape((b, ci * kk, p))?;
-            let y = if b == 1 {
-                super::matmul::matmul(&w2, &cols.squeeze(0)?)?.unsqueeze(0)?
-            } else {
-                w2.broadcast_matmul(&cols)?
-            };
-            return y.reshape((b, co, oh, ow));
+            return kernel_product(&w2, &cols)?.reshape((b, co, oh, ow));
         }
         let mut items = Vec::with_capacity(b);
         for bi in 0..b {
@@ -376,11 +381,47 @@ impl Im2Col {
             });
         Ok(())
     }
+
+    /// [`input_grad_cpu`] in `T`, at most `max_values` column values at once.
+    fn input_grad<T: WithDType>(
+        &self,
+        grad: &Tensor,
+        weight: &Tensor,
+        max_values: usize,
+    ) -> Result<Tensor> {
+        let (b, ci, h, w) = self.dims;
+        let (kh, kw) = self.kernel;
+        let (oh, ow) = self.out;
+        let (kk, p) = (kh * kw, oh * ow);
+        let co = grad.dim(1)?;
+        let w2 = weight
+            .to_dtype(grad.dtype())?
+            .contiguous()?
+            .reshape((co, ci * kk))?;
+        let g = grad.contiguous()?.reshape((b, co, p))?;
+        let group = self.channels_per_pass(max_values);
+        let mut out = vec![T::zero(); b * ci * h * w];
+        for bi in 0..b {
+            let gb = g.get(bi)?;
+            for c0 in (0..ci).step_by(group) {
+                let n = group.min(ci - c0);
+                // `[n·kk, co]`: these channels' columns of the kernel matrix,
+                // read transposed in place (copying the kernel every step
+                // would cost more than the product).
+                let wt = w2.narrow(1, c0 * kk, n * kk)?.t()?;
+                let cols = super::matmul::matmul(&wt, &gb)?.contiguous()?;
+                let planes = &mut out[(bi * ci + c0) * h * w..(bi * ci + c0 + n) * h * w];
+                self.col2im_into(&cols, planes)?;
+            }
+        }
+        Tensor::from_vec(out, (b, ci, h, w), grad.device())
+    }
 }
 
-/// Column-gradient values per pass of [`input_grad_cpu`]: 2^22 (16 MiB in
-/// f32). The whole column gradient is `kh·kw` times the input's size — 141 MB
-/// for SD1.5's 960-channel up-path convolutions at 512 px.
+/// Column values per pass of the CPU conv, forward (im2col) and input
+/// gradient ([`input_grad_cpu`]): 2^22 (16 MiB in f32). All the columns at
+/// once are `kh·kw` times the input's size — 141 MB for SD1.5's 960-channel
+/// up-path convolutions at 512 px.
 const COL_CHUNK_VALUES: usize = 1 << 22;
 
 /// The input gradient on the CPU: `cols = Wᵀ · g` (the kernel as stored,
@@ -418,43 +459,6 @@ fn input_grad_cpu(
     match grad.dtype() {
         DType::F64 => geometry.input_grad::<f64>(grad, weight, COL_CHUNK_VALUES),
         _ => geometry.input_grad::<f32>(grad, weight, COL_CHUNK_VALUES),
-    }
-}
-
-impl Im2Col {
-    /// [`input_grad_cpu`] in `T`, at most `max_values` column values at once.
-    fn input_grad<T: WithDType>(
-        &self,
-        grad: &Tensor,
-        weight: &Tensor,
-        max_values: usize,
-    ) -> Result<Tensor> {
-        let (b, ci, h, w) = self.dims;
-        let (kh, kw) = self.kernel;
-        let (oh, ow) = self.out;
-        let (kk, p) = (kh * kw, oh * ow);
-        let co = grad.dim(1)?;
-        let w2 = weight
-            .to_dtype(grad.dtype())?
-            .contiguous()?
-            .reshape((co, ci * kk))?;
-        let g = grad.contiguous()?.reshape((b, co, p))?;
-        let group = self.channels_per_pass(max_values);
-        let mut out = vec![T::zero(); b * ci * h * w];
-        for bi in 0..b {
-            let gb = g.get(bi)?;
-            for c0 in (0..ci).step_by(group) {
-                let n = group.min(ci - c0);
-                // `[n·kk, co]`: these channels' columns of the kernel matrix,
-                // read transposed in place (copying the kernel every step
-                // would cost more than the product).
-                let wt = w2.narrow(1, c0 * kk, n * kk)?.t()?;
-                let cols = super::matmul::matmul(&wt, &gb)?.contiguous()?;
-                let planes = &mut out[(bi * ci + c0) * h * w..(bi * ci + c0 + n) * h * w];
-                self.col2im_into(&cols, planes)?;
-            }
-        }
-        Tensor::from_vec(out, (b, ci, h, w), grad.device())
     }
 }
 

@@ -65,12 +65,16 @@ impl FrozenLinear {
     /// Applies the layer to `x: (..., in)`, giving `(..., out)`: the frozen base
     /// plus the LoRA term when an unmerged adapter is attached.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.lora {
-            Some(lora) if !lora.is_merged() => {
-                lora.apply_linear(x, self.forward_base(&x.detach())?, &self.weight)
-            }
-            _ => self.forward_base(x),
+        match self.active_lora() {
+            Some(lora) => lora.apply_linear(x, self.forward_base(&x.detach())?, &self.weight),
+            None => self.forward_base(x),
         }
+    }
+
+    /// The attached LoRA adapter when it takes part in the forward (attached
+    /// and not merged into `weight`).
+    pub fn active_lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref().filter(|l| !l.is_merged())
     }
 
     /// The frozen layer alone, `x·Wᵀ + b`, ignoring any LoRA adapter.
@@ -140,9 +144,7 @@ impl LinearOp {
         out[dims.len() - 1] = n;
         Ok((y, Shape::from(out)))
     }
-}
 
-impl LinearOp {
     /// The f32 CPU forward through [`super::matmul::products_f32`] (no
     /// zero-fill of the output before the product writes it), with the bias
     /// added in parallel rows; `None` for other dtypes or layouts.

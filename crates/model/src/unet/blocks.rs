@@ -65,25 +65,29 @@ fn run_resnet(
     temb: &Tensor,
     ckpt: bool,
 ) -> Result<Tensor> {
+    let inputs = match skip {
+        Some(skip) => vec![x, skip, temb],
+        None => vec![x, temb],
+    };
     if !ckpt {
-        return match skip {
-            Some(skip) => resnet.forward(&Tensor::cat(&[x, skip], 1)?, Some(temb)),
-            None => resnet.forward(x, Some(temb)),
-        };
+        let inputs: Vec<Tensor> = inputs.into_iter().cloned().collect();
+        return resnet_on(resnet, &inputs);
     }
     let params = checkpoint::lora_params(resnet);
     // The backward re-runs the block, so it keeps a (cheap: shared tensors)
     // clone of it.
     let block = resnet.clone();
-    match skip {
-        Some(skip) => {
-            checkpoint::checkpoint("checkpoint-resnet", &[x, skip, temb], &params, move |a| {
-                block.forward(&Tensor::cat(&[&a[0], &a[1]], 1)?, Some(&a[2]))
-            })
-        }
-        None => checkpoint::checkpoint("checkpoint-resnet", &[x, temb], &params, move |a| {
-            block.forward(&a[0], Some(&a[1]))
-        }),
+    checkpoint::checkpoint("checkpoint-resnet", &inputs, &params, move |a| {
+        resnet_on(&block, a)
+    })
+}
+
+/// `resnet` on `[x, temb]` or `[x, skip, temb]` (concatenated on channels).
+fn resnet_on(resnet: &ResnetBlock2D, inputs: &[Tensor]) -> Result<Tensor> {
+    match inputs {
+        [x, temb] => resnet.forward(x, Some(temb)),
+        [x, skip, temb] => resnet.forward(&Tensor::cat(&[x, skip], 1)?, Some(temb)),
+        _ => bail!("UNet ResNet: {} inputs, expected 2 or 3", inputs.len()),
     }
 }
 
