@@ -206,18 +206,26 @@ impl Im2Col {
         (lo.min(hi), hi)
     }
 
-    /// Input channels whose columns (`kh·kw·oh·ow` values each) fit in
-    /// `max_values`: at least one, at most all.
-    fn channels_per_pass(&self, max_values: usize) -> usize {
+    /// Output rows whose columns (`c·kh·kw·ow` values each, every input
+    /// channel) fit in `max_values`: at least one, at most all.
+    fn rows_per_pass(&self, max_values: usize) -> usize {
         let (_, c, _, _) = self.dims;
-        let per_channel = self.kernel.0 * self.kernel.1 * self.out.0 * self.out.1;
-        (max_values / per_channel.max(1)).clamp(1, c.max(1))
+        let per_row = c * self.kernel.0 * self.kernel.1 * self.out.1;
+        (max_values / per_row.max(1)).clamp(1, self.out.0.max(1))
+    }
+
+    /// The bands of output rows of one pass each (see [`Self::rows_per_pass`]).
+    fn bands(&self, max_values: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let (oh, rows) = (self.out.0, self.rows_per_pass(max_values));
+        (0..oh).step_by(rows).map(move |r0| r0..(r0 + rows).min(oh))
     }
 
     /// The conv's output `[b, co, oh, ow]` for the kernel `weight`: per
-    /// batch item, the columns of a group of input channels at a time (at most
-    /// `max_values` values) times those channels' part of the kernel, summed
-    /// over the groups — one group, one product in the usual case.
+    /// batch item, the columns of a band of output rows at a time (every input
+    /// channel, at most `max_values` values) times the whole kernel — one
+    /// band, one product in the usual case. Banding the rows keeps each
+    /// product's inner dimension the full `ci·kh·kw`: a large image costs more
+    /// products of the same efficient shape, not skinny ones.
     fn forward<T: WithDType>(
         &self,
         x: &Tensor,
@@ -232,49 +240,61 @@ impl Im2Col {
         let x = x.contiguous()?;
         // The kernel viewed as `[co, ci·kh·kw]`, its storage order: never copied.
         let w2 = weight.contiguous()?.reshape((co, ci * kk))?;
-        let group = self.channels_per_pass(max_values);
-        if group >= ci {
-            let cols = self.run::<T>(&x, 0..b * ci)?.reshape((b, ci * kk, p))?;
+        if self.rows_per_pass(max_values) >= oh {
+            let cols = self
+                .run::<T>(&x, 0..b * ci, 0..oh)?
+                .reshape((b, ci * kk, p))?;
             return kernel_product(&w2, &cols)?.reshape((b, co, oh, ow));
         }
-        let mut items = Vec::with_capacity(b);
+        let mut out: Vec<T> = vec![T::zero(); b * co * p];
         for bi in 0..b {
-            let mut y: Option<Tensor> = None;
-            for c0 in (0..ci).step_by(group) {
-                let n = group.min(ci - c0);
-                let cols = self.run::<T>(&x, bi * ci + c0..bi * ci + c0 + n)?;
-                let part = super::matmul::matmul(&w2.narrow(1, c0 * kk, n * kk)?, &cols)?;
-                y = Some(match y {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
-            }
-            match y {
-                Some(y) => items.push(y),
-                None => bail!("conv2d: no input channels"),
+            for rows in self.bands(max_values) {
+                let cols = self.run::<T>(&x, bi * ci..(bi + 1) * ci, rows.clone())?;
+                let part = super::matmul::matmul(&w2, &cols)?;
+                let (storage, layout) = part.storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else {
+                    bail!("conv2d: expected a CPU product")
+                };
+                let band = rows.len() * ow;
+                let src = &cpu.as_slice::<T>()?[layout.start_offset()..][..co * band];
+                // Row `o` of the band's product is output channel `o`'s pixels
+                // `rows.start·ow ..` of this batch item.
+                for (o, chunk) in src.chunks_exact(band).enumerate() {
+                    let at = (bi * co + o) * p + rows.start * ow;
+                    out[at..at + band].copy_from_slice(chunk);
+                }
             }
         }
-        Tensor::stack(&items, 0)?.reshape((b, co, oh, ow))
+        Tensor::from_vec(out, (b, co, oh, ow), x.device())
     }
 
     /// The im2col of the input planes `planes` (indices into the `b·c`
-    /// planes): `[planes·kh·kw, oh·ow]`, rows in the kernel's `(c, i, j)`
-    /// order; one task per plane, each writing its own `kh·kw` rows.
-    fn run<T: WithDType>(&self, x: &Tensor, planes: std::ops::Range<usize>) -> Result<Tensor> {
+    /// planes) for the output rows `rows`: `[planes·kh·kw, rows·ow]`, rows in
+    /// the kernel's `(c, i, j)` order; one task per plane, each writing its own
+    /// `kh·kw` rows.
+    fn run<T: WithDType>(
+        &self,
+        x: &Tensor,
+        planes: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
         use rayon::prelude::*;
         let (b, c, h, w) = self.dims;
         let (kh, kw) = self.kernel;
         let (oh, ow) = self.out;
         let (stride, pad) = (self.stride, self.padding);
-        let p = oh * ow;
+        if planes.end > b * c || rows.end > oh {
+            bail!(
+                "im2col: planes {planes:?} of {}, rows {rows:?} of {oh}",
+                b * c
+            )
+        }
+        let p = rows.len() * ow;
         let (storage, layout) = x.storage_and_layout();
         let src = match &*storage {
             Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
             _ => bail!("im2col: expected a CPU tensor"),
         };
-        if planes.end > b * c {
-            bail!("im2col: planes {planes:?} of {}", b * c)
-        }
         let src = &src[layout.start_offset() + planes.start * h * w
             ..layout.start_offset() + planes.end * h * w];
         // Every element is written exactly once below (padding as zeros), in
@@ -292,8 +312,8 @@ impl Im2Col {
                     for j in 0..kw {
                         let row = &mut chunk[(i * kw + j) * p..(i * kw + j + 1) * p];
                         let (lo, hi) = self.valid_columns(j);
-                        for oy in 0..oh {
-                            let dst = &mut row[oy * ow..(oy + 1) * ow];
+                        for (r, oy) in rows.clone().enumerate() {
+                            let dst = &mut row[r * ow..(r + 1) * ow];
                             let iy = (oy * stride + i) as isize - pad as isize;
                             if iy < 0 || iy >= h as isize {
                                 dst.fill(zero);
@@ -319,23 +339,28 @@ impl Im2Col {
             });
         // SAFETY: the loop above wrote all `n` elements: each task owns the
         // `kh·kw` rows of one (batch, channel) plane, and every row position
-        // `oy·ow + ox` is written — as a zero outside `lo..hi` or an invalid
-        // input row, else from the input.
+        // `r·ow + ox` of the band is written — as a zero outside `lo..hi` or an
+        // invalid input row, else from the input.
         unsafe { cols.set_len(n) };
         drop(storage);
         Tensor::from_vec(cols, (count * kh * kw, p), x.device())
     }
 
-    /// The adjoint of [`Self::run`] for `n` consecutive input planes: `cols`
-    /// (`[n·kh·kw, oh·ow]`, contiguous) summed back onto `planes`
-    /// (`n` planes of `h·w`, zeroed by the caller), one parallel task per plane.
-    fn col2im_into<T: WithDType>(&self, cols: &Tensor, planes: &mut [T]) -> Result<()> {
+    /// The adjoint of [`Self::run`] for `n` consecutive input planes and the
+    /// output rows `rows`: `cols` (`[n·kh·kw, rows·ow]`, contiguous) added onto
+    /// `planes` (`n` planes of `h·w`), one parallel task per plane.
+    fn col2im_into<T: WithDType>(
+        &self,
+        cols: &Tensor,
+        planes: &mut [T],
+        rows: std::ops::Range<usize>,
+    ) -> Result<()> {
         use rayon::prelude::*;
         let (_, _, h, w) = self.dims;
         let (kh, kw) = self.kernel;
-        let (oh, ow) = self.out;
+        let ow = self.out.1;
         let (stride, pad) = (self.stride, self.padding);
-        let p = oh * ow;
+        let p = rows.len() * ow;
         let n = planes.len() / (h * w).max(1);
         let (storage, layout) = cols.storage_and_layout();
         let src = match &*storage {
@@ -357,14 +382,14 @@ impl Im2Col {
                 for i in 0..kh {
                     for j in 0..kw {
                         let row = &chunk[(i * kw + j) * p..(i * kw + j + 1) * p];
-                        for oy in 0..oh {
+                        let (lo, hi) = self.valid_columns(j);
+                        for (r, oy) in rows.clone().enumerate() {
                             let iy = (oy * stride + i) as isize - pad as isize;
                             if iy < 0 || iy >= h as isize {
                                 continue;
                             }
                             let line = &mut plane[iy as usize * w..(iy as usize + 1) * w];
-                            let from = &row[oy * ow..(oy + 1) * ow];
-                            let (lo, hi) = self.valid_columns(j);
+                            let from = &row[r * ow..(r + 1) * ow];
                             if stride == 1 {
                                 let to = lo + j - pad;
                                 for (d, v) in line[to..to + hi - lo].iter_mut().zip(&from[lo..hi]) {
@@ -382,7 +407,10 @@ impl Im2Col {
         Ok(())
     }
 
-    /// [`input_grad_cpu`] in `T`, at most `max_values` column values at once.
+    /// [`input_grad_cpu`] in `T`, at most `max_values` column values at once:
+    /// per batch item and band of output rows, that band's columns
+    /// `Wᵀ · g[:, band]` (every input channel), scattered onto the input. Bands
+    /// run one after the other, since neighbouring bands' windows overlap.
     fn input_grad<T: WithDType>(
         &self,
         grad: &Tensor,
@@ -394,24 +422,22 @@ impl Im2Col {
         let (oh, ow) = self.out;
         let (kk, p) = (kh * kw, oh * ow);
         let co = grad.dim(1)?;
-        let w2 = weight
+        // `[ci·kk, co]`: the kernel matrix read transposed in place (copying
+        // the kernel every step would cost more than the product).
+        let wt = weight
             .to_dtype(grad.dtype())?
             .contiguous()?
-            .reshape((co, ci * kk))?;
+            .reshape((co, ci * kk))?
+            .t()?;
         let g = grad.contiguous()?.reshape((b, co, p))?;
-        let group = self.channels_per_pass(max_values);
         let mut out = vec![T::zero(); b * ci * h * w];
         for bi in 0..b {
             let gb = g.get(bi)?;
-            for c0 in (0..ci).step_by(group) {
-                let n = group.min(ci - c0);
-                // `[n·kk, co]`: these channels' columns of the kernel matrix,
-                // read transposed in place (copying the kernel every step
-                // would cost more than the product).
-                let wt = w2.narrow(1, c0 * kk, n * kk)?.t()?;
-                let cols = super::matmul::matmul(&wt, &gb)?.contiguous()?;
-                let planes = &mut out[(bi * ci + c0) * h * w..(bi * ci + c0 + n) * h * w];
-                self.col2im_into(&cols, planes)?;
+            for rows in self.bands(max_values) {
+                let g_band = gb.narrow(1, rows.start * ow, rows.len() * ow)?;
+                let cols = super::matmul::matmul(&wt, &g_band)?.contiguous()?;
+                let planes = &mut out[bi * ci * h * w..(bi + 1) * ci * h * w];
+                self.col2im_into(&cols, planes, rows)?;
             }
         }
         Tensor::from_vec(out, (b, ci, h, w), grad.device())
@@ -421,7 +447,7 @@ impl Im2Col {
 /// Column values per pass of the CPU conv, forward (im2col) and input
 /// gradient ([`input_grad_cpu`]): 2^22 (16 MiB in f32). All the columns at
 /// once are `kh·kw` times the input's size — 141 MB for SD1.5's 960-channel
-/// up-path convolutions at 512 px.
+/// up-path convolutions at 512 px, 1.2 GB for the VAE's first level at 512 px.
 const COL_CHUNK_VALUES: usize = 1 << 22;
 
 /// The input gradient on the CPU: `cols = Wᵀ · g` (the kernel as stored,
@@ -429,10 +455,8 @@ const COL_CHUNK_VALUES: usize = 1 << 22;
 /// adjoint of the forward's im2col, scattering each column back onto the
 /// input pixels it came from. One parallel task per `(batch, channel)` plane,
 /// any stride and padding (candle's CPU `conv_transpose2d`, used for stride 2
-/// otherwise, is a naive loop). Input channels are independent here (channel
-/// `c` gets its gradient from `W[:, c]` alone), so the columns are computed and
-/// scattered a group of channels at a time, at most [`COL_CHUNK_VALUES`]
-/// values.
+/// otherwise, is a naive loop). The columns are computed and scattered a band
+/// of output rows at a time, at most [`COL_CHUNK_VALUES`] values.
 fn input_grad_cpu(
     grad: &Tensor,
     weight: &Tensor,
@@ -539,12 +563,12 @@ mod tests {
             .unwrap()
     }
 
-    /// The channel groups of the CPU conv give the same output as candle's
+    /// The row bands of the CPU conv give the same output as candle's
     /// conv2d, and of its input gradient the same as one pass over all
-    /// channels (the finite-difference tests in `tests/ops/conv.rs` check the
+    /// rows (the finite-difference tests in `tests/ops/conv.rs` check the
     /// single pass), for stride 1 and 2, with and without padding.
     #[test]
-    fn channel_groups_equal_one_pass() {
+    fn row_bands_equal_one_pass() {
         let dev = Device::Cpu;
         for (stride, padding) in [(1, 1), (2, 1), (1, 0)] {
             let (b, ci, co, h, w, k) = (2, 7, 5, 9, 8, 3);
@@ -567,7 +591,7 @@ mod tests {
             let whole = geometry
                 .input_grad::<f64>(&grad, &weight, usize::MAX)
                 .unwrap();
-            for max_values in [usize::MAX, 1, k * k * oh * ow * 2, k * k * oh * ow * 3 + 1] {
+            for max_values in [usize::MAX, 1, k * k * ci * ow * 2, k * k * ci * ow * 3 + 1] {
                 let y = geometry.forward::<f64>(&x, &weight, max_values).unwrap();
                 let diff = max_abs_diff(&y, &reference);
                 assert!(
