@@ -156,13 +156,50 @@ impl SafetensorsFile {
                 format!("tensor `{key}`: byte range {start}..{end} is outside the file"),
             )
         })?;
-        Tensor::from_raw_buffer(bytes, candle_dtype, shape, device).map_err(|source| {
-            LoadError::Tensor {
-                file: self.path.clone(),
-                key: key.to_string(),
-                source: Box::new(source),
+        let tensor =
+            Tensor::from_raw_buffer(bytes, candle_dtype, shape, device).map_err(|source| {
+                LoadError::Tensor {
+                    file: self.path.clone(),
+                    key: key.to_string(),
+                    source: Box::new(source),
+                }
+            });
+        self.release(start, end);
+        tensor
+    }
+
+    /// Drops the mapping's pages of `start..end` from this process's memory
+    /// once their bytes were copied into a tensor. Touched pages of a file
+    /// mapping count in the process's resident memory until unmapped or
+    /// released, so without this a model loaded tensor by tensor is resident
+    /// twice at the end — the file's pages and the built tensors (8.25 GB for
+    /// SD1.5's 4.12 GB of f32 weights). The kernel keeps them in its page
+    /// cache, and a later read of the same range maps them back.
+    fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            // Whole pages around the range; a page shared with a neighbouring
+            // tensor is simply read again if that tensor is loaded later.
+            let from = start / PAGE * PAGE;
+            let to = end.div_ceil(PAGE).saturating_mul(PAGE).min(self.mmap.len());
+            if to > from {
+                // SAFETY: the mapping is read-only and never written through,
+                // so MADV_DONTNEED discards nothing: later reads fault the
+                // file's contents back in. No reference into the range is
+                // held across this call (`load_range` has copied the bytes).
+                // A failure only leaves the pages resident.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        from,
+                        to - from,
+                    )
+                };
             }
-        })
+        }
+        #[cfg(not(unix))]
+        let _ = (start, end);
     }
 }
 
