@@ -16,6 +16,7 @@ use sd_lora_model::lora::format::{read_lora_for_model, validate};
 use sd_lora_model::lora::targets::model_targets;
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::sampling::SamplerKind;
+use sd_lora_model::vae::VaeParts;
 use sd_lora_train::generate::{
     GenerateRequest, file_stem, generate, model_label, sampler_config_for,
 };
@@ -168,10 +169,12 @@ fn load_model(
                 builtin::BUILTIN_TINY
             );
         }
-        return Ok((builtin::tiny_sd1(DType::F32, device)?, None));
+        let mut sd = builtin::tiny_sd1(DType::F32, device)?;
+        sd.vae.release_encoder();
+        return Ok((sd, None));
     }
     let source = ModelSource::open(model)?;
-    let sd = StableDiffusion::load(&source, DType::F32, device)?;
+    let sd = StableDiffusion::load_parts(&source, DType::F32, device, VaeParts::DECODER)?;
     Ok((sd, Some(source)))
 }
 

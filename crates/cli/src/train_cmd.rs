@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 /// Arguments of `train`. Each quick flag is a `--set` override of one config
 /// key (applied before the explicit `--set`s, so those win).
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct TrainArgs {
     /// The training config (TOML; see docs/config.md). Without it, the quick
     /// flags and `--set`s are the whole config.
@@ -277,7 +277,8 @@ fn generate_class_images(
         return Ok(true);
     }
     let device = trainer::device_from_name(&cfg.model.device)?;
-    let (sd, source) = trainer::load_model_and_source(cfg, &device)?;
+    let decoder = sd_lora_model::vae::VaeParts::DECODER;
+    let (sd, source) = trainer::load_model_parts(cfg, &device, decoder)?;
     let sampler = generate::sampler_config_for(&sd, source.as_ref())?;
     let label = generate::model_label(&cfg.model.path)?;
     for plan in todo {

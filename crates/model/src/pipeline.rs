@@ -6,7 +6,7 @@ use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipTokenizer, PadStyle};
 use crate::load::{Architecture, Component, LoadError, ModelSource, Prediction};
 use crate::schedule::{NoiseSchedule, ScheduleConfig};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
-use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::vae::{AutoencoderKL, VaeConfig, VaeParts};
 use candle_core::{DType, Device};
 
 /// Why a model could not be assembled.
@@ -80,6 +80,22 @@ impl StableDiffusion {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
+        Self::load_parts(source, dtype, device, VaeParts::ALL)
+    }
+
+    /// [`Self::load`] building only the VAE halves in `vae` (training without
+    /// previews never decodes, generation never encodes): the weights of the
+    /// others are not read.
+    ///
+    /// Each weight is held once: tensors are built one at a time from the
+    /// memory-mapped files, whose pages are released as soon as a tensor is
+    /// built (see [`crate::load::safetensors_file`]).
+    pub fn load_parts(
+        source: &ModelSource,
+        dtype: DType,
+        device: &Device,
+        vae: VaeParts,
+    ) -> Result<Self, PipelineError> {
         let path = source.path().display().to_string();
         let architecture = source.architecture();
         if architecture == Architecture::Sdxl {
@@ -129,12 +145,13 @@ impl StableDiffusion {
 
         let vae_config = VaeConfig::from_json_str(&json(Component::Vae)?)
             .map_err(|e| config_err(Component::Vae, e.to_string()))?;
-        let vae = AutoencoderKL::new(
+        let vae = AutoencoderKL::with_parts(
             source
                 .weights(Component::Vae)?
                 .clone()
                 .into_var_builder(dtype, device),
             &vae_config,
+            vae,
         )
         .map_err(build_err(Component::Vae))?;
 
@@ -194,5 +211,11 @@ impl StableDiffusion {
             schedule,
             notes,
         })
+    }
+
+    /// Drops the text encoder's weights (a training run that has cached every
+    /// caption's conditioning); prompts can no longer be encoded.
+    pub fn release_text_encoder(&mut self) -> candle_core::Result<()> {
+        self.text_encoder.release_weights()
     }
 }

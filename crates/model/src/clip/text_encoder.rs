@@ -277,6 +277,8 @@ pub struct ClipTextTransformer {
     /// `CLIPTextModelWithProjection` checkpoints.
     pub text_projection: Option<FrozenLinear>,
     pub config: ClipTextConfig,
+    /// Set by [`Self::release_weights`]: the weights are gone.
+    released: bool,
 }
 
 impl ClipTextTransformer {
@@ -307,6 +309,7 @@ impl ClipTextTransformer {
             )?,
             text_projection,
             config: config.clone(),
+            released: false,
         })
     }
 
@@ -345,7 +348,37 @@ impl ClipTextTransformer {
 
     /// The embedding output for `ids: [batch, seq]` (integer ids, seq ≤ 77).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.check_loaded()?;
         self.embeddings.forward(ids)
+    }
+
+    /// Drops the weights that matter (the token embedding, every layer, the
+    /// projection; what is left is a few KB), for a training run that has
+    /// cached every output it needs. Any later use is an error saying so.
+    pub fn release_weights(&mut self) -> Result<()> {
+        let (dim, dtype, device) = {
+            let w = &self.embeddings.token_embedding.weight;
+            (w.dim(1)?, w.dtype(), w.device().clone())
+        };
+        self.embeddings.token_embedding.weight = Tensor::zeros((0, dim), dtype, &device)?;
+        self.encoder.layers = Vec::new();
+        self.text_projection = None;
+        self.released = true;
+        Ok(())
+    }
+
+    /// Whether [`Self::release_weights`] was called.
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
+
+    fn check_loaded(&self) -> Result<()> {
+        if self.released {
+            bail!(
+                "the text encoder is not loaded (it was released once every caption's output was cached)"
+            )
+        }
+        Ok(())
     }
 
     /// Runs the model on `ids: [batch, seq]`.
@@ -357,6 +390,7 @@ impl ClipTextTransformer {
     /// (normally [`Self::embed`]`(ids)`; anything that should receive a gradient
     /// may be substituted). `ids` only locate the end tokens for `pooled`.
     pub fn forward_from_embeddings(&self, hidden: &Tensor, ids: &Tensor) -> Result<ClipTextOutput> {
+        self.check_loaded()?;
         let mask = causal_mask(hidden.dim(1)?, hidden.dtype(), hidden.device())?;
         let mut hidden_states = Vec::with_capacity(self.encoder.layers.len() + 1);
         hidden_states.push(hidden.clone());
@@ -387,6 +421,7 @@ impl ClipTextTransformer {
     /// `clip_skip = 1` is `last_hidden_state`. The skipped layers are not run.
     /// `clip_skip` must be between 1 and `num_hidden_layers + 1`.
     pub fn forward_with_clip_skip(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        self.check_loaded()?;
         let n = self.encoder.layers.len();
         if clip_skip == 0 || clip_skip > n + 1 {
             bail!(

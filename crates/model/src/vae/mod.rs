@@ -62,12 +62,42 @@ impl DiagonalGaussian {
     }
 }
 
+/// Which halves of the VAE to build (see [`AutoencoderKL::with_parts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaeParts {
+    /// The encoder (images → latents: training, latent caching).
+    pub encoder: bool,
+    /// The decoder (latents → images: generation, previews).
+    pub decoder: bool,
+}
+
+impl VaeParts {
+    /// Both halves.
+    pub const ALL: VaeParts = VaeParts {
+        encoder: true,
+        decoder: true,
+    };
+    /// The decoder alone: generation never encodes an image.
+    pub const DECODER: VaeParts = VaeParts {
+        encoder: false,
+        decoder: true,
+    };
+}
+
 /// The autoencoder. Field names are the diffusers keys.
+///
+/// Either half may be absent: training needs only the encoder (and only until
+/// every latent is cached), generation only the decoder, so neither is built
+/// or kept where it is not used.
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
     pub config: VaeConfig,
-    pub encoder: Encoder,
-    pub decoder: Decoder,
+    /// `None` when not built or released ([`Self::release_encoder`]).
+    pub encoder: Option<Encoder>,
+    /// `None` when not built or released ([`Self::release_decoder`]).
+    pub decoder: Option<Decoder>,
+    /// The dtype of the weights, also when a half is absent.
+    dtype: DType,
     /// Absent when `use_quant_conv` is false.
     pub quant_conv: Option<FrozenConv2d>,
     /// Absent when `use_post_quant_conv` is false.
@@ -78,6 +108,12 @@ impl AutoencoderKL {
     /// Builds the VAE from weights under `vb` (the root of `vae/`'s safetensors)
     /// in `vb`'s dtype.
     pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+        Self::with_parts(vb, cfg, VaeParts::ALL)
+    }
+
+    /// [`Self::new`] building only the halves in `parts`: the weights of the
+    /// others are never read.
+    pub fn with_parts(vb: VarBuilder, cfg: &VaeConfig, parts: VaeParts) -> Result<Self> {
         let latent = cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
             Some(conv2d(
@@ -96,10 +132,19 @@ impl AutoencoderKL {
         } else {
             None
         };
+        let encoder = match parts.encoder {
+            true => Some(Encoder::new(vb.pp("encoder"), cfg)?),
+            false => None,
+        };
+        let decoder = match parts.decoder {
+            true => Some(Decoder::new(vb.pp("decoder"), cfg)?),
+            false => None,
+        };
         Ok(Self {
             config: cfg.clone(),
-            encoder: Encoder::new(vb.pp("encoder"), cfg)?,
-            decoder: Decoder::new(vb.pp("decoder"), cfg)?,
+            encoder,
+            decoder,
+            dtype: vb.dtype(),
             quant_conv,
             post_quant_conv,
         })
@@ -107,12 +152,26 @@ impl AutoencoderKL {
 
     /// The dtype the VAE computes in (that of its weights).
     pub fn dtype(&self) -> DType {
-        self.encoder.conv_in.weight.dtype()
+        self.dtype
+    }
+
+    /// Drops the encoder's weights (once every latent is cached); a later
+    /// [`Self::encode`] is an error.
+    pub fn release_encoder(&mut self) {
+        self.encoder = None;
+    }
+
+    /// Drops the decoder's weights; a later [`Self::decode`] is an error.
+    pub fn release_decoder(&mut self) {
+        self.decoder = None;
     }
 
     /// `x: [b, in_channels, H, W]` in `[-1, 1]` → the latent distribution.
     pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussian> {
-        let h = self.encoder.forward(&x.to_dtype(self.dtype())?)?;
+        let Some(encoder) = &self.encoder else {
+            bail!("the VAE encoder is not loaded (it was released once every latent was cached)")
+        };
+        let h = encoder.forward(&x.to_dtype(self.dtype())?)?;
         let moments = match &self.quant_conv {
             Some(conv) => conv2d_forward(conv, &h)?,
             None => h,
@@ -127,7 +186,10 @@ impl AutoencoderKL {
             Some(conv) => conv2d_forward(conv, &z)?,
             None => z,
         };
-        self.decoder.forward(&z)
+        let Some(decoder) = &self.decoder else {
+            bail!("the VAE decoder is not loaded (it is not needed for training without previews)")
+        };
+        decoder.forward(&z)
     }
 
     /// Latents as the UNet is trained on them: `(z − shift_factor) · scaling_factor`.
