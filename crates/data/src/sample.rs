@@ -34,7 +34,8 @@ pub struct BatchPlan {
 pub struct Sample {
     /// Index into [`Dataset::images`].
     pub image: usize,
-    /// Pixels in [-1, 1], channel-major: `[3, height, width]` flattened.
+    /// Pixels in [-1, 1], channel-major: `[3, height, width]` flattened;
+    /// empty for a sample drawn without its image ([`Dataset::draw_batch`]).
     pub pixels: Vec<f32>,
     /// Width in pixels (the bucket width).
     pub width: u32,
@@ -171,11 +172,90 @@ impl Dataset {
             .collect()
     }
 
+    /// The samples of one batch as [`Dataset::load_batch`] draws them — the
+    /// same crops, flips and captions — without decoding a single image:
+    /// their `pixels` are empty. For a run whose latents are all cached.
+    pub fn draw_batch(
+        &self,
+        plan: &BatchPlan,
+        seed: u64,
+        epoch: u64,
+        batch_index: u64,
+    ) -> Vec<Sample> {
+        plan.items
+            .iter()
+            .enumerate()
+            .map(|(pos, &image)| {
+                let mut rng = Rng::derive(&[seed, SAMPLE_STREAM, epoch, batch_index, pos as u64]);
+                self.draw_sample(image, &mut rng)
+            })
+            .collect()
+    }
+
     /// Loads one image as a sample: decode, resize to cover its bucket, crop
     /// (centre or random), maybe flip, apply caption operations.
     pub fn load_sample(&self, image: usize, rng: &mut Rng) -> Result<Sample, Problem> {
+        let mut sample = self.draw_sample(image, rng);
+        sample.pixels = self.render(image, sample.crop, sample.flipped)?;
+        Ok(sample)
+    }
+
+    /// The sample [`Dataset::load_sample`] would load with `rng` (it draws the
+    /// same numbers), with empty `pixels`.
+    pub fn draw_sample(&self, image: usize, rng: &mut Rng) -> Sample {
         let entry = &self.images[image];
         let subset = &self.subsets[entry.subset];
+        let crop = crop_geometry(
+            [entry.width, entry.height],
+            entry.bucket,
+            self.config.crop,
+            |range| rng.below(u64::from(range) + 1) as u32,
+        );
+        let flipped = subset.flip && rng.chance(0.5);
+        let caption = subset.caption_ops.apply(&entry.caption, rng);
+        Sample {
+            image,
+            pixels: Vec::new(),
+            width: crop.size[0],
+            height: crop.size[1],
+            caption,
+            kind: subset.kind,
+            loss_weight: subset.loss_weight,
+            crop,
+            flipped,
+        }
+    }
+
+    /// The sample of `image` with a centred crop, mirrored when `flipped`, its
+    /// caption as written (no caption operations): with `crop = "center"`
+    /// every sample training draws of this image has the pixels of one of
+    /// these two, so caching their latents before training covers the run.
+    pub fn load_variant(&self, image: usize, flipped: bool) -> Result<Sample, Problem> {
+        let entry = &self.images[image];
+        let subset = &self.subsets[entry.subset];
+        let crop = crop_geometry(
+            [entry.width, entry.height],
+            entry.bucket,
+            crate::config::CropMode::Center,
+            |_| 0,
+        );
+        Ok(Sample {
+            image,
+            pixels: self.render(image, crop, flipped)?,
+            width: crop.size[0],
+            height: crop.size[1],
+            caption: entry.caption.clone(),
+            kind: subset.kind,
+            loss_weight: subset.loss_weight,
+            crop,
+            flipped,
+        })
+    }
+
+    /// Decodes `image` and cuts the crop `geom` out of it, mirrored when
+    /// `flipped`: CHW pixels in [-1, 1].
+    fn render(&self, image: usize, geom: CropGeometry, flipped: bool) -> Result<Vec<f32>, Problem> {
+        let entry = &self.images[image];
         let decoded = decode_image(&entry.path, self.config.background_rgb()).map_err(|e| {
             Problem::error(
                 &entry.path,
@@ -189,12 +269,6 @@ impl Dataset {
                 "changed size since the dataset was scanned; run again",
             ));
         }
-        let geom = crop_geometry(
-            [entry.width, entry.height],
-            entry.bucket,
-            self.config.crop,
-            |range| rng.below(u64::from(range) + 1) as u32,
-        );
         let resized = if geom.resized == [entry.width, entry.height] {
             rgb
         } else {
@@ -208,22 +282,10 @@ impl Dataset {
             geom.size[1],
         )
         .to_image();
-        let flipped = subset.flip && rng.chance(0.5);
         if flipped {
             imageops::flip_horizontal_in_place(&mut cropped);
         }
-        let caption = subset.caption_ops.apply(&entry.caption, rng);
-        Ok(Sample {
-            image,
-            pixels: to_chw_unit(&cropped),
-            width: geom.size[0],
-            height: geom.size[1],
-            caption,
-            kind: subset.kind,
-            loss_weight: subset.loss_weight,
-            crop: geom,
-            flipped,
-        })
+        Ok(to_chw_unit(&cropped))
     }
 }
 

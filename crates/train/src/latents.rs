@@ -130,6 +130,12 @@ impl LatentCache {
             return Ok(t);
         }
         self.misses += 1;
+        if sample.pixels.is_empty() {
+            candle_core::bail!(
+                "{}: no cached latent for this crop, and the sample was drawn without its pixels",
+                image_path.display()
+            )
+        }
         let latents = encode_latents(vae, scaling, sample, device)?;
         if let Some(path) = &disk_path
             && let Err(e) = write_entry(path, &latents)

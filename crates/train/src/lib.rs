@@ -9,8 +9,11 @@
 //! - [`loss`], [`noise`]: noising, ε/v targets, min-SNR and prior weights,
 //!   seeded noise; [`optim`], [`lr`]: AdamW with parameter groups,
 //!   accumulation, clipping, and learning-rate schedules.
-//! - [`latents`]: VAE latent and text-embedding caches (memory or disk);
-//!   [`rare_token`]: the DreamBooth identifier check.
+//! - [`latents`]: VAE latent and text-embedding caches (memory or disk),
+//!   filled before the first step by [`prepare`], which then releases the
+//!   frozen encoders; [`rare_token`]: the DreamBooth identifier check.
+//! - [`bench`]: the UNet training step alone against PyTorch;
+//!   [`bench_pipeline`]: the `train` command itself and the VAE, timed.
 //! - [`outputs`], [`progress`]: loss log, plot, summary, progress display;
 //!   [`png_meta`]: PNGs with A1111 `parameters` metadata, preview grids;
 //!   [`generate`]: text-to-image generation (prompts, guidance, samplers).
@@ -19,6 +22,7 @@
 //! binary is a thin command-line front end over it.
 
 pub mod bench;
+pub mod bench_pipeline;
 pub mod class_images;
 pub mod config;
 pub mod generate;
@@ -30,6 +34,7 @@ pub mod optim;
 pub mod outputs;
 pub mod overrides;
 pub mod png_meta;
+pub mod prepare;
 pub mod previews;
 pub mod progress;
 pub mod rare_token;

@@ -208,7 +208,67 @@ pub fn fmt_duration(seconds: f64) -> String {
     }
 }
 
+impl ProgressReporter {
+    /// Progress of a preparation pass (`what`: "caching latents", ...): its own
+    /// bar with an ETA, or a log line at the start, every tenth and the end.
+    pub fn prepare(&mut self, what: &str, done: usize, total: usize) {
+        match self.mode {
+            ProgressMode::Bar => {
+                if done == 0 {
+                    let bar = ProgressBar::with_draw_target(
+                        Some(total as u64),
+                        ProgressDrawTarget::stderr(),
+                    );
+                    let style = ProgressStyle::with_template(
+                        "{msg} [{wide_bar:.green/blue}] {pos}/{len} {elapsed_precise} ETA {eta}",
+                    )
+                    .map(|s| s.progress_chars("=> "))
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+                    bar.set_style(style);
+                    bar.set_message(what.to_string());
+                    bar.enable_steady_tick(Duration::from_millis(250));
+                    self.bar = Some(bar);
+                    self.began = Instant::now();
+                } else if let Some(bar) = &self.bar {
+                    bar.set_position(done as u64);
+                }
+                if done >= total
+                    && let Some(bar) = self.bar.take()
+                {
+                    bar.finish();
+                }
+            }
+            ProgressMode::Log => {
+                if done == 0 {
+                    self.began = Instant::now();
+                }
+                let tenth = total.div_ceil(10).max(1);
+                if done == 0 || done >= total || done.is_multiple_of(tenth) {
+                    let secs = self.began.elapsed().as_secs_f64();
+                    let eta = if done > 0 && done < total {
+                        format!(
+                            "  ETA {}",
+                            fmt_duration(secs / done as f64 * (total - done) as f64)
+                        )
+                    } else {
+                        String::new()
+                    };
+                    let _ = writeln!(
+                        self.out,
+                        "{what}: {done}/{total}  {}{eta}",
+                        fmt_duration(secs)
+                    );
+                }
+            }
+            ProgressMode::Quiet => {}
+        }
+    }
+}
+
 impl crate::trainer::TrainProgress for ProgressReporter {
+    fn prepare(&mut self, what: &str, done: usize, total: usize) {
+        ProgressReporter::prepare(self, what, done, total);
+    }
     fn begin(&mut self, total: usize, start: usize) {
         ProgressReporter::begin(self, total, start);
     }

@@ -29,6 +29,7 @@ use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
 use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
 use sd_lora_model::ops::checkpoint;
 use sd_lora_model::pipeline::StableDiffusion;
+use sd_lora_model::vae::VaeParts;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +59,14 @@ pub struct StepReport {
 
 /// Receives progress from [`train`].
 pub trait TrainProgress {
+    /// A preparation pass before the first step (`what`: "caching latents",
+    /// "caching text embeddings") has done `done` of `total` items; called
+    /// with 0 first and with `total` last.
+    fn prepare(&mut self, what: &str, done: usize, total: usize) {
+        let _ = (what, done, total);
+    }
+    /// The model is loaded and the LoRA attached (before any caching).
+    fn loaded(&mut self) {}
     /// Training starts at `start` of `total` steps.
     fn begin(&mut self, total: usize, start: usize);
     /// A step finished.
@@ -90,6 +99,8 @@ pub struct TrainOutcome {
     pub skipped_steps: usize,
     /// Seconds per step, one per step run in this process.
     pub step_seconds: Vec<f64>,
+    /// Elements of the trained LoRA tensors.
+    pub lora_parameters: usize,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -146,16 +157,33 @@ pub fn load_model_and_source(
     cfg: &TrainConfig,
     device: &Device,
 ) -> Result<(StableDiffusion, Option<ModelSource>)> {
+    load_model_parts(cfg, device, VaeParts::ALL)
+}
+
+/// [`load_model_and_source`] with only the VAE halves in `vae` (the others
+/// are not read from the files, or are dropped from the built-in model).
+pub fn load_model_parts(
+    cfg: &TrainConfig,
+    device: &Device,
+    vae: VaeParts,
+) -> Result<(StableDiffusion, Option<ModelSource>)> {
     let dtype = cfg.model.dtype.to_dtype();
     if cfg.model.path == sd_lora_model::builtin::BUILTIN_TINY {
-        return Ok((sd_lora_model::builtin::tiny_sd1(dtype, device)?, None));
+        let mut sd = sd_lora_model::builtin::tiny_sd1(dtype, device)?;
+        if !vae.encoder {
+            sd.vae.release_encoder();
+        }
+        if !vae.decoder {
+            sd.vae.release_decoder();
+        }
+        return Ok((sd, None));
     }
     let options = sd_lora_model::load::LoadOptions {
         prediction: cfg.model.prediction.to_prediction(),
         ..Default::default()
     };
     let source = ModelSource::open_with(&cfg.model.path, options)?;
-    let sd = StableDiffusion::load(&source, dtype, device)?;
+    let sd = StableDiffusion::load_parts(&source, dtype, device, vae)?;
     Ok((sd, Some(source)))
 }
 
@@ -352,8 +380,13 @@ pub fn train(
     std::fs::create_dir_all(out_dir.join("logs"))
         .with_context(|| format!("cannot create the output folder {}", out_dir.display()))?;
 
-    // Model and LoRA.
-    let (mut sd, source) = load_model_and_source(cfg, &device)?;
+    // Model and LoRA. The VAE decoder is needed only to render previews.
+    let has_previews = !cfg.output.sample_prompts.is_empty();
+    let vae_parts = VaeParts {
+        encoder: true,
+        decoder: has_previews,
+    };
+    let (mut sd, source) = load_model_parts(cfg, &device, vae_parts)?;
     let previews = Previews::new(cfg, sampler_config_for(&sd, source.as_ref())?)?;
     drop(source);
     // A tokenizer that produces ids the text encoder cannot embed would fail
@@ -419,6 +452,7 @@ pub fn train(
         },
     )?;
     let mut acc = GradAccumulator::new(&groups);
+    progress.loaded();
     let schedule_lr = LrSchedule {
         kind: cfg.train.lr_scheduler,
         warmup_steps: cfg.train.warmup_steps,
@@ -485,6 +519,45 @@ pub fn train(
     let mut latents_cache = LatentCache::new(disk_dir, &model_id);
     let mut text_cache = TextEmbeddingCache::new();
     let scaling = sd.vae_config.scaling_factor;
+    // Every latent and caption conditioning before the first step, then the
+    // encoders that made them are dropped (see prepare.rs).
+    let prepared = crate::prepare::prepare(
+        cfg,
+        ds,
+        &mut sd,
+        &device,
+        &mut latents_cache,
+        &mut text_cache,
+        previews.is_some(),
+        progress,
+        &|| INTERRUPTED.load(Ordering::SeqCst),
+    )?;
+    if prepared.latents > 0 {
+        progress.note(&format!(
+            "{} latent(s) cached ({} from the disk cache){}",
+            prepared.latents,
+            prepared.latents_from_disk,
+            if prepared.vae_encoder_released {
+                "; VAE encoder released"
+            } else {
+                ""
+            }
+        ));
+    }
+    if prepared.captions > 0 {
+        progress.note(&format!(
+            "{} caption(s) encoded{}",
+            prepared.captions,
+            if prepared.text_encoder_released {
+                "; text encoder released"
+            } else {
+                "; text encoder kept for the preview prompts"
+            }
+        ));
+    }
+    for w in latents_cache.warnings() {
+        progress.note(w);
+    }
     let mut loss_log =
         crate::outputs::LossLog::open(&out_dir.join("logs").join("loss.csv"), start_step)?;
     let mut files: Vec<PathBuf> = Vec::new();
@@ -513,6 +586,7 @@ pub fn train(
                 plans: &mut plans,
                 scaling,
                 train_te,
+                latents_cached: prepared.vae_encoder_released,
                 step,
                 micro,
             };
@@ -650,6 +724,11 @@ pub fn train(
         interrupted,
         skipped_steps,
         step_seconds,
+        lora_parameters: lora
+            .modules
+            .iter()
+            .map(|m| m.down.elem_count() + m.up.elem_count())
+            .sum(),
     })
 }
 
@@ -667,6 +746,8 @@ struct MicroCtx<'a> {
     plans: &'a mut PlanMemo,
     scaling: f64,
     train_te: bool,
+    /// Every latent the run draws is in `latents_cache` (see prepare.rs).
+    latents_cached: bool,
     step: usize,
     micro: usize,
 }
@@ -681,18 +762,25 @@ impl MicroCtx<'_> {
             .plans
             .entry((kind, epoch))
             .or_insert_with(|| ds.epoch_batches_of(kind, epoch, batch_size, cfg.train.seed));
-        let samples = ds
-            .load_batch(&plans[index], cfg.train.seed, epoch, index as u64)
-            .map_err(|p| anyhow::anyhow!("{p}"))?;
+        // With every latent cached up front no image is decoded again: the
+        // batch is drawn (crops, flips, captions) without its pixels.
+        let samples = if self.latents_cached {
+            ds.draw_batch(&plans[index], cfg.train.seed, epoch, index as u64)
+        } else {
+            ds.load_batch(&plans[index], cfg.train.seed, epoch, index as u64)
+                .map_err(|p| anyhow::anyhow!("{p}"))?
+        };
 
         // Latents (frozen VAE) and text conditioning.
         let mut lat = Vec::with_capacity(samples.len());
         for s in &samples {
             let path = &ds.images[s.image].path;
-            lat.push(
+            lat.push(if cfg.train.cache_latents.is_cached() {
                 self.latents_cache
-                    .get_or_encode(&sd.vae, self.scaling, s, path, device)?,
-            );
+                    .get_or_encode(&sd.vae, self.scaling, s, path, device)?
+            } else {
+                crate::latents::encode_latents(&sd.vae, self.scaling, s, device)?
+            });
         }
         let latents = Tensor::stack(&lat, 0)?;
         let context = if self.train_te {
