@@ -99,8 +99,35 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// Treats subnormal floats as zero on this thread and every thread it starts
+/// (a new thread inherits the floating-point control register), so it runs
+/// before rayon's workers exist. A training backward through real weights
+/// produces subnormal gradients, and each costs a microcode assist: a step
+/// that met many ran 5× slower. Values below 1.2e-38 carry nothing a
+/// LoRA learns from; PyTorch's `set_flush_denormal(True)` does the same.
+fn flush_denormals_to_zero() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: reads MXCSR, sets FTZ (bit 15) and DAZ (bit 6), writes it back;
+    // both only change how results below the normal range are rounded.
+    unsafe {
+        let mut csr: u32 = 0;
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
+        csr |= (1 << 15) | (1 << 6);
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags));
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: sets FPCR.FZ (bit 24), flush-to-zero for single and double precision.
+    unsafe {
+        let mut fpcr: u64;
+        std::arch::asm!("mrs {}, fpcr", out(reg) fpcr, options(nomem, nostack, preserves_flags));
+        fpcr |= 1 << 24;
+        std::arch::asm!("msr fpcr, {}", in(reg) fpcr, options(nomem, nostack, preserves_flags));
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
+    flush_denormals_to_zero();
     let cli = Cli::parse();
     let result = (|| match &cli.command {
         Command::Train(a) => train_cmd::run(a),
