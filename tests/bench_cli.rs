@@ -67,3 +67,93 @@ fn cuda_in_a_cpu_build_is_refused() {
         );
     }
 }
+
+/// `bench --train` runs the `train` command itself: on the built-in tiny
+/// model and the example dataset it reports loading, the latent and caption
+/// caching passes before the first step, the timed steps and peak memory.
+#[test]
+fn train_mode_runs_the_training_path() {
+    let out = sd_lora(&[
+        "bench",
+        "--train",
+        "--model",
+        "builtin:tiny",
+        "--data",
+        "assets/example_dataset",
+        "--resolution",
+        "64",
+        "--set",
+        "dataset.min_bucket_side=64",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["impl"], "sd-lora");
+    assert_eq!(r["mode"], "train");
+    assert_eq!(r["resolution"], 64);
+    assert_eq!(r["preset"], "kohya");
+    let images = r["images"].as_u64().unwrap();
+    assert!(images >= 8, "{r}");
+    // Every image encoded before the first step, then the encoders released.
+    assert_eq!(r["latents"].as_u64(), Some(images), "{r}");
+    assert!(stderr.contains("VAE encoder released"), "{stderr}");
+    assert!(stderr.contains("text encoder released"), "{stderr}");
+    assert_eq!(r["step_s"].as_array().unwrap().len(), 2);
+    assert!(r["median_step_s"].as_f64().unwrap() > 0.0);
+    assert!(r["load_s"].as_f64().unwrap() > 0.0);
+    assert!(r["lora_params"].as_u64().unwrap() > 0);
+    let load_peak = r["load_peak_rss_bytes"].as_u64().unwrap();
+    assert!(r["peak_rss_bytes"].as_u64().unwrap() >= load_peak);
+}
+
+#[test]
+fn vae_mode_times_one_encode_and_decode() {
+    let out = sd_lora(&[
+        "bench",
+        "--vae",
+        "--model",
+        "tests/fixtures/sd1_tiny",
+        "--resolution",
+        "64",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["mode"], "vae");
+    assert_eq!(r["encode_s"].as_array().unwrap().len(), 2);
+    assert_eq!(r["decode_s"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn train_and_vae_modes_refuse_bad_input() {
+    let e = refused(&["--vae"]);
+    assert!(e.contains("--vae needs --model"), "{e}");
+    let e = refused(&["--vae", "--model", "Cargo.toml"]);
+    assert!(e.contains("Cargo.toml"), "{e}");
+    let e = refused(&["--model", "tests/fixtures/sd1_tiny"]);
+    assert!(
+        e.contains("--model belongs to `sd-lora bench --train`"),
+        "{e}"
+    );
+    let e = refused(&[
+        "--train",
+        "--model",
+        "tests/fixtures/sd1_tiny",
+        "--data",
+        "no/such/dir",
+    ]);
+    assert!(
+        e.contains("no/such/dir") && e.contains("no such folder"),
+        "{e}"
+    );
+    let e = refused(&["--train", "--set", "train.no_such_key=1"]);
+    assert!(e.contains("no_such_key"), "{e}");
+}

@@ -4,8 +4,16 @@
 # (time ours/ref, peak memory ours/ref). See docs/performance.md.
 #
 # Usage:
+#   tools/bench_compare.sh --train --model SD15_FOLDER --data IMAGES [--resolution N] [--steps N]
+#                          [--warmup N] [--rank N] [--alpha X] [--preset kohya|attention]
+#                          [--checkpointing] [--seed N]
+#       the `train` command with its defaults against diffusers + peft doing the same
+#       (tools/bench_train_reference.py): load, latent caching, steady step, peak RSS
+#   tools/bench_compare.sh --vae --model SD15_FOLDER [--resolution N] [--repeat N]
+#       one VAE encode and decode against diffusers' AutoencoderKL
 #   tools/bench_compare.sh [--resolution N] [--steps N] [--warmup N] [--precision f32|f16|bf16]
 #                          [--checkpointing] [--device cpu|cuda|cuda:N] [--rank N] [--seed N]
+#       the UNet training step alone on random weights built in memory (no files)
 #
 # Environment:
 #   SD_LORA_BIN   the sd-lora binary to use (default: $CARGO_TARGET_DIR/release/sd-lora, else
@@ -21,16 +29,26 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 
-args=()
+args=()       # both sides
+ours_only=()  # sd-lora's spelling of an option the reference takes otherwise
+ref_only=()
+mode=unet
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --resolution|--steps|--warmup|--precision|--device|--rank|--seed)
+        --resolution|--steps|--warmup|--precision|--device|--rank|--seed|--model|--data|--repeat)
             [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
             args+=("$1" "$2"); shift 2 ;;
+        --alpha|--preset)
+            [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
+            key=network.${1#--}
+            [[ $1 == --preset ]] && val="\"$2\"" || val=$2
+            ours_only+=(--set "$key=$val"); ref_only+=("$1" "$2"); shift 2 ;;
         --checkpointing)
             args+=("$1"); shift ;;
+        --train|--vae)
+            mode=${1#--}; args+=("$1"); shift ;;
         -h|--help)
-            sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *)
             echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -62,10 +80,17 @@ else
     out="$(mktemp -d)"; trap 'rm -rf "$out"' EXIT
 fi
 
-echo "== sd-lora: $SD_LORA_BIN bench ${args[*]:-} --json" >&2
-"$SD_LORA_BIN" bench "${args[@]}" --json > "$out/ours.json"
-echo "== pytorch: $PYTHON tools/bench_reference.py ${args[*]:-} --json" >&2
-HF_HUB_OFFLINE=1 "$PYTHON" "$here/bench_reference.py" "${args[@]}" --json > "$out/ref.json"
+reference="$here/bench_reference.py"
+[[ $mode == unet ]] || reference="$here/bench_train_reference.py"
+echo "== sd-lora: $SD_LORA_BIN bench ${args[*]:-} ${ours_only[*]:-} --json" >&2
+"$SD_LORA_BIN" bench "${args[@]}" "${ours_only[@]}" --json > "$out/ours.json"
+echo "== pytorch: $PYTHON $reference ${args[*]:-} ${ref_only[*]:-} --json" >&2
+HF_HUB_OFFLINE=1 "$PYTHON" "$reference" "${args[@]}" "${ref_only[@]}" --json > "$out/ref.json"
+
+if [[ $mode != unet ]]; then
+    "$PYTHON" "$here/bench_table.py" "$out/ours.json" "$out/ref.json"
+    exit 0
+fi
 
 "$PYTHON" - "$out/ours.json" "$out/ref.json" <<'EOF'
 import json, statistics, sys

@@ -661,9 +661,23 @@ PROMPTS = [
 ]
 
 
+def byte_symbols() -> dict[int, str]:
+    """Byte → printable symbol as CLIP's BPE names bytes: printable Latin-1 bytes stand for
+    themselves, the other 68 take the code points from 256 up, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    # The vocabulary lists the symbols in this order: the kept bytes, then the others.
+    for extra, b in enumerate(b for b in range(256) if b not in keep):
+        table[b] = chr(256 + extra)
+    return table
+
+
 def clip_vocab_from_gz(gz_path: Path):
     """The standard CLIP vocabulary construction (as OpenAI CLIP / open_clip SimpleTokenizer)."""
-    from open_clip.tokenizer import bytes_to_unicode
+    try:
+        from open_clip.tokenizer import bytes_to_unicode
+    except ImportError:
+        bytes_to_unicode = byte_symbols
 
     merges = gzip.open(gz_path).read().decode("utf-8").split("\n")
     merges = merges[1 : 49152 - 256 - 2 + 1]
