@@ -504,6 +504,16 @@ pub struct ModelFacts {
     pub unet: Option<UNetConfig>,
     /// Pixels per latent pixel along a side (8 for SD).
     pub vae_factor: usize,
+    /// Parameter elements of the VAE decoder (`decoder.*`, `post_quant_conv.*`),
+    /// which training loads only for previews.
+    pub vae_decoder_params: u64,
+    /// Channels of the VAE's first level (its widest activations while encoding).
+    pub vae_channels: usize,
+}
+
+/// Whether a VAE key belongs to the decoder half.
+fn is_vae_decoder_key(key: &str) -> bool {
+    key.starts_with("decoder.") || key.starts_with("post_quant_conv.")
 }
 
 /// Opens the model (headers only, or the built-in definition) so a missing
@@ -514,6 +524,8 @@ fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
         layers: Vec::new(),
         unet: None,
         vae_factor: 8,
+        vae_decoder_params: 0,
+        vae_channels: 128,
     };
     if cfg.model.is_builtin() {
         let w = sd_lora_model::builtin::tiny_sd1_weights(sd_lora_model::builtin::TINY_SEED)
@@ -529,9 +541,17 @@ fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
                 facts.layers.extend(layer_of(lc, key, t.dims()));
             }
         }
+        facts.vae_decoder_params = w
+            .component(Component::Vae)
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| is_vae_decoder_key(k))
+            .map(|(_, t)| t.elem_count() as u64)
+            .sum();
         facts.unet = sd_lora_model::builtin::tiny_unet_config().ok();
         if let Ok(v) = sd_lora_model::builtin::tiny_vae_config() {
             facts.vae_factor = 1 << v.block_out_channels.len().saturating_sub(1);
+            facts.vae_channels = v.block_out_channels.first().copied().unwrap_or(128);
         }
         return Ok(facts);
     }
@@ -551,6 +571,13 @@ fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
     for c in source.components() {
         let w = source.weights(c)?;
         facts.params.push((c, w.parameter_count()));
+        if c == Component::Vae {
+            facts.vae_decoder_params = w
+                .entries()
+                .filter(|(k, _)| is_vae_decoder_key(k))
+                .map(|(_, e)| e.numel() as u64)
+                .sum();
+        }
         let lc = match c {
             Component::Unet => LoraComponent::Unet,
             Component::TextEncoder => LoraComponent::TextEncoder,
@@ -564,12 +591,15 @@ fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
         .config(Component::Unet)
         .ok()
         .and_then(|v| UNetConfig::from_json_str(&v.to_string()).ok());
-    if let Some(n) = source
+    if let Some(levels) = source
         .config(Component::Vae)
         .ok()
-        .and_then(|v| v.get("block_out_channels")?.as_array().map(Vec::len))
+        .and_then(|v| v.get("block_out_channels")?.as_array().cloned())
     {
-        facts.vae_factor = 1 << n.saturating_sub(1);
+        facts.vae_factor = 1 << levels.len().saturating_sub(1);
+        if let Some(c) = levels.first().and_then(|c| c.as_u64()) {
+            facts.vae_channels = c as usize;
+        }
     }
     Ok(facts)
 }
@@ -601,22 +631,62 @@ fn layer_of(component: LoraComponent, key: &str, shape: &[usize]) -> Option<Targ
 
 /// The memory estimate of the dry run, in bytes per part.
 pub struct MemoryEstimate {
+    /// Weights built when the run starts (every part it uses).
+    pub loaded: u64,
+    /// The VAE's working memory while latents are encoded before training.
+    pub caching: u64,
+    /// Weights kept while training: the encoders are released once their
+    /// outputs are cached (see `sd_lora_train::prepare`).
     pub frozen: u64,
     pub lora_params: u64,
     pub lora_state: u64,
     pub activations: u64,
 }
 
+/// Resident memory of the process before any model is built (code, the
+/// thread pool, allocator arenas), measured on Linux.
+const PROCESS_BASELINE: u64 = 60 << 20;
+
 impl MemoryEstimate {
+    /// The peak: the caching phase or the training phase, whichever is larger.
     pub fn total(&self) -> u64 {
-        self.frozen + self.lora_state + self.activations
+        PROCESS_BASELINE
+            + (self.loaded + self.caching).max(self.frozen + self.lora_state + self.activations)
     }
 }
 
 /// See docs/training.md ("Memory estimate") for the formula.
-fn estimate_memory(cfg: &TrainConfig, m: &ModelFacts, spec: &TargetSpec) -> MemoryEstimate {
+fn estimate_memory(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    m: &ModelFacts,
+    spec: &TargetSpec,
+) -> MemoryEstimate {
+    use sd_lora_train::prepare::{fixed_captions, latents_up_front};
     let wbytes = cfg.model.dtype.size_in_bytes() as u64;
-    let frozen: u64 = m.params.iter().map(|(_, n)| n * wbytes).sum();
+    let params = |c: Component| m.params.iter().find(|(p, _)| *p == c).map_or(0, |p| p.1);
+    let previews = !cfg.output.sample_prompts.is_empty();
+    let decoder = m.vae_decoder_params;
+    let encoder = params(Component::Vae).saturating_sub(decoder);
+    let text = params(Component::TextEncoder) + params(Component::TextEncoder2);
+    let latents_cached = latents_up_front(cfg);
+    let text_released = !previews && fixed_captions(cfg, ds).is_some();
+    let loaded =
+        (params(Component::Unet) + text + encoder + if previews { decoder } else { 0 }) * wbytes;
+    let frozen = (params(Component::Unet)
+        + if text_released { 0 } else { text }
+        + if latents_cached { 0 } else { encoder }
+        + if previews { decoder } else { 0 })
+        * wbytes;
+    // Encoding one image keeps about five tensors of the VAE's first level
+    // alive at once (a ResNet's input, its two halves, the residual, an
+    // im2col band): measured for SD1.5 (docs/performance.md).
+    let side = u64::from(cfg.dataset.resolution);
+    let caching = if latents_cached {
+        5 * m.vae_channels as u64 * side * side * wbytes
+    } else {
+        0
+    };
     let lora_params: u64 = m
         .layers
         .iter()
@@ -671,6 +741,8 @@ fn estimate_memory(cfg: &TrainConfig, m: &ModelFacts, spec: &TargetSpec) -> Memo
         })
         .unwrap_or(0);
     MemoryEstimate {
+        loaded,
+        caching,
         frozen,
         lora_params,
         lora_state,
@@ -799,7 +871,7 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
 
     let spec = cfg.network.target_spec();
     let selected = m.layers.iter().filter(|t| spec.selects(t)).count();
-    let est = estimate_memory(cfg, m, &spec);
+    let est = estimate_memory(cfg, ds, m, &spec);
     let _ = writeln!(o, "\n# Memory estimate (peak, rough)\n");
     let _ = writeln!(
         o,
@@ -834,6 +906,25 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
             "activations: not estimated (the UNet config could not be read); add them to the total"
         );
     }
-    let _ = writeln!(o, "total: about {}", gib(est.total()));
+    let _ = writeln!(
+        o,
+        "before training: {} of weights{}",
+        gib(est.loaded),
+        if est.caching > 0 {
+            format!(" + {} while caching latents", gib(est.caching))
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        o,
+        "while training: {} of weights kept (encoders released once their outputs are cached)",
+        gib(est.frozen)
+    );
+    let _ = writeln!(
+        o,
+        "total: about {} (the larger of the two phases)",
+        gib(est.total())
+    );
     Ok(o)
 }
