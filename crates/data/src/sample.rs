@@ -213,6 +213,34 @@ impl Dataset {
         );
         let flipped = subset.flip && rng.chance(0.5);
         let caption = subset.caption_ops.apply(&entry.caption, rng);
+        self.sample_without_pixels(image, crop, flipped, caption)
+    }
+
+    /// The sample of `image` with a centred crop, mirrored when `flipped`, its
+    /// caption as written (no caption operations): with `crop = "center"`
+    /// every sample training draws of this image has the pixels of one of
+    /// these two, so caching their latents before training covers the run.
+    pub fn load_variant(&self, image: usize, flipped: bool) -> Result<Sample, Problem> {
+        let entry = &self.images[image];
+        let crop = crop_geometry(
+            [entry.width, entry.height],
+            entry.bucket,
+            crate::config::CropMode::Center,
+            |_| 0,
+        );
+        let mut sample = self.sample_without_pixels(image, crop, flipped, entry.caption.clone());
+        sample.pixels = self.render(image, crop, flipped)?;
+        Ok(sample)
+    }
+
+    fn sample_without_pixels(
+        &self,
+        image: usize,
+        crop: CropGeometry,
+        flipped: bool,
+        caption: String,
+    ) -> Sample {
+        let subset = &self.subsets[self.images[image].subset];
         Sample {
             image,
             pixels: Vec::new(),
@@ -224,32 +252,6 @@ impl Dataset {
             crop,
             flipped,
         }
-    }
-
-    /// The sample of `image` with a centred crop, mirrored when `flipped`, its
-    /// caption as written (no caption operations): with `crop = "center"`
-    /// every sample training draws of this image has the pixels of one of
-    /// these two, so caching their latents before training covers the run.
-    pub fn load_variant(&self, image: usize, flipped: bool) -> Result<Sample, Problem> {
-        let entry = &self.images[image];
-        let subset = &self.subsets[entry.subset];
-        let crop = crop_geometry(
-            [entry.width, entry.height],
-            entry.bucket,
-            crate::config::CropMode::Center,
-            |_| 0,
-        );
-        Ok(Sample {
-            image,
-            pixels: self.render(image, crop, flipped)?,
-            width: crop.size[0],
-            height: crop.size[1],
-            caption: entry.caption.clone(),
-            kind: subset.kind,
-            loss_weight: subset.loss_weight,
-            crop,
-            flipped,
-        })
     }
 
     /// Decodes `image` and cuts the crop `geom` out of it, mirrored when
