@@ -80,6 +80,15 @@ else
     out="$(mktemp -d)"; trap 'rm -rf "$out"' EXIT
 fi
 
+# Both sides read the model files from the page cache: a cold first read would
+# time the disk, and only for whichever side runs first.
+for ((i = 0; i < ${#args[@]}; i++)); do
+    if [[ ${args[i]} == --model && -e ${args[i + 1]} ]]; then
+        echo "== reading ${args[i + 1]} once so that both sides load from the page cache" >&2
+        find "${args[i + 1]}" -type f -name '*.safetensors' -exec cat {} + > /dev/null
+    fi
+done
+
 reference="$here/bench_reference.py"
 [[ $mode == unet ]] || reference="$here/bench_train_reference.py"
 echo "== sd-lora: $SD_LORA_BIN bench ${args[*]:-} ${ours_only[*]:-} --json" >&2

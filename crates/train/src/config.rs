@@ -303,9 +303,12 @@ pub struct TrainSection {
     /// Stop the run after this many steps in a row with a non-finite loss or
     /// gradient (each such step is skipped and reported).
     pub max_nonfinite_steps: usize,
-    /// Where VAE latents of the training images are kept: `memory` (encoded
-    /// once per crop), `disk` (also saved to `latent_cache_dir` and reused by
-    /// later runs), or `none` (encoded every step).
+    /// Where VAE latents of the training images are kept: `memory` or `disk`
+    /// (also saved to `latent_cache_dir` and reused by later runs). With
+    /// `dataset.crop = "center"` every image (and its mirror image where
+    /// `flip` is on) is encoded before the first step, then the VAE encoder is
+    /// released; with random crops each crop is encoded when first drawn.
+    /// `none`: every sample is encoded every time it is drawn.
     pub cache_latents: LatentCacheMode,
     /// Folder of the disk latent cache; defaults to `OUTPUT/latent_cache`.
     pub latent_cache_dir: Option<PathBuf>,
