@@ -1,7 +1,9 @@
-//! `sd-lora bench`: time LoRA training steps on a full-size SD1.5 UNet with
-//! random weights (no download) and report speed and peak memory; see
-//! `sd_lora_train::bench` for the workload and `docs/performance.md` for how to
-//! compare it with the PyTorch reference.
+//! `sd-lora bench`: `--train` runs the `train` command itself on a model and an
+//! image folder and reports what a user waits for (see
+//! `sd_lora_train::bench_pipeline`); `--vae` times one VAE encode and decode;
+//! without either, it times LoRA training steps on a full-size SD1.5 UNet with
+//! random weights built in memory (`sd_lora_train::bench`). `docs/performance.md`
+//! says how to compare each with its PyTorch reference.
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -198,10 +200,19 @@ fn run_train(args: &BenchArgs) -> Result<u8> {
     {
         bail!("--data {}: no such folder", d.display());
     }
+    // The model opens (headers only) before the images are scanned, as in `train`.
+    crate::train_cmd::model_facts(&cfg)?;
     let ds = Dataset::scan(&cfg.dataset)?;
     if !ds.has_images() {
+        let folders: Vec<String> = cfg
+            .dataset
+            .subsets
+            .iter()
+            .map(|s| s.path.display().to_string())
+            .collect();
         bail!(
-            "no usable images found in the dataset; run `sd-lora check-data` on it for the reasons"
+            "no usable images in {}; put PNG/JPEG/WebP images there, and run `sd-lora check-data` on it for the reasons",
+            folders.join(", ")
         );
     }
     eprintln!(

@@ -58,10 +58,13 @@ enum Command {
     )]
     // Boxed: the generate flags make this variant much larger than the others.
     Generate(Box<generate_cmd::GenerateArgs>),
-    /// Time LoRA training steps on a full-size SD1.5 UNet with random weights
-    /// (no download): seconds per step, peak memory, GFLOP/s.
+    /// Time what users run: `--train` the `train` command itself on a model and
+    /// an image folder (load, caching, steady step, peak memory), `--vae` one
+    /// VAE encode and decode; without either, the LoRA step of a full-size SD1.5
+    /// UNet with random weights built in memory (seconds per step, peak memory,
+    /// GFLOP/s).
     #[command(
-        after_help = "Examples:\n  sd-lora bench\n  sd-lora bench --resolution 512 --precision f16 --checkpointing --json\n  sd-lora bench --device cuda --resolution 512 --steps 10\n\nCompare with PyTorch: tools/bench_compare.sh (see docs/performance.md)."
+        after_help = "Examples:\n  sd-lora bench --train --model ./sd15 --data ./my_dog --resolution 512\n  sd-lora bench --train --config my_dog.toml --steps 3 --json\n  sd-lora bench --vae --model ./sd15 --resolution 512\n  sd-lora bench --resolution 512 --precision f16 --checkpointing --json\n  sd-lora bench --device cuda --resolution 512 --steps 10\n\nCompare with PyTorch: tools/bench_compare.sh --train / --vae (see docs/performance.md)."
     )]
     Bench(bench_cmd::BenchArgs),
     /// Print the configuration reference (docs/config.md) generated from the config definitions.

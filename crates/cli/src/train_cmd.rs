@@ -518,7 +518,7 @@ fn is_vae_decoder_key(key: &str) -> bool {
 
 /// Opens the model (headers only, or the built-in definition) so a missing
 /// or broken model stops the run before the dataset is even scanned.
-fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
+pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
     let mut facts = ModelFacts {
         params: Vec::new(),
         layers: Vec::new(),
