@@ -154,6 +154,28 @@ fn train_and_vae_modes_refuse_bad_input() {
         e.contains("no/such/dir") && e.contains("no such folder"),
         "{e}"
     );
+    let e = refused(&[
+        "--train",
+        "--model",
+        "no/such/model",
+        "--data",
+        "assets/example_dataset",
+    ]);
+    assert!(
+        e.contains("no/such/model") && e.contains("no such file or folder"),
+        "{e}"
+    );
+    let e = refused(&[
+        "--train",
+        "--model",
+        "README.md",
+        "--data",
+        "assets/example_dataset",
+    ]);
+    assert!(
+        e.contains("README.md") && e.contains("diffusers folder"),
+        "{e}"
+    );
     let e = refused(&["--train", "--set", "train.no_such_key=1"]);
     assert!(e.contains("no_such_key"), "{e}");
 }
