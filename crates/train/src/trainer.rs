@@ -116,7 +116,7 @@ pub fn install_interrupt_handler() {
                 std::process::exit(130);
             }
             eprintln!(
-                "\nstopping after this step and saving a checkpoint (Ctrl-C again to quit without saving)"
+                "\nstopping after this step and saving a checkpoint, or after this image while caching latents (Ctrl-C again to quit without saving)"
             );
         });
     });
