@@ -5,7 +5,7 @@
 #
 # Usage:
 #   tools/bench_compare.sh --train --model SD15_FOLDER --data IMAGES [--resolution N] [--steps N]
-#                          [--warmup N] [--rank N] [--alpha X] [--preset kohya|attention]
+#                          [--warmup N] [--rank N] [--alpha X] [--preset kohya|attention|conv]
 #                          [--checkpointing] [--seed N]
 #       the `train` command with its defaults against diffusers + peft doing the same
 #       (tools/bench_train_reference.py): load, latent caching, steady step, peak RSS

@@ -12,7 +12,8 @@ the same model files and images:
    then free the text encoder — kohya's `cache_latents` and cached text-encoder outputs;
 4. LoRA via peft on the layers of sd-lora's preset (`kohya`: every Linear / 1×1 conv inside the
    transformer blocks — proj_in, proj_out, attn1/attn2 to_q/to_k/to_v/to_out.0, ff.net.0.proj,
-   ff.net.2; `attention`: to_q/to_k/to_v/to_out.0), rank `--rank`, alpha `--alpha`
+   ff.net.2; `attention`: to_q/to_k/to_v/to_out.0; `conv`: kohya plus the ResNets' conv1, conv2,
+   time_emb_proj, conv_shortcut and the samplers' convs), rank `--rank`, alpha `--alpha`
    (kohya's default init: A kaiming-uniform, B zero), parameters in f32;
 5. AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, weight decay 1e-2), batch 1, DDPM noise with a
    uniform timestep, ε target, MSE, gradient norm clipped to 1.0 — sd-lora's defaults;
@@ -59,6 +60,9 @@ KOHYA_DIR = re.compile(r"^(\d+)_(.*)$")
 PRESETS = {
     "kohya": r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.((attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))",
     "attention": r".*attentions\.\d+\.transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)",
+    # kohya's LoCon: the kohya layers plus every ResNet and sampler layer.
+    "conv": r"(.*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.((attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))"
+    r"|.*resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|.*(downsamplers|upsamplers)\.0\.conv)",
 }
 
 
