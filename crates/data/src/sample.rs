@@ -166,8 +166,7 @@ impl Dataset {
             .par_iter()
             .enumerate()
             .map(|(pos, &image)| {
-                let mut rng = Rng::derive(&[seed, SAMPLE_STREAM, epoch, batch_index, pos as u64]);
-                self.load_sample(image, &mut rng)
+                self.load_sample(image, &mut sample_rng(seed, epoch, batch_index, pos))
             })
             .collect()
     }
@@ -186,8 +185,7 @@ impl Dataset {
             .iter()
             .enumerate()
             .map(|(pos, &image)| {
-                let mut rng = Rng::derive(&[seed, SAMPLE_STREAM, epoch, batch_index, pos as u64]);
-                self.draw_sample(image, &mut rng)
+                self.draw_sample(image, &mut sample_rng(seed, epoch, batch_index, pos))
             })
             .collect()
     }
@@ -289,6 +287,11 @@ impl Dataset {
         }
         Ok(to_chw_unit(&cropped))
     }
+}
+
+/// The random stream of the sample at `pos` in batch `batch_index` of `epoch`.
+fn sample_rng(seed: u64, epoch: u64, batch_index: u64, pos: usize) -> Rng {
+    Rng::derive(&[seed, SAMPLE_STREAM, epoch, batch_index, pos as u64])
 }
 
 /// The batches of one epoch, loaded one at a time (see [`Dataset::iter_epoch`]).
