@@ -8,28 +8,13 @@ use sd_lora_train::config::TrainConfig;
 use sd_lora_train::latents::{LatentCache, TextEmbeddingCache};
 use sd_lora_train::prepare::{Prepared, prepare};
 use sd_lora_train::trainer::{StepReport, TrainProgress, load_model, train};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn example_dataset() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/example_dataset")
-}
+mod common;
 
 fn config(out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut sets: Vec<String> = vec![
-        "model.path=\"builtin:tiny\"".into(),
-        format!(
-            "dataset.subsets[0].path={:?}",
-            example_dataset().to_string_lossy()
-        ),
-        "dataset.resolution=64".into(),
-        "dataset.bucket_step=32".into(),
-        "dataset.min_bucket_side=32".into(),
-        "dataset.max_bucket_side=128".into(),
-        "dataset.min_image_side=32".into(),
-        "train.steps=3".into(),
-        "output.save_every=0".into(),
-        format!("output.dir={:?}", out.to_string_lossy()),
-    ];
+    let mut sets = common::tiny_run_sets(out);
+    sets.push("train.steps=3".into());
     sets.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::load(None, &sets).unwrap()
 }

@@ -3,6 +3,7 @@
 //! maps onto the model.
 
 use candle_core::{DType, Device};
+use common::example_dataset;
 use sd_lora_data::{Dataset, SubsetKind};
 use sd_lora_model::lora::attach::attach;
 use sd_lora_model::lora::format::{LoraFile, read_lora_for_model};
@@ -10,38 +11,27 @@ use sd_lora_model::lora::targets::model_targets;
 use sd_lora_model::lora::{LoraComponent, LoraWeights};
 use sd_lora_train::config::TrainConfig;
 use sd_lora_train::trainer::{StepReport, TrainProgress, fixed_noise_loss, load_model, train};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn example_dataset() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/example_dataset")
-}
+mod common;
 
 /// A quickstart-like config writing to `out`, with extra `--set`s.
 fn config(out: &Path, extra: &[String]) -> TrainConfig {
-    let mut sets: Vec<String> = [
-        "model.path=\"builtin:tiny\"".to_string(),
-        format!(
-            "dataset.subsets[0].path={:?}",
-            example_dataset().to_string_lossy()
-        ),
-        "dataset.resolution=64".into(),
-        "dataset.bucket_step=32".into(),
-        "dataset.min_bucket_side=32".into(),
-        "dataset.max_bucket_side=128".into(),
-        "dataset.min_image_side=32".into(),
-        "network.rank=8".into(),
-        "network.alpha=8.0".into(),
-        "train.batch_size=2".into(),
-        "train.unet_lr=1e-3".into(),
-        "train.text_encoder_lr=1e-3".into(),
-        "train.lr_scheduler=\"cosine\"".into(),
-        "train.warmup_steps=2".into(),
-        "output.save_every=0".into(),
-        "output.save_dtype=\"f32\"".into(),
-        format!("output.dir={:?}", out.to_string_lossy()),
-        "output.name=\"t\"".into(),
-    ]
-    .into();
+    let mut sets = common::tiny_run_sets(out);
+    sets.extend(
+        [
+            "network.rank=8",
+            "network.alpha=8.0",
+            "train.batch_size=2",
+            "train.unet_lr=1e-3",
+            "train.text_encoder_lr=1e-3",
+            "train.lr_scheduler=\"cosine\"",
+            "train.warmup_steps=2",
+            "output.save_dtype=\"f32\"",
+            "output.name=\"t\"",
+        ]
+        .map(String::from),
+    );
     sets.extend(extra.iter().cloned());
     TrainConfig::load(None, &sets).unwrap()
 }
