@@ -160,6 +160,19 @@ pub(crate) fn conv2d_plain(
         let w2 = weight.contiguous()?.reshape((co, k))?;
         return kernel_product(&w2, &x.reshape((b, k, oh * ow))?)?.reshape((b, co, oh, ow));
     }
+    if (kh, kw, stride) == (3, 3, 1)
+        && padding <= 2
+        && x.dtype() == DType::F32
+        && super::winograd::worthwhile(oh, ow)
+    {
+        let kernel = with_f32_slice(&weight.contiguous()?, |k| {
+            super::winograd::Kernel3x3::new(k, co, ci)
+        })?;
+        let y = with_f32_slice(&x.contiguous()?, |x| {
+            super::winograd::conv(x, (b, c, h, w), &kernel, padding, COL_CHUNK_VALUES)
+        })?;
+        return Tensor::from_vec(y, (b, co, oh, ow), x.device());
+    }
     let geometry = Im2Col {
         dims: (b, c, h, w),
         kernel: (kh, kw),
@@ -172,6 +185,25 @@ pub(crate) fn conv2d_plain(
         _ => geometry.forward::<f32>(x, weight, COL_CHUNK_VALUES),
     }
 }
+
+/// Runs `f` on the f32 values of a contiguous CPU tensor.
+fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("conv2d: expected a CPU tensor")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("conv2d: expected a contiguous tensor")
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used by tasks that write disjoint ranges (see its uses).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 /// `w2 · cols[i]` for each batch item: the kernel as a `[co, k]` matrix times
 /// columns `[b, k, p]`, giving `[b, co, p]`.
@@ -240,6 +272,10 @@ impl Im2Col {
         let x = x.contiguous()?;
         // The kernel viewed as `[co, ci·kh·kw]`, its storage order: never copied.
         let w2 = weight.contiguous()?.reshape((co, ci * kk))?;
+        let threads = rayon::current_num_threads();
+        if T::DTYPE == DType::F32 && threads > 1 {
+            return self.forward_tasks_f32(&x, &w2, max_values / threads, threads);
+        }
         if self.rows_per_pass(max_values) >= oh {
             let cols = self
                 .run::<T>(&x, 0..b * ci, 0..oh)?
@@ -268,6 +304,108 @@ impl Im2Col {
         Tensor::from_vec(out, (b, co, oh, ow), x.device())
     }
 
+    /// The f32 forward on several threads: the output is cut into tasks —
+    /// a batch item's band of output rows, at least one task per thread, each
+    /// band's columns at most `max_values` — and each thread takes whole tasks:
+    /// its own im2col and a single-threaded product written straight into the
+    /// output. On a 2-core AMD EPYC, two independent single-threaded
+    /// products ran 1.1–1.4× faster than the gemm crate sharing each product
+    /// between the threads for the VAE's shapes (e.g. 128×1152×3584: 48 against
+    /// 34 GFLOP/s) and no slower for the UNet's. The 3×3 stride-1 convs on
+    /// large images go to [`super::winograd`] instead; this serves the
+    /// downsamplers and the small levels.
+    fn forward_tasks_f32(
+        &self,
+        x: &Tensor,
+        w2: &Tensor,
+        max_values: usize,
+        threads: usize,
+    ) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (b, ci, h, w) = self.dims;
+        let (kh, kw) = self.kernel;
+        let (oh, ow) = self.out;
+        let (kk, p) = (kh * kw, oh * ow);
+        let co = w2.dim(0)?;
+        let per_item = threads.div_ceil(b.max(1));
+        let rows = self
+            .rows_per_pass(max_values)
+            .min(oh.div_ceil(per_item))
+            .max(1);
+        let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..b)
+            .flat_map(|bi| {
+                (0..oh)
+                    .step_by(rows)
+                    .map(move |r0| (bi, r0..(r0 + rows).min(oh)))
+            })
+            .collect();
+        let (x_store, x_layout) = x.storage_and_layout();
+        let (w_store, w_layout) = w2.storage_and_layout();
+        let (Storage::Cpu(x_cpu), Storage::Cpu(w_cpu)) = (&*x_store, &*w_store) else {
+            bail!("conv2d: expected CPU tensors")
+        };
+        let (Some((x0, x1)), Some((w0, w1))) =
+            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+        else {
+            bail!("conv2d: expected contiguous input and kernel")
+        };
+        let src = &x_cpu.as_slice::<f32>()?[x0..x1];
+        let kernel = &w_cpu.as_slice::<f32>()?[w0..w1];
+        if src.len() != b * ci * h * w || kernel.len() != co * ci * kk {
+            bail!("conv2d: input or kernel size does not match its shape")
+        }
+        let mut out: Vec<f32> = Vec::with_capacity(b * co * p);
+        let dst = SendPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+        tasks.par_iter().for_each(|(bi, rows)| {
+            let band = rows.len() * ow;
+            let n = ci * kk * band;
+            let mut cols: Vec<f32> = Vec::with_capacity(n);
+            for (c, chunk) in cols.spare_capacity_mut()[..n]
+                .chunks_mut(kk * band)
+                .enumerate()
+            {
+                let plane = &src[(bi * ci + c) * h * w..(bi * ci + c + 1) * h * w];
+                self.fill_plane(plane, chunk, rows);
+            }
+            // SAFETY: `fill_plane` wrote every element of each plane's chunk.
+            unsafe { cols.set_len(n) };
+            let dst = dst;
+            // SAFETY: the task writes rows `o·p + rows.start·ow ..` (`band`
+            // values) of batch item `bi` for each output channel `o`: inside
+            // the `b·co·p` floats of `out`, and disjoint from every other
+            // task's (tasks are distinct (item, band) pairs). The operands are
+            // the contiguous kernel `[co, ci·kk]` and columns `[ci·kk, band]`.
+            unsafe {
+                gemm::gemm(
+                    co,
+                    band,
+                    ci * kk,
+                    dst.0.add(bi * co * p + rows.start * ow),
+                    1,
+                    p as isize,
+                    false,
+                    kernel.as_ptr(),
+                    1,
+                    (ci * kk) as isize,
+                    cols.as_ptr(),
+                    1,
+                    band as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+        // SAFETY: the tasks cover every (item, output row) once, and each
+        // product wrote all `co × band` of its values.
+        unsafe { out.set_len(b * co * p) };
+        drop((x_store, w_store));
+        Tensor::from_vec(out, (b, co, oh, ow), x.device())
+    }
+
     /// The im2col of the input planes `planes` (indices into the `b·c`
     /// planes) for the output rows `rows`: `[planes·kh·kw, rows·ow]`, rows in
     /// the kernel's `(c, i, j)` order; one task per plane, each writing its own
@@ -282,7 +420,6 @@ impl Im2Col {
         let (b, c, h, w) = self.dims;
         let (kh, kw) = self.kernel;
         let (oh, ow) = self.out;
-        let (stride, pad) = (self.stride, self.padding);
         if planes.end > b * c || rows.end > oh {
             bail!(
                 "im2col: planes {planes:?} of {}, rows {rows:?} of {oh}",
@@ -302,40 +439,11 @@ impl Im2Col {
         let count = planes.len();
         let n = count * kh * kw * p;
         let mut cols: Vec<T> = Vec::with_capacity(n);
-        let zero = std::mem::MaybeUninit::new(T::zero());
         cols.spare_capacity_mut()[..n]
             .par_chunks_mut(kh * kw * p)
             .enumerate()
             .for_each(|(bc, chunk)| {
-                let plane = &src[bc * h * w..(bc + 1) * h * w];
-                for i in 0..kh {
-                    for j in 0..kw {
-                        let row = &mut chunk[(i * kw + j) * p..(i * kw + j + 1) * p];
-                        let (lo, hi) = self.valid_columns(j);
-                        for (r, oy) in rows.clone().enumerate() {
-                            let dst = &mut row[r * ow..(r + 1) * ow];
-                            let iy = (oy * stride + i) as isize - pad as isize;
-                            if iy < 0 || iy >= h as isize {
-                                dst.fill(zero);
-                                continue;
-                            }
-                            let line = &plane[iy as usize * w..(iy as usize + 1) * w];
-                            dst[..lo].fill(zero);
-                            dst[hi..].fill(zero);
-                            if stride == 1 {
-                                // A contiguous run: a vectorised copy.
-                                let from = &line[lo + j - pad..hi + j - pad];
-                                for (d, &v) in dst[lo..hi].iter_mut().zip(from) {
-                                    d.write(v);
-                                }
-                            } else {
-                                for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
-                                    d.write(line[ox * stride + j - pad]);
-                                }
-                            }
-                        }
-                    }
-                }
+                self.fill_plane(&src[bc * h * w..(bc + 1) * h * w], chunk, &rows)
             });
         // SAFETY: the loop above wrote all `n` elements: each task owns the
         // `kh·kw` rows of one (batch, channel) plane, and every row position
@@ -344,6 +452,51 @@ impl Im2Col {
         unsafe { cols.set_len(n) };
         drop(storage);
         Tensor::from_vec(cols, (count * kh * kw, p), x.device())
+    }
+
+    /// Writes the `kh·kw` im2col rows of one input plane (`h·w` values) for
+    /// the output rows `rows` into `chunk` (`kh·kw·rows·ow` values): every
+    /// element, padding as zeros.
+    fn fill_plane<T: WithDType>(
+        &self,
+        plane: &[T],
+        chunk: &mut [std::mem::MaybeUninit<T>],
+        rows: &std::ops::Range<usize>,
+    ) {
+        let (_, _, h, w) = self.dims;
+        let (kh, kw) = self.kernel;
+        let ow = self.out.1;
+        let (stride, pad) = (self.stride, self.padding);
+        let p = rows.len() * ow;
+        let zero = std::mem::MaybeUninit::new(T::zero());
+        for i in 0..kh {
+            for j in 0..kw {
+                let row = &mut chunk[(i * kw + j) * p..(i * kw + j + 1) * p];
+                let (lo, hi) = self.valid_columns(j);
+                for (r, oy) in rows.clone().enumerate() {
+                    let dst = &mut row[r * ow..(r + 1) * ow];
+                    let iy = (oy * stride + i) as isize - pad as isize;
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(zero);
+                        continue;
+                    }
+                    let line = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    dst[..lo].fill(zero);
+                    dst[hi..].fill(zero);
+                    if stride == 1 {
+                        // A contiguous run: a vectorised copy.
+                        let from = &line[lo + j - pad..hi + j - pad];
+                        for (d, &v) in dst[lo..hi].iter_mut().zip(from) {
+                            d.write(v);
+                        }
+                    } else {
+                        for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                            d.write(line[ox * stride + j - pad]);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The adjoint of [`Self::run`] for `n` consecutive input planes and the
@@ -472,6 +625,21 @@ fn input_grad_cpu(
             grad.dims(),
             weight.dims()
         )
+    }
+    if (kh, kw, stride) == (3, 3, 1)
+        && padding <= 2
+        && grad.dtype() == DType::F32
+        && super::winograd::worthwhile(h, w)
+    {
+        // Stride 1: the input gradient is the conv of the gradient with the
+        // flipped, in/out-swapped kernel and padding `2 − padding`.
+        let kernel = with_f32_slice(&weight.to_dtype(DType::F32)?.contiguous()?, |k| {
+            super::winograd::Kernel3x3::flipped_transposed(k, co, ci)
+        })?;
+        let dx = with_f32_slice(&grad.contiguous()?, |g| {
+            super::winograd::conv(g, (b, co, oh, ow), &kernel, 2 - padding, COL_CHUNK_VALUES)
+        })?;
+        return Tensor::from_vec(dx, (b, ci, h, w), grad.device());
     }
     let geometry = Im2Col {
         dims: (b, ci, h, w),
@@ -606,6 +774,109 @@ mod tests {
                     diff < 1e-12,
                     "input gradient, stride {stride}, {max_values} values: {diff}"
                 );
+            }
+        }
+    }
+
+    /// Winograd F(2×2, 3×3) in f32 against the direct conv in f64: the
+    /// forward and the input gradient (the flipped, transposed kernel), every
+    /// padding it takes, odd and even sizes, one band and many.
+    #[test]
+    fn winograd_equals_direct_conv() {
+        use super::super::winograd::{Kernel3x3, conv};
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let values = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        for padding in [0, 1, 2] {
+            for (h, w) in [(9, 8), (6, 7), (3, 3)] {
+                let (b, ci, co) = (2, 7, 5);
+                let (oh, ow) = (h + 2 * padding - 2, w + 2 * padding - 2);
+                let x = Tensor::randn(0f64, 1.0, (b, ci, h, w), &dev).unwrap();
+                let weight = Tensor::randn(0f64, 1.0, (co, ci, 3, 3), &dev).unwrap();
+                let grad = Tensor::randn(0f64, 1.0, (b, co, oh, ow), &dev).unwrap();
+                let reference = x.conv2d(&weight, padding, 1, 1, 1).unwrap();
+                let geometry = Im2Col {
+                    dims: (b, ci, h, w),
+                    kernel: (3, 3),
+                    stride: 1,
+                    padding,
+                    out: (oh, ow),
+                };
+                let dx_reference = geometry
+                    .input_grad::<f64>(&grad, &weight, usize::MAX)
+                    .unwrap();
+                let k = values(&weight);
+                let forward = Kernel3x3::new(&k, co, ci).unwrap();
+                let backward = Kernel3x3::flipped_transposed(&k, co, ci).unwrap();
+                for max_values in [usize::MAX, 1, 16 * 7 * 5] {
+                    let y =
+                        conv(&values(&x), (b, ci, h, w), &forward, padding, max_values).unwrap();
+                    let y = Tensor::from_vec(y, (b, co, oh, ow), &dev).unwrap();
+                    let diff = max_abs_diff(&y.to_dtype(DType::F64).unwrap(), &reference);
+                    assert!(diff < 1e-4, "forward, padding {padding}, {h}×{w}: {diff}");
+                    let dx = conv(
+                        &values(&grad),
+                        (b, co, oh, ow),
+                        &backward,
+                        2 - padding,
+                        max_values,
+                    )
+                    .unwrap();
+                    let dx = Tensor::from_vec(dx, (b, ci, h, w), &dev).unwrap();
+                    let diff = max_abs_diff(&dx.to_dtype(DType::F64).unwrap(), &dx_reference);
+                    assert!(
+                        diff < 1e-4,
+                        "input gradient, padding {padding}, {h}×{w}: {diff}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The f32 forward in per-thread tasks (what the CPU runs with several
+    /// threads) against the f64 single pass, with one task per band and with
+    /// more bands than threads, stride 1 and 2.
+    #[test]
+    fn f32_tasks_equal_one_pass() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        for (stride, padding) in [(1, 1), (2, 1), (1, 0)] {
+            let (b, ci, co, h, w, k) = (2, 6, 4, 11, 9, 3);
+            let (oh, ow) = (
+                (h + 2 * padding - k) / stride + 1,
+                (w + 2 * padding - k) / stride + 1,
+            );
+            let x = Tensor::randn(0f64, 1.0, (b, ci, h, w), &dev).unwrap();
+            let weight = Tensor::randn(0f64, 1.0, (co, ci, k, k), &dev).unwrap();
+            let reference = x.conv2d(&weight, padding, stride, 1, 1).unwrap();
+            let geometry = Im2Col {
+                dims: (b, ci, h, w),
+                kernel: (k, k),
+                stride,
+                padding,
+                out: (oh, ow),
+            };
+            let (x32, w32) = (
+                x.to_dtype(DType::F32).unwrap(),
+                weight
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .reshape((co, ci * k * k))
+                    .unwrap(),
+            );
+            for (max_values, threads) in [(usize::MAX, 2), (1, 2), (k * k * ci * ow * 2, 3)] {
+                let y = geometry
+                    .forward_tasks_f32(&x32, &w32, max_values, threads)
+                    .unwrap();
+                let diff = max_abs_diff(&y.to_dtype(DType::F64).unwrap(), &reference);
+                assert!(diff < 1e-4, "stride {stride}, {max_values} values: {diff}");
             }
         }
     }

@@ -65,6 +65,7 @@ pub mod linear;
 pub mod matmul;
 pub mod norm;
 pub mod softmax;
+pub(crate) mod winograd;
 
 pub use activation::{geglu, gelu, quick_gelu, silu};
 pub use attention::{attention, attention_chunked, attention_with_bias, multi_head_attention};
