@@ -205,6 +205,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the whole `SendPtr`).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `w2 · cols[i]` for each batch item: the kernel as a `[co, k]` matrix times
 /// columns `[b, k, p]`, giving `[b, co, p]`.
 fn kernel_product(w2: &Tensor, cols: &Tensor) -> Result<Tensor> {
@@ -369,7 +376,6 @@ impl Im2Col {
             }
             // SAFETY: `fill_plane` wrote every element of each plane's chunk.
             unsafe { cols.set_len(n) };
-            let dst = dst;
             // SAFETY: the task writes rows `o·p + rows.start·ow ..` (`band`
             // values) of batch item `bi` for each output channel `o`: inside
             // the `b·co·p` floats of `out`, and disjoint from every other
@@ -380,7 +386,7 @@ impl Im2Col {
                     co,
                     band,
                     ci * kk,
-                    dst.0.add(bi * co * p + rows.start * ow),
+                    dst.ptr().add(bi * co * p + rows.start * ow),
                     1,
                     p as isize,
                     false,
