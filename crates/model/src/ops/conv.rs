@@ -280,7 +280,7 @@ impl Im2Col {
         // The kernel viewed as `[co, ci·kh·kw]`, its storage order: never copied.
         let w2 = weight.contiguous()?.reshape((co, ci * kk))?;
         let threads = rayon::current_num_threads();
-        if T::DTYPE == DType::F32 && threads > 1 {
+        if T::DTYPE == DType::F32 && threads > 1 && b * p >= threads * MIN_TASK_COLUMNS {
             return self.forward_tasks_f32(&x, &w2, max_values / threads, threads);
         }
         if self.rows_per_pass(max_values) >= oh {
@@ -602,6 +602,12 @@ impl Im2Col {
         Tensor::from_vec(out, (b, ci, h, w), grad.device())
     }
 }
+
+/// Output pixels per thread from which [`Im2Col::forward_tasks_f32`] gives
+/// each thread its own products. Below, each thread's product would be thin
+/// and every thread would pack the whole kernel again (SD1.5's 1280-channel
+/// convs at 8×8: 59 MB each) — one product shared by the threads is faster.
+const MIN_TASK_COLUMNS: usize = 2048;
 
 /// Column values per pass of the CPU conv, forward (im2col) and input
 /// gradient ([`input_grad_cpu`]): 2^22 (16 MiB in f32). All the columns at
