@@ -70,7 +70,7 @@ pub(crate) fn chunks(t: usize, chunk: usize) -> impl Iterator<Item = (usize, usi
 /// is applied to the queries, `d` values per row instead of `tk` scores.
 fn probs(qc: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = matmul(&(qc * scale)?, &k.t()?)?;
-    candle_nn::ops::softmax_last_dim(&scores.contiguous()?)
+    super::softmax::softmax_rows(&scores)
 }
 
 /// The same as [`attention`], processing `chunk` queries at a time in the forward
