@@ -9,8 +9,10 @@
 //! `U_ξ·V_ξ` (`[out, in]·[in, tiles]`), so a 3×3 conv costs 16 multiply-adds per
 //! (tile, in, out) where im2col + one product costs 36: 2.25× fewer, and the
 //! transformed input is 4× the input's size where im2col's columns are 9×.
-//! The transforms' coefficients are 0, ±1 and ½, exact in binary floating point,
-//! so the result differs from the direct sum only by the order of additions.
+//! The transforms' coefficients are 0, ±1 and ½, exact in binary floating point
+//! (unlike the larger F(4×4, 3×3), whose inexact constants cost accuracy): the
+//! only rounding is that of the sums and products themselves, and the unit
+//! test in `ops::conv` holds the result to the direct conv computed in f64.
 //!
 //! Worth it only where the products stay large: on a small image the 16
 //! products have few columns and the transformed kernel (16/9 of the kernel)
