@@ -165,10 +165,10 @@ pub(crate) fn conv2d_plain(
         && x.dtype() == DType::F32
         && super::winograd::worthwhile(oh, ow)
     {
-        let kernel = with_f32_slice(&weight.contiguous()?, |k| {
+        let kernel = super::with_f32_slice(&weight.contiguous()?, |k| {
             super::winograd::Kernel3x3::new(k, co, ci)
         })?;
-        let y = with_f32_slice(&x.contiguous()?, |x| {
+        let y = super::with_f32_slice(&x.contiguous()?, |x| {
             super::winograd::conv(x, (b, c, h, w), &kernel, padding, COL_CHUNK_VALUES)
         })?;
         return Tensor::from_vec(y, (b, co, oh, ow), x.device());
@@ -184,18 +184,6 @@ pub(crate) fn conv2d_plain(
         DType::F64 => geometry.forward::<f64>(x, weight, COL_CHUNK_VALUES),
         _ => geometry.forward::<f32>(x, weight, COL_CHUNK_VALUES),
     }
-}
-
-/// Runs `f` on the f32 values of a contiguous CPU tensor.
-fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("conv2d: expected a CPU tensor")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("conv2d: expected a contiguous tensor")
-    };
-    f(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// A raw output pointer shared by tasks that write disjoint parts of it.
@@ -645,10 +633,10 @@ fn input_grad_cpu(
     {
         // Stride 1: the input gradient is the conv of the gradient with the
         // flipped, in/out-swapped kernel and padding `2 − padding`.
-        let kernel = with_f32_slice(&weight.to_dtype(DType::F32)?.contiguous()?, |k| {
+        let kernel = super::with_f32_slice(&weight.to_dtype(DType::F32)?.contiguous()?, |k| {
             super::winograd::Kernel3x3::flipped_transposed(k, co, ci)
         })?;
-        let dx = with_f32_slice(&grad.contiguous()?, |g| {
+        let dx = super::with_f32_slice(&grad.contiguous()?, |g| {
             super::winograd::conv(g, (b, co, oh, ow), &kernel, 2 - padding, COL_CHUNK_VALUES)
         })?;
         return Tensor::from_vec(dx, (b, ci, h, w), grad.device());

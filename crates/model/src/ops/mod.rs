@@ -89,3 +89,18 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
         _ => None,
     }
 }
+
+/// Runs `f` on the f32 values of a contiguous CPU tensor.
+pub(crate) fn with_f32_slice<R>(
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor")
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
+}

@@ -13,7 +13,7 @@
 //! exponential with a polynomial the compiler vectorises (AVX2 + FMA when the
 //! CPU has them).
 
-use candle_core::{D, DType, Result, Storage, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 use rayon::prelude::*;
 
 use super::custom_grad::with_grad1;
@@ -41,20 +41,14 @@ pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
     if d == 0 || x.elem_count() == 0 {
         return Ok(x);
     }
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return candle_nn::ops::softmax_last_dim(&x);
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("softmax: expected contiguous rows")
-    };
-    let src = &cpu.as_slice::<f32>()?[start..end];
-    let mut out = vec![0f32; src.len()];
     let fast = simd_available();
-    out.par_chunks_mut(d)
-        .zip(src.par_chunks(d))
-        .for_each(|(o, r)| softmax_row(r, o, fast));
-    drop(storage);
+    let out = super::with_f32_slice(&x, |src| {
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(d)
+            .zip(src.par_chunks(d))
+            .for_each(|(o, r)| softmax_row(r, o, fast));
+        Ok(out)
+    })?;
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
