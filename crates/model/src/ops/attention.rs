@@ -12,7 +12,9 @@
 //! Shapes: `q: [..., tq, d]`, `k: [..., tk, d]`, `v: [..., tk, dv]` with the same
 //! leading dimensions, e.g. `[batch·heads, t, d]` or `[batch, heads, t, d]`.
 
-use candle_core::{D, Result, Tensor, bail};
+use std::sync::Arc;
+
+use candle_core::{D, DType, Result, Tensor, bail};
 
 use super::custom_grad::{add_frozen, with_grad3};
 use super::matmul::matmul;
@@ -251,9 +253,20 @@ pub fn multi_head_attention(
         Some(0) => bail!("attention: chunk size must be at least 1"),
         other => other,
     };
-    let chunk = chunk_given.unwrap_or_else(|| auto_chunk(b * heads, tq, tk));
     let dtype = q.dtype();
     let cdt = super::norm::compute_dtype(dtype);
+    if q.device().is_cpu() && cdt == DType::F32 && b * tq * tk * c * cv > 0 {
+        let dims = super::attention_cpu::Dims {
+            b,
+            tq,
+            tk,
+            heads,
+            d: c / heads,
+            dv: cv / heads,
+        };
+        return multi_head_attention_cpu([q, k, v], dims, scale as f32);
+    }
+    let chunk = chunk_given.unwrap_or_else(|| auto_chunk(b * heads, tq, tk));
     let split = move |x: &Tensor, heads: usize| split_heads(&x.to_dtype(cdt)?, heads);
     let (qs, ks, vs) = (
         split(&q.detach(), heads)?,
@@ -296,5 +309,59 @@ pub fn multi_head_attention(
             }
         }
         Ok(grads)
+    })
+}
+
+/// [`multi_head_attention`] on the CPU in f32 (f16/bf16 inputs converted):
+/// the fused kernels of [`super::attention_cpu`], one graph node whose
+/// backward recomputes the probabilities from the saved log-sum-exp of each
+/// score row. Its memory is bounded by the kernel's blocks, whatever the chunk
+/// size asked for.
+fn multi_head_attention_cpu(
+    [q, k, v]: [&Tensor; 3],
+    dims: super::attention_cpu::Dims,
+    scale: f32,
+) -> Result<Tensor> {
+    use super::attention_cpu as kernel;
+    let dtype = q.dtype();
+    let f32c = |x: &Tensor| x.detach().to_dtype(DType::F32)?.contiguous();
+    let (qf, kf, vf) = (f32c(q)?, f32c(k)?, f32c(v)?);
+    super::flops::add_attention(
+        &[dims.b * dims.heads, dims.tq, dims.d],
+        &[dims.b * dims.heads, dims.tk, dims.d],
+        &[dims.b * dims.heads, dims.tk, dims.dv],
+    );
+    let (out, lse) = super::with_f32_slice(&qf, |qs| {
+        super::with_f32_slice(&kf, |ks| {
+            super::with_f32_slice(&vf, |vs| kernel::forward(qs, ks, vs, dims, scale))
+        })
+    })?;
+    drop((qf, kf, vf));
+    let y = Tensor::from_vec(out, (dims.b, dims.tq, dims.heads * dims.dv), q.device())?
+        .to_dtype(dtype)?;
+    let lse = Arc::new(lse);
+    with_grad3("multi-head-attention", [q, k, v], y, move |a| {
+        let [q, k, v] = a.inputs;
+        let (qf, kf, vf) = (f32c(q)?, f32c(k)?, f32c(v)?);
+        let (o, g) = (f32c(a.output)?, f32c(a.grad)?);
+        let grads = super::with_f32_slice(&qf, |qs| {
+            super::with_f32_slice(&kf, |ks| {
+                super::with_f32_slice(&vf, |vs| {
+                    super::with_f32_slice(&o, |o| {
+                        super::with_f32_slice(&g, |g| {
+                            let saved = kernel::Saved { o, lse: &lse, g };
+                            kernel::backward([qs, ks, vs], saved, dims, scale, a.needs_grad)
+                        })
+                    })
+                })
+            })
+        })?;
+        let mut out: [Option<Tensor>; 3] = [None, None, None];
+        for ((slot, grad), x) in out.iter_mut().zip(grads).zip([q, k, v]) {
+            if let Some(grad) = grad {
+                *slot = Some(Tensor::from_vec(grad, x.dims(), x.device())?.to_dtype(dtype)?);
+            }
+        }
+        Ok(out)
     })
 }

@@ -24,6 +24,7 @@
 
 use candle_core::{DType, Module, Result, Storage, Tensor, WithDType, bail};
 
+use super::SendPtr;
 use super::custom_grad::with_grad1;
 use crate::lora::layer::LoraAdapter;
 
@@ -183,20 +184,6 @@ pub(crate) fn conv2d_plain(
     match x.dtype() {
         DType::F64 => geometry.forward::<f64>(x, weight, COL_CHUNK_VALUES),
         _ => geometry.forward::<f32>(x, weight, COL_CHUNK_VALUES),
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used by tasks that write disjoint ranges (see its uses).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so that closures capture the whole `SendPtr`).
-    fn ptr(self) -> *mut f32 {
-        self.0
     }
 }
 

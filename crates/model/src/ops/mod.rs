@@ -57,6 +57,7 @@
 
 pub mod activation;
 pub mod attention;
+mod attention_cpu;
 pub mod checkpoint;
 pub mod conv;
 pub mod custom_grad;
@@ -103,4 +104,19 @@ pub(crate) fn with_f32_slice<R>(
         candle_core::bail!("expected a contiguous tensor")
     };
     f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// A pointer into an output buffer that parallel tasks write, each its own
+/// disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only used by tasks that write disjoint ranges (see its uses).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the whole `SendPtr`).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
 }

@@ -52,38 +52,73 @@ pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
+/// Whether the CPU runs the AVX2 + FMA builds of the row kernels.
 #[cfg(target_arch = "x86_64")]
-fn simd_available() -> bool {
+pub(crate) fn simd_available() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
+/// Whether the CPU runs the AVX2 + FMA builds of the row kernels.
 #[cfg(not(target_arch = "x86_64"))]
-fn simd_available() -> bool {
+pub(crate) fn simd_available() -> bool {
     false
 }
 
 fn softmax_row(row: &[f32], out: &mut [f32], fast: bool) {
+    out.copy_from_slice(row);
+    softmax_in_place(out, fast);
+}
+
+/// Softmax of one row in place; returns its log-sum-exp `max + ln Σ exp(x − max)`
+/// (NaN when every value is −∞ or one is NaN: the row is then all NaN, as
+/// candle-nn's kernel gives). `fast`: [`simd_available`].
+pub(crate) fn softmax_in_place(row: &mut [f32], fast: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if fast {
         // SAFETY: `fast` is true only when the CPU has AVX2 and FMA.
-        return unsafe { softmax_row_avx2(row, out) };
+        return unsafe { softmax_in_place_avx2(row) };
     }
     let _ = fast;
-    softmax_row_generic(row, out)
+    softmax_in_place_generic(row)
 }
 
-/// [`softmax_row_generic`] compiled for AVX2 + FMA (8 lanes).
+/// `row[i] = exp(row[i] − shift)` (for `row[i] ≤ shift`); `fast`: [`simd_available`].
+pub(crate) fn exp_shifted_in_place(row: &mut [f32], shift: f32, fast: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        // SAFETY: `fast` is true only when the CPU has AVX2 and FMA.
+        return unsafe { exp_shifted_avx2(row, shift) };
+    }
+    let _ = fast;
+    exp_shifted_generic(row, shift)
+}
+
+/// [`softmax_in_place_generic`] compiled for AVX2 + FMA (8 lanes).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &[f32], out: &mut [f32]) {
-    softmax_row_generic(row, out)
+unsafe fn softmax_in_place_avx2(row: &mut [f32]) -> f32 {
+    softmax_in_place_generic(row)
 }
 
-/// One row: `out = exp(row − max) / Σ exp(row − max)`. Each pass is a plain
+/// [`exp_shifted_generic`] compiled for AVX2 + FMA (8 lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(row: &mut [f32], shift: f32) {
+    exp_shifted_generic(row, shift)
+}
+
+#[inline(always)]
+fn exp_shifted_generic(row: &mut [f32], shift: f32) {
+    for v in row.iter_mut() {
+        *v = exp(*v - shift);
+    }
+}
+
+/// One row in place: `exp(x − max) / Σ exp(x − max)`. Each pass is a plain
 /// loop over the row (eight running maxima / sums, so the compiler may keep
 /// them in vector lanes: float additions are not reassociated for it).
 #[inline(always)]
-fn softmax_row_generic(row: &[f32], out: &mut [f32]) {
+fn softmax_in_place_generic(row: &mut [f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = row.chunks_exact(8);
     let tail = chunks.remainder();
@@ -101,14 +136,12 @@ fn softmax_row_generic(row: &[f32], out: &mut [f32]) {
     if max == f32::NEG_INFINITY || max.is_nan() {
         // Every score masked (or a NaN): candle-nn gives NaN here too; keep
         // the same result rather than inventing one.
-        out.fill(f32::NAN);
-        return;
+        row.fill(f32::NAN);
+        return f32::NAN;
     }
-    for (o, &v) in out.iter_mut().zip(row) {
-        *o = exp(v - max);
-    }
+    exp_shifted_generic(row, max);
     let mut sums = [0f32; 8];
-    let chunks = out.chunks_exact(8);
+    let chunks = row.chunks_exact(8);
     let tail = chunks.remainder();
     for c in chunks {
         for (s, &v) in sums.iter_mut().zip(c) {
@@ -117,9 +150,10 @@ fn softmax_row_generic(row: &[f32], out: &mut [f32]) {
     }
     let sum = sums.iter().sum::<f32>() + tail.iter().sum::<f32>();
     let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
+    for v in row.iter_mut() {
+        *v *= inv;
     }
+    max + sum.ln()
 }
 
 /// `eˣ` for `x ≤ 0` (softmax's shifted scores) within 2 ulp, without a libm
