@@ -249,6 +249,11 @@ impl LoraAdapter {
     }
 
     /// The active dropout, if any (set, non-zero and in training mode).
+    /// Whether dropout applies to the LoRA path now.
+    pub(crate) fn dropout_active(&self) -> bool {
+        self.active_dropout().is_some()
+    }
+
     fn active_dropout(&self) -> Option<&LoraDropout> {
         self.dropout
             .as_ref()

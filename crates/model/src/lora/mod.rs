@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 
 pub mod attach;
 pub mod layer;
+pub(crate) mod linear_cpu;
 pub mod targets;
 pub mod visit;
 

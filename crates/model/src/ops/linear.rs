@@ -65,10 +65,15 @@ impl FrozenLinear {
     /// Applies the layer to `x: (..., in)`, giving `(..., out)`: the frozen base
     /// plus the LoRA term when an unmerged adapter is attached.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.active_lora() {
-            Some(lora) => lora.apply_linear(x, self.forward_base(&x.detach())?, &self.weight),
-            None => self.forward_base(x),
+        let Some(lora) = self.active_lora() else {
+            return self.forward_base(x);
+        };
+        if let Some(y) =
+            crate::lora::linear_cpu::forward(lora, x, &self.weight, self.bias.as_ref())?
+        {
+            return Ok(y);
         }
+        lora.apply_linear(x, self.forward_base(&x.detach())?, &self.weight)
     }
 
     /// The attached LoRA adapter when it takes part in the forward (attached

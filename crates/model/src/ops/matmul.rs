@@ -157,3 +157,60 @@ pub(crate) fn products_f32(
     unsafe { out.set_len(batch * m * n) };
     Ok(out)
 }
+
+/// `dst ← beta·a·b` (`accumulate` false) or `dst ← dst + beta·a·b` (true) for
+/// one `[m, k]·[k, n]` product into the contiguous `[m, n]` `dst`, over all
+/// threads.
+pub(crate) fn product_into(
+    dst: &mut [f32],
+    (a_data, a_off, (_, a_rs, a_cs)): Operand<'_>,
+    (b_data, b_off, (_, b_rs, b_cs)): Operand<'_>,
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+    beta: f32,
+) -> Result<()> {
+    if dst.len() != m * n {
+        bail!("matmul: {} output values for a {m}×{n} product", dst.len())
+    }
+    if m * n == 0 {
+        return Ok(());
+    }
+    if k > 0
+        && (a_off + (m - 1) * a_rs + (k - 1) * a_cs >= a_data.len()
+            || b_off + (k - 1) * b_rs + (n - 1) * b_cs >= b_data.len())
+    {
+        bail!("matmul: operand layouts exceed their storage")
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the operands' elements lie within their storages (checked
+    // above) and `dst` holds the `m·n` values the product reads and writes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a_data.as_ptr().add(a_off),
+            a_cs as isize,
+            a_rs as isize,
+            b_data.as_ptr().add(b_off),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    };
+    Ok(())
+}
