@@ -270,6 +270,18 @@ fn run_train(args: &BenchArgs) -> Result<u8> {
                     steps.join(", ")
                 ),
             ),
+            (
+                "ops per step".into(),
+                format!(
+                    "{}   ({} in place; {} graph nodes)",
+                    report
+                        .ops_per_step
+                        .last()
+                        .map_or("-".into(), |n| n.to_string()),
+                    report.in_place_per_step,
+                    report.graph_nodes
+                ),
+            ),
             ("peak RSS".into(), gb(report.peak_rss_bytes)),
         ];
         let mut out = String::new();

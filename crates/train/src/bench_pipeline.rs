@@ -69,6 +69,14 @@ pub struct TrainBenchReport {
     /// Seconds of each timed step.
     pub step_s: Vec<f64>,
     pub median_step_s: f64,
+    /// Tensor ops of each timed step: tensors candle created (ops, copies,
+    /// views) plus in-place updates (see `sd_lora_model::ops::op_count`). On a
+    /// GPU each op that is not a view is at least one kernel launch.
+    pub ops_per_step: Vec<u64>,
+    /// The in-place part of `ops_per_step` (the last timed step).
+    pub in_place_per_step: u64,
+    /// Autograd graph nodes of the last timed step's loss.
+    pub graph_nodes: usize,
     /// Peak RSS of the whole process (loading, caching, training, saving).
     pub peak_rss_bytes: Option<u64>,
     pub final_loss: Option<f64>,
@@ -83,6 +91,9 @@ struct Recorder<'a> {
     latents: (f64, usize),
     text: f64,
     steps: Vec<f64>,
+    ops: Vec<u64>,
+    in_place: u64,
+    graph_nodes: usize,
     warmup: usize,
     on_event: &'a mut dyn FnMut(&str),
 }
@@ -113,14 +124,18 @@ impl TrainProgress for Recorder<'_> {
         let warm = r.step <= self.warmup;
         if !warm {
             self.steps.push(r.seconds);
+            self.ops.push(r.ops.total());
+            self.in_place = r.ops.in_place;
+            self.graph_nodes = r.graph_nodes;
         }
         (self.on_event)(&format!(
-            "  {} {}/{}: {:.3} s (loss {:.4})",
+            "  {} {}/{}: {:.3} s (loss {:.4}, {} ops)",
             if warm { "warm-up" } else { "step" },
             r.step,
             r.total,
             r.seconds,
-            r.loss
+            r.loss,
+            r.ops.total()
         ));
     }
     fn note(&mut self, m: &str) {
@@ -152,6 +167,9 @@ pub fn run_train(
         latents: (0.0, 0),
         text: 0.0,
         steps: Vec::new(),
+        ops: Vec::new(),
+        in_place: 0,
+        graph_nodes: 0,
         warmup,
         on_event,
     };
@@ -181,6 +199,9 @@ pub fn run_train(
         warmup,
         median_step_s: median(&rec.steps).unwrap_or(f64::NAN),
         step_s: rec.steps,
+        ops_per_step: rec.ops,
+        in_place_per_step: rec.in_place,
+        graph_nodes: rec.graph_nodes,
         peak_rss_bytes: peak_rss_bytes(),
         final_loss: outcome.final_loss,
     })

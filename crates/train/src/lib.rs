@@ -21,6 +21,7 @@
 //! It drives `sd-lora-model` with samples from `sd-lora-data`; the `sd-lora`
 //! binary is a thin command-line front end over it.
 
+mod adamw_cpu;
 pub mod bench;
 pub mod bench_pipeline;
 pub mod class_images;

@@ -17,6 +17,8 @@ use std::collections::{HashMap, HashSet};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 
+use crate::adamw_cpu as fused;
+
 /// A set of parameters sharing a learning rate and weight decay.
 #[derive(Debug, Clone)]
 pub struct ParamGroup {
@@ -55,11 +57,11 @@ impl Default for AdamWConfig {
 
 /// Per-parameter state.
 #[derive(Debug, Clone)]
-struct ParamState {
+pub(crate) struct ParamState {
     /// First moment (f32, the parameter's shape).
-    exp_avg: Tensor,
+    pub(crate) exp_avg: Tensor,
     /// Second moment (f32, the parameter's shape).
-    exp_avg_sq: Tensor,
+    pub(crate) exp_avg_sq: Tensor,
     /// Number of updates this parameter has received.
     step: u64,
 }
@@ -154,10 +156,11 @@ impl AdamW {
                         var.dtype()
                     );
                 }
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two storages: the CPU step updates each moment in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 gstate.push(ParamState {
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
+                    exp_avg: zeros()?,
+                    exp_avg_sq: zeros()?,
                     step: 0,
                 });
             }
@@ -174,8 +177,36 @@ impl AdamW {
     /// value [`clip_grad_norm`] returns) first and skip the step if it is not
     /// finite, or the moments are poisoned for good.
     pub fn step(&mut self, grads: &[Vec<Option<Tensor>>], lr_factor: f64) -> Result<()> {
+        self.step_scaled(grads, lr_factor, 1.0)
+    }
+
+    /// [`step`](Self::step) on the gradients multiplied by `grad_scale` (the
+    /// clipping coefficient of [`clip_coefficient`]), without writing the
+    /// scaled gradients anywhere.
+    ///
+    /// On the CPU, an f32 parameter is updated by three in-place passes (first
+    /// moment, second moment, parameter) instead of fifteen tensor ops; the
+    /// arithmetic is the same, operation for operation, so both paths give the
+    /// same bits (tested).
+    pub fn step_scaled(
+        &mut self,
+        grads: &[Vec<Option<Tensor>>],
+        lr_factor: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        self.step_impl(grads, lr_factor, grad_scale, true)
+    }
+
+    /// The update, through the fused CPU kernel where it applies when `fused`.
+    pub(crate) fn step_impl(
+        &mut self,
+        grads: &[Vec<Option<Tensor>>],
+        lr_factor: f64,
+        grad_scale: f64,
+        fused: bool,
+    ) -> Result<()> {
         check_grads_layout(&self.groups, grads)?;
-        let AdamWConfig { beta1, beta2, eps } = self.cfg;
+        let cfg = self.cfg;
         for ((group, gstate), ggrads) in self.groups.iter().zip(&mut self.state).zip(grads) {
             let lr = group.lr * lr_factor;
             for (i, ((var, st), grad)) in group.vars.iter().zip(gstate).zip(ggrads).enumerate() {
@@ -188,24 +219,11 @@ impl AdamW {
                         var.dims()
                     );
                 }
-                let grad = grad.to_dtype(DType::F32)?;
                 st.step += 1;
-                let t = st.step as i32;
-                st.exp_avg = ((&st.exp_avg * beta1)? + (&grad * (1.0 - beta1))?)?;
-                st.exp_avg_sq = ((&st.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-                let bias1 = 1.0 - beta1.powi(t);
-                let bias2 = 1.0 - beta2.powi(t);
-                // PyTorch: denom = √v / √bias2 + eps; p -= (lr / bias1) · m / denom.
-                let denom = ((st.exp_avg_sq.sqrt()? / bias2.sqrt())? + eps)?;
-                let update = ((&st.exp_avg / denom)? * (lr / bias1))?;
-                let p = var.as_tensor().to_dtype(DType::F32)?;
-                let p = if group.weight_decay != 0.0 {
-                    (p * (1.0 - lr * group.weight_decay))?
-                } else {
-                    p
-                };
-                let p = (p - update)?;
-                var.set(&p.to_dtype(var.dtype())?)?;
+                let hyper = Hyper::new(cfg, lr, group.weight_decay, st.step, grad_scale);
+                if !(fused && fused::update(var, st, grad, &hyper)?) {
+                    generic_update(var, st, grad, &hyper)?;
+                }
             }
         }
         Ok(())
@@ -228,10 +246,11 @@ impl AdamW {
         let mut out = Vec::new();
         for (group, gstate) in self.groups.iter().zip(&self.state) {
             for (i, st) in gstate.iter().enumerate() {
-                out.push((state_key(&group.name, i, "exp_avg"), st.exp_avg.clone()));
+                // Copies: the CPU step updates the moments in place.
+                out.push((state_key(&group.name, i, "exp_avg"), st.exp_avg.copy()?));
                 out.push((
                     state_key(&group.name, i, "exp_avg_sq"),
-                    st.exp_avg_sq.clone(),
+                    st.exp_avg_sq.copy()?,
                 ));
                 let step = Tensor::from_vec(vec![st.step as i64], 1, &candle_core::Device::Cpu)?;
                 out.push((state_key(&group.name, i, "step"), step));
@@ -268,7 +287,8 @@ impl AdamW {
                             var.dims()
                         );
                     }
-                    m.to_dtype(DType::F32)?.to_device(var.device())
+                    // A storage of its own: the CPU step updates moments in place.
+                    m.to_dtype(DType::F32)?.to_device(var.device())?.copy()
                 };
                 let exp_avg = moment("exp_avg")?;
                 let exp_avg_sq = moment("exp_avg_sq")?;
@@ -293,6 +313,82 @@ impl AdamW {
         }
         self.state = new_state;
         Ok(())
+    }
+}
+
+/// The scalars of one parameter's update, each in the f32 form the tensor ops
+/// apply it in (candle multiplies by an f64 scalar cast to f32; `x / s` is
+/// `x · (1/s)`), so that the fused kernel reproduces the generic path bit for
+/// bit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hyper {
+    /// `grad_scale` (1 = no clipping).
+    pub grad_scale: f32,
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// `1 / √(1 − β₂ᵗ)`.
+    pub inv_sqrt_bias2: f32,
+    pub eps: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    pub step_size: f32,
+    /// `1 − lr·wd`, `None` without weight decay.
+    pub decay: Option<f32>,
+}
+
+impl Hyper {
+    fn new(cfg: AdamWConfig, lr: f64, weight_decay: f64, step: u64, grad_scale: f64) -> Self {
+        let t = step.min(i32::MAX as u64) as i32;
+        let bias1 = 1.0 - cfg.beta1.powi(t);
+        let bias2 = 1.0 - cfg.beta2.powi(t);
+        Hyper {
+            grad_scale: grad_scale as f32,
+            beta1: cfg.beta1 as f32,
+            one_minus_beta1: (1.0 - cfg.beta1) as f32,
+            beta2: cfg.beta2 as f32,
+            one_minus_beta2: (1.0 - cfg.beta2) as f32,
+            inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
+            eps: cfg.eps as f32,
+            step_size: (lr / bias1) as f32,
+            decay: (weight_decay != 0.0).then_some((1.0 - lr * weight_decay) as f32),
+        }
+    }
+}
+
+/// One parameter's update with tensor ops (any device and dtype). PyTorch's
+/// AdamW: `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+/// `p ← p·(1 − lr·wd) − lr/(1−β₁ᵗ) · m / (√v / √(1−β₂ᵗ) + ε)`.
+fn generic_update(var: &Var, st: &mut ParamState, grad: &Tensor, h: &Hyper) -> Result<()> {
+    let f = |x: f32| f64::from(x);
+    let mut grad = grad.to_dtype(DType::F32)?;
+    if h.grad_scale != 1.0 {
+        grad = (grad * f(h.grad_scale))?;
+    }
+    st.exp_avg = ((&st.exp_avg * f(h.beta1))? + (&grad * f(h.one_minus_beta1))?)?;
+    st.exp_avg_sq = ((&st.exp_avg_sq * f(h.beta2))? + (grad.sqr()? * f(h.one_minus_beta2))?)?;
+    let denom = ((st.exp_avg_sq.sqrt()? * f(h.inv_sqrt_bias2))? + f(h.eps))?;
+    let update = ((&st.exp_avg / denom)? * f(h.step_size))?;
+    let p = var.as_tensor().to_dtype(DType::F32)?;
+    let p = match h.decay {
+        Some(decay) => (p * f(decay))?,
+        None => p,
+    };
+    let p = (p - update)?;
+    var.set(&p.to_dtype(var.dtype())?)?;
+    sd_lora_model::ops::op_count::add_in_place(1);
+    Ok(())
+}
+
+/// The multiplier that brings the global gradient norm `norm` down to
+/// `max_norm` (PyTorch's `clip_grad_norm_`: `max_norm / (norm + 1e-6)`), or 1
+/// when it is already below, clipping is off (`max_norm ≤ 0`) or the norm is
+/// not finite.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm.is_finite() {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
     }
 }
 
@@ -374,6 +470,10 @@ impl GradAccumulator {
 pub fn grad_norm(grads: &[Vec<Option<Tensor>>]) -> Result<f64> {
     let mut sum = 0.0f64;
     for g in grads.iter().flatten().flatten() {
+        if let Some(s) = fused::sum_squares(g) {
+            sum += s;
+            continue;
+        }
         // Square and sum in f32 on the device (f64 is missing on some
         // backends); accumulate the per-tensor sums in f64.
         let s = g
@@ -394,12 +494,10 @@ pub fn grad_norm(grads: &[Vec<Option<Tensor>>]) -> Result<f64> {
 /// when `max_norm ≤ 0` (clipping off).
 pub fn clip_grad_norm(grads: &mut [Vec<Option<Tensor>>], max_norm: f64) -> Result<f64> {
     let norm = grad_norm(grads)?;
-    if max_norm > 0.0 && norm.is_finite() {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for t in grads.iter_mut().flatten().flatten() {
-                *t = (&*t * coef)?;
-            }
+    let coef = clip_coefficient(norm, max_norm);
+    if coef < 1.0 {
+        for t in grads.iter_mut().flatten().flatten() {
+            *t = (&*t * coef)?;
         }
     }
     Ok(norm)

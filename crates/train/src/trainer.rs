@@ -12,7 +12,7 @@ use crate::generate::sampler_config_for;
 use crate::latents::{LatentCache, TextEmbeddingCache};
 use crate::loss::{make_noisy_batch, weighted_loss};
 use crate::lr::LrSchedule;
-use crate::optim::{AdamW, AdamWConfig, GradAccumulator, ParamGroup, clip_grad_norm, grad_norm};
+use crate::optim::{AdamW, AdamWConfig, GradAccumulator, ParamGroup, clip_coefficient, grad_norm};
 use crate::previews::{Previews, previews_due};
 use crate::state::{self, StateInfo};
 use anyhow::{Context, Result, bail};
@@ -28,6 +28,7 @@ use sd_lora_model::lora::format::{
 use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
 use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
 use sd_lora_model::ops::checkpoint;
+use sd_lora_model::ops::op_count::{self, OpCount};
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::vae::VaeParts;
 use std::collections::BTreeMap;
@@ -55,6 +56,12 @@ pub struct StepReport {
     pub skipped: bool,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
+    /// Tensor ops the step ran (forward, backward, optimizer; see
+    /// [`sd_lora_model::ops::op_count`]).
+    pub ops: OpCount,
+    /// Nodes of the first micro-batch's autograd graph (outside checkpointed
+    /// blocks, whose inner graphs are rebuilt in the backward).
+    pub graph_nodes: usize,
 }
 
 /// Receives progress from [`train`].
@@ -570,6 +577,8 @@ pub fn train(
     let mut step = start_step;
     while step < total {
         let t0 = Instant::now();
+        let ops0 = OpCount::now();
+        let mut graph_nodes = 0;
         lora.dropout.set_step(step as u64);
         let mut losses = Vec::with_capacity(accum);
         for micro in 0..accum {
@@ -597,6 +606,9 @@ pub fn train(
                 // the prior weight as their loss weight).
                 loss = (loss + ctx.loss(Some(SubsetKind::Class), g, batches_class)?)?;
             }
+            if micro == 0 {
+                graph_nodes = op_count::graph_nodes(&loss);
+            }
             let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             losses.push(value);
             if value.is_finite() {
@@ -605,7 +617,7 @@ pub fn train(
             }
         }
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
-        let mut grads = acc.take();
+        let grads = acc.take();
         let norm = grad_norm(&grads)?;
         let lr_factor = schedule_lr.factor(step);
         let skipped = !(loss.is_finite() && norm.is_finite());
@@ -624,13 +636,14 @@ pub fn train(
             }
         } else {
             consecutive_nonfinite = 0;
-            if cfg.train.max_grad_norm > 0.0 {
-                clip_grad_norm(&mut grads, cfg.train.max_grad_norm)?;
-            }
-            opt.step(&grads, lr_factor)?;
+            // Clipping scales the gradients inside the update (the norm is
+            // already known; no second pass, no scaled copies).
+            let coef = clip_coefficient(norm, cfg.train.max_grad_norm);
+            opt.step_scaled(&grads, lr_factor, coef)?;
             final_loss = Some(loss);
         }
         step += 1;
+        let ops = ops0.since();
         let seconds = t0.elapsed().as_secs_f64();
         step_seconds.push(seconds);
         let lr = cfg.train.unet_lr * lr_factor;
@@ -643,6 +656,8 @@ pub fn train(
             seconds,
             skipped,
             grad_norm: norm,
+            ops,
+            graph_nodes,
         });
 
         interrupted = INTERRUPTED.load(Ordering::SeqCst) || progress.should_stop();

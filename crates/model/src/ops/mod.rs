@@ -65,6 +65,7 @@ pub mod flops;
 pub mod linear;
 pub mod matmul;
 pub mod norm;
+pub mod op_count;
 pub mod softmax;
 pub(crate) mod winograd;
 
