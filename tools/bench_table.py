@@ -54,6 +54,7 @@ def main() -> None:
             ("fastest step", sec(min(ours["step_s"])), sec(min(ref["step_s"])),
              ratio(min(ours["step_s"]), min(ref["step_s"]))),
             row("peak RSS (whole run)", ours, ref, "peak_rss_bytes", gb),
+            ("ops per step", str(ours["ops_per_step"][-1]) if ours.get("ops_per_step") else "-", "-", ""),
             ("LoRA parameters", str(ours.get("lora_params", "-")), str(ref.get("lora_params", "-")), ""),
         ]
     rows.insert(0, ("", "sd-lora", "pytorch", "ours/ref"))

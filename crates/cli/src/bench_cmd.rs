@@ -62,8 +62,9 @@ pub struct BenchArgs {
     /// instead of keeping their activations (less memory, more time).
     #[arg(long)]
     checkpointing: bool,
-    /// Queries per attention chunk. Left out: chunks sized so that at most 2^22 score values exist
-    /// at once (attention never keeps its probabilities for the backward either way).
+    /// Queries per attention chunk on the generic path (GPU, f64). Left out: chunks sized so that
+    /// at most 2^22 score values exist at once (attention never keeps its probabilities for the
+    /// backward either way). The CPU f32 attention kernel sizes its own blocks and ignores it.
     #[arg(long, value_name = "N")]
     attention_chunk: Option<usize>,
     /// LoRA rank (default 16). Without `--train`, on to_q/to_k/to_v/to_out.0 with

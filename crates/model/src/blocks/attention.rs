@@ -22,9 +22,9 @@ pub struct Attention {
     pub to_out_0: FrozenLinear,
     pub heads: usize,
     pub head_dim: usize,
-    /// Queries per chunk of [`ops::multi_head_attention`]; `None` sizes the
-    /// chunks so that at most [`ops::attention::MAX_CHUNK_SCORES`] score values
-    /// exist at once.
+    /// Queries per chunk of [`ops::multi_head_attention`]'s generic path; `None`
+    /// sizes the chunks so that at most [`ops::attention::MAX_CHUNK_SCORES`]
+    /// score values exist at once. The CPU f32 kernel sizes its own blocks.
     pub chunk: Option<usize>,
 }
 
