@@ -178,7 +178,7 @@ fn target_info_matches_the_layers() {
         .map(|t| ((t.component, t.path.as_str()), t))
         .collect();
     let conv1 = by_path[&(LoraComponent::Unet, "down_blocks.0.resnets.0.conv1")];
-    let w = &sd.unet.down_blocks[0].resnets[0].conv1.weight;
+    let w = &sd.unet.down_blocks[0].resnets[0].conv1.base.weight;
     assert_eq!(
         conv1.kind,
         LayerKind::Conv2d {
@@ -591,7 +591,7 @@ fn nonzero_lora_changes_the_output_and_equals_the_formula() {
         let m = &weights.modules[&(LoraComponent::Unet, path.to_string())];
         let x = rng.tensor(&[2, 5, m.down.dims()[1]], 1.0);
         let got = layer.forward(&x).unwrap();
-        let want = manual_linear(&x, &layer.weight, layer.bias.as_ref(), m, s);
+        let want = manual_linear(&x, &layer.base.weight, layer.base.bias.as_ref(), m, s);
         let e = rel_err(&got, &want);
         println!("{path}: |lora layer − formula| = {e:.2e}");
         assert!(e < 1e-5, "{path}: {e}");
@@ -609,8 +609,16 @@ fn nonzero_lora_changes_the_output_and_equals_the_formula() {
         let m = &weights.modules[&(LoraComponent::Unet, path.to_string())];
         let x = rng.tensor(&[2, m.down.dims()[1], 7, 6], 1.0);
         let got = layer.forward(&x).unwrap();
-        let bias = layer.bias.as_ref().unwrap();
-        let want = manual_conv(&x, &layer.weight, bias, m, s, layer.stride, layer.padding);
+        let bias = layer.base.bias.as_ref().unwrap();
+        let want = manual_conv(
+            &x,
+            &layer.base.weight,
+            bias,
+            m,
+            s,
+            layer.base.stride,
+            layer.base.padding,
+        );
         let e = rel_err(&got, &want);
         println!("{path}: |lora layer − formula| = {e:.2e}");
         assert!(e < 1e-5, "{path}: {e}");
@@ -626,7 +634,15 @@ fn nonzero_lora_changes_the_output_and_equals_the_formula() {
     let x = rng.tensor(&[1, m.down.dims()[1], 4, 4], 1.0);
     let e = rel_err(
         &proj.forward(&x).unwrap(),
-        &manual_conv(&x, &proj.weight, proj.bias.as_ref().unwrap(), m, s, 1, 0),
+        &manual_conv(
+            &x,
+            &proj.base.weight,
+            proj.base.bias.as_ref().unwrap(),
+            m,
+            s,
+            1,
+            0,
+        ),
     );
     println!("{path}: |lora layer − formula| = {e:.2e}");
     assert!(e < 1e-5);
@@ -798,8 +814,8 @@ fn assert_no_base_grads(sd: &StableDiffusion, grads: &GradStore) {
     let mut n = 0;
     let mut check = |p: &str, l: LayerRef<'_>| {
         let (w, b) = match l {
-            LayerRef::Linear(l) => (&l.weight, l.bias.as_ref()),
-            LayerRef::Conv(c) => (&c.weight, c.bias.as_ref()),
+            LayerRef::Linear(l) => (&l.base.weight, l.base.bias.as_ref()),
+            LayerRef::Conv(c) => (&c.base.weight, c.base.bias.as_ref()),
         };
         assert!(grads.get(w).is_none(), "{p}.weight has a gradient");
         assert!(

@@ -7,6 +7,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
+use sd_lora_model::lora::adapted::{LoraConv2d, LoraLinear};
 use sd_lora_model::lora::attach::{TrainOptions, create_trainable};
 use sd_lora_model::lora::layer::LoraAdapter;
 use sd_lora_model::lora::targets::{Preset, TargetSpec};
@@ -203,7 +204,9 @@ fn lora_layers_store_no_gradient_for_the_frozen_weights() {
     // Linear: weight [6, 5], rank 3, input [2, 4, 5].
     let w = rng.tensor(&[6, 5], 0.4, DType::F32);
     let b = rng.tensor(&[6], 0.1, DType::F32);
-    let mut lin = FrozenLinear::new(w.clone(), Some(b.clone())).unwrap();
+    let mut lin = FrozenLinear::new(w.clone(), Some(b.clone()))
+        .map(LoraLinear::new)
+        .unwrap();
     let down = Var::from_tensor(&rng.tensor(&[3, 5], 0.4, DType::F32)).unwrap();
     let up = Var::from_tensor(&rng.tensor(&[6, 3], 0.4, DType::F32)).unwrap();
     lin.lora = Some(LoraAdapter::new(down.clone(), up.clone(), 3.0).unwrap());
@@ -229,7 +232,9 @@ fn lora_layers_store_no_gradient_for_the_frozen_weights() {
 
     // Conv 3×3 stride 2: weight [6, 4, 3, 3], rank 2.
     let w = rng.tensor(&[6, 4, 3, 3], 0.3, DType::F32);
-    let mut conv = FrozenConv2d::new(w.clone(), None, 2, 1).unwrap();
+    let mut conv = FrozenConv2d::new(w.clone(), None, 2, 1)
+        .map(LoraConv2d::new)
+        .unwrap();
     let down = Var::from_tensor(&rng.tensor(&[2, 4, 3, 3], 0.3, DType::F32)).unwrap();
     let up = Var::from_tensor(&rng.tensor(&[6, 2, 1, 1], 0.3, DType::F32)).unwrap();
     conv.lora = Some(LoraAdapter::new(down.clone(), up.clone(), 2.0).unwrap());
@@ -253,7 +258,9 @@ fn lora_layers_store_no_gradient_for_the_frozen_weights() {
 fn finite_differences_of_a_strided_conv_lora_layer_including_the_input() {
     let mut rng = Rng(6);
     let w = rng.tensor(&[5, 3, 3, 3], 0.3, DType::F64);
-    let mut conv = FrozenConv2d::new(w, None, 2, 1).unwrap();
+    let mut conv = FrozenConv2d::new(w, None, 2, 1)
+        .map(LoraConv2d::new)
+        .unwrap();
     let down = Var::from_tensor(&rng.tensor(&[2, 3, 3, 3], 0.3, DType::F64)).unwrap();
     let up = Var::from_tensor(&rng.tensor(&[5, 2, 1, 1], 0.3, DType::F64)).unwrap();
     conv.lora = Some(LoraAdapter::new(down.clone(), up.clone(), 1.5).unwrap());
@@ -281,7 +288,7 @@ fn finite_differences_of_a_linear_lora_layer_with_dropout() {
     let mut rng = Rng(7);
     let w = rng.tensor(&[5, 4], 0.5, DType::F64);
     let b = rng.tensor(&[5], 0.5, DType::F64);
-    let mut lin = FrozenLinear::new(w, Some(b)).unwrap();
+    let mut lin = FrozenLinear::new(w, Some(b)).map(LoraLinear::new).unwrap();
     let down = Var::from_tensor(&rng.tensor(&[3, 4], 0.5, DType::F64)).unwrap();
     let up = Var::from_tensor(&rng.tensor(&[5, 3], 0.5, DType::F64)).unwrap();
     let mut lora = LoraAdapter::new(down.clone(), up.clone(), 2.0).unwrap();

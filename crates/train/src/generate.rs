@@ -159,7 +159,7 @@ fn generate_inner(
     on_step: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<RgbImage> {
     validate(req)?;
-    let device = sd.unet.conv_in.weight.device().clone();
+    let device = sd.unet.conv_in.base.weight.device().clone();
     let unet_dtype = sd.unet.dtype();
     let (cond, uncond) = encode_prompt_pair(sd, &req.prompt, &req.negative_prompt, req.clip_skip)
         .context("encoding the prompt")?;

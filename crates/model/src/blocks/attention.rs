@@ -9,17 +9,18 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::linear;
-use crate::ops::{self, FrozenLinear};
+use crate::lora::adapted::LoraLinear;
+use crate::ops::{self};
 
 /// Self- or cross-attention: `to_q`, `to_k`, `to_v` (no bias in the UNet) and the
 /// output projection `to_out.0` (with bias).
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub to_q: FrozenLinear,
-    pub to_k: FrozenLinear,
-    pub to_v: FrozenLinear,
+    pub to_q: LoraLinear,
+    pub to_k: LoraLinear,
+    pub to_v: LoraLinear,
     /// Key `to_out.0`.
-    pub to_out_0: FrozenLinear,
+    pub to_out_0: LoraLinear,
     pub heads: usize,
     pub head_dim: usize,
     /// Queries per chunk of [`ops::multi_head_attention`]'s generic path; `None`
@@ -69,7 +70,7 @@ impl Attention {
 /// twice the inner width, then `h · gelu(gate)`.
 #[derive(Debug, Clone)]
 pub struct GegluProj {
-    pub proj: FrozenLinear,
+    pub proj: LoraLinear,
 }
 
 impl GegluProj {
@@ -85,7 +86,7 @@ pub struct FeedForward {
     /// Key `net.0`.
     pub net_0: GegluProj,
     /// Key `net.2`.
-    pub net_2: FrozenLinear,
+    pub net_2: LoraLinear,
 }
 
 impl FeedForward {
@@ -123,7 +124,7 @@ impl FeedForward {
         let pd = p.detach();
         let y = ops::checkpoint::no_grad(|| self.net_2.forward(&ops::geglu(&pd)?))?;
         drop(pd);
-        let w = self.net_2.weight.detach();
+        let w = self.net_2.base.weight.detach();
         ops::with_grad1("geglu-linear", &p, y, move |a| {
             Ok([Some(projection_grad(a.inputs[0], a.grad, &w)?)])
         })
@@ -147,12 +148,13 @@ impl FeedForward {
             candle_core::bail!("feed-forward: input is a scalar")
         };
         let rows = lead.iter().product::<usize>();
-        let width = self.net_0.proj.out_features()?;
+        let width = self.net_0.proj.base.out_features()?;
         let chunk = (FF_CHUNK_VALUES / width.max(1)).clamp(1, rows.max(1));
-        let (proj, out) = (self.net_0.proj.clone(), self.net_2.clone());
+        // The frozen layers only: this path runs without LoRA (see above).
+        let (proj, out) = (self.net_0.proj.base.clone(), self.net_2.base.clone());
         let xd = x.detach().reshape((rows, dim))?;
         let y = by_row_chunks(rows, chunk, |start, n| {
-            out.forward_base(&ops::geglu(&proj.forward_base(&xd.narrow(0, start, n)?)?)?)
+            out.forward(&ops::geglu(&proj.forward(&xd.narrow(0, start, n)?)?)?)
         })?;
         drop(xd);
         let mut out_dims = lead.to_vec();
@@ -163,7 +165,7 @@ impl FeedForward {
             let x = a.inputs[0].reshape((rows, dim))?;
             let g = a.grad.reshape((rows, w2.dim(0)?))?;
             let dx = by_row_chunks(rows, chunk, |start, n| {
-                let p = proj.forward_base(&x.narrow(0, start, n)?)?;
+                let p = proj.forward(&x.narrow(0, start, n)?)?;
                 let dp = projection_grad(&p, &g.narrow(0, start, n)?, &w2)?;
                 ops::matmul::matmul(&dp, &w1)
             })?;

@@ -18,36 +18,43 @@
 use candle_core::{DType, Device, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-use crate::ops::{self, FrozenConv2d, FrozenLinear};
+use crate::ops::{self, ConvLayer, FrozenConv2d, FrozenLinear};
 
-/// Loads `weight: [out, in]` (and `bias: [out]` when `bias`) under `vb`.
-pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<FrozenLinear> {
+/// Loads `weight: [out, in]` (and `bias: [out]` when `bias`) under `vb`, as a
+/// [`FrozenLinear`] or a layer built from one (a LoRA slot around it).
+pub fn linear<L: From<FrozenLinear>>(
+    vb: &VarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+) -> Result<L> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    FrozenLinear::new(weight, bias)
+    FrozenLinear::new(weight, bias).map(L::from)
 }
 
-/// Loads a square-kernel conv with bias: `weight: [out, in, k, k]`, `bias: [out]`.
-pub fn conv2d(
+/// Loads a square-kernel conv with bias: `weight: [out, in, k, k]`, `bias: [out]`,
+/// as a [`FrozenConv2d`] or a layer built from one (a LoRA slot around it).
+pub fn conv2d<C: From<FrozenConv2d>>(
     vb: &VarBuilder,
     in_channels: usize,
     out_channels: usize,
     kernel: usize,
     stride: usize,
     padding: usize,
-) -> Result<FrozenConv2d> {
+) -> Result<C> {
     let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
     let bias = vb.get(out_channels, "bias")?;
-    FrozenConv2d::new(weight, Some(bias), stride, padding)
+    FrozenConv2d::new(weight, Some(bias), stride, padding).map(C::from)
 }
 
 /// Runs `conv` on `x`, applying the conv dtype rule of this module: on the CPU,
 /// f16/bf16 convs are computed in f32 and the result converted back.
-pub fn conv2d_forward(conv: &FrozenConv2d, x: &Tensor) -> Result<Tensor> {
+pub fn conv2d_forward(conv: &impl ConvLayer, x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let on_cpu = matches!(x.device(), Device::Cpu);
     if on_cpu && matches!(dtype, DType::F16 | DType::BF16) {
@@ -134,7 +141,7 @@ impl LayerNorm {
 /// rank of the output and broadcast to it.
 pub fn norm_silu_conv(
     norm: &GroupNorm,
-    conv: &FrozenConv2d,
+    conv: &impl ConvLayer,
     x: &Tensor,
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
@@ -147,7 +154,7 @@ pub fn norm_silu_conv(
         }
     };
     let tracked = x.track_op() || add.is_some_and(Tensor::track_op);
-    if !tracked || conv.active_lora().is_some() || !ops::checkpoint::is_grad_enabled() {
+    if !tracked || conv.is_adapted() || !ops::checkpoint::is_grad_enabled() {
         return conv_add(&ops::silu(&norm.forward(x)?)?, add);
     }
     let (b, c, h, w) = x.dims4()?;
@@ -176,9 +183,10 @@ pub fn norm_silu_conv(
     let y = ops::checkpoint::no_grad(|| conv_add(&act, addd.as_ref()))?;
     drop((act, xd, addd));
 
-    let weight = conv.weight.detach();
+    let frozen = conv.frozen();
+    let weight = frozen.weight.detach();
     let (_, _, kh, kw) = weight.dims4()?;
-    let (stride, padding) = (conv.stride, conv.padding);
+    let (stride, padding) = (frozen.stride, frozen.padding);
     let (groups, eps) = (norm.num_groups, norm.eps);
     let (gamma, beta) = (norm.weight.detach(), norm.bias.detach());
     let grouped = (b * groups, c / groups * h * w);

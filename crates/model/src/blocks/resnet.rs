@@ -12,7 +12,8 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{GroupNorm, conv2d, conv2d_forward, linear, norm_silu_conv};
-use crate::ops::{self, FrozenConv2d, FrozenLinear};
+use crate::lora::adapted::{LoraConv2d, LoraLinear};
+use crate::ops::{self};
 
 /// The settings of one [`ResnetBlock2D`].
 #[derive(Debug, Clone, Copy)]
@@ -30,12 +31,12 @@ pub struct ResnetBlock2DConfig {
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
-    pub conv1: FrozenConv2d,
-    pub time_emb_proj: Option<FrozenLinear>,
+    pub conv1: LoraConv2d,
+    pub time_emb_proj: Option<LoraLinear>,
     pub norm2: GroupNorm,
-    pub conv2: FrozenConv2d,
+    pub conv2: LoraConv2d,
     /// 1×1 conv on the residual path, present when the channel count changes.
-    pub conv_shortcut: Option<FrozenConv2d>,
+    pub conv_shortcut: Option<LoraConv2d>,
     pub output_scale_factor: f64,
 }
 

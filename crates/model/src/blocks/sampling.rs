@@ -5,13 +5,14 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{conv2d, conv2d_forward};
-use crate::ops::{FrozenConv2d, with_grad1};
+use crate::lora::adapted::LoraConv2d;
+use crate::ops::with_grad1;
 
 /// A stride-2 3×3 conv (`conv`). With `padding = 0` (the VAE encoder) the input is
 /// first padded by one zero row/column at the bottom/right, as diffusers does.
 #[derive(Debug, Clone)]
 pub struct Downsample2D {
-    pub conv: FrozenConv2d,
+    pub conv: LoraConv2d,
     pub padding: usize,
 }
 
@@ -42,7 +43,7 @@ impl Downsample2D {
 /// Nearest-neighbour ×2 upsampling followed by a 3×3 conv (`conv`).
 #[derive(Debug, Clone)]
 pub struct Upsample2D {
-    pub conv: FrozenConv2d,
+    pub conv: LoraConv2d,
 }
 
 impl Upsample2D {

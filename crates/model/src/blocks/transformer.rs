@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 
 use super::attention::{Attention, FeedForward};
 use super::layers::{GroupNorm, LayerNorm, conv2d, conv2d_forward, linear};
-use crate::ops::{FrozenConv2d, FrozenLinear};
+use crate::lora::adapted::{LoraConv2d, LoraLinear};
 
 /// The LayerNorm epsilon of diffusers' `BasicTransformerBlock` (`norm_eps`).
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -74,8 +74,8 @@ impl BasicTransformerBlock {
 /// `proj_in`/`proj_out`: a Linear (on `[b, h·w, c]`) or a 1×1 conv (on `[b, c, h, w]`).
 #[derive(Debug, Clone)]
 pub enum Projection {
-    Linear(FrozenLinear),
-    Conv(FrozenConv2d),
+    Linear(LoraLinear),
+    Conv(LoraConv2d),
 }
 
 impl Projection {

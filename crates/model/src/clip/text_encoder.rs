@@ -40,6 +40,7 @@ use candle_core::{DType, Device, Error, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
 use super::config::{ClipTextConfig, HiddenAct};
+use crate::lora::adapted::LoraLinear;
 use crate::ops::{FrozenLinear, attention_with_bias, gelu, layer_norm, quick_gelu};
 
 /// The key prefix of the text transformer inside `CLIPTextModel` checkpoints.
@@ -93,15 +94,16 @@ impl LayerNorm {
     }
 }
 
-/// A frozen linear layer read from `vb` (`weight`, and `bias` when `bias`).
-fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<FrozenLinear> {
+/// A frozen linear layer read from `vb` (`weight`, and `bias` when `bias`),
+/// with an empty LoRA slot.
+fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    FrozenLinear::new(weight, bias)
+    FrozenLinear::new(weight, bias).map(LoraLinear::new)
 }
 
 /// `text_model.embeddings`: token plus position embeddings.
@@ -143,10 +145,10 @@ impl ClipTextEmbeddings {
 /// `self_attn`: multi-head self-attention with q/k/v/out projections.
 #[derive(Debug, Clone)]
 pub struct ClipAttention {
-    pub q_proj: FrozenLinear,
-    pub k_proj: FrozenLinear,
-    pub v_proj: FrozenLinear,
-    pub out_proj: FrozenLinear,
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub out_proj: LoraLinear,
     pub num_heads: usize,
 }
 
@@ -183,8 +185,8 @@ impl ClipAttention {
 /// `mlp`: `fc2(act(fc1(x)))`.
 #[derive(Debug, Clone)]
 pub struct ClipMlp {
-    pub fc1: FrozenLinear,
-    pub fc2: FrozenLinear,
+    pub fc1: LoraLinear,
+    pub fc2: LoraLinear,
     pub activation: HiddenAct,
 }
 
@@ -275,7 +277,7 @@ pub struct ClipTextTransformer {
     pub final_layer_norm: LayerNorm,
     /// `text_projection: [projection_dim, hidden]` without bias; only in
     /// `CLIPTextModelWithProjection` checkpoints.
-    pub text_projection: Option<FrozenLinear>,
+    pub text_projection: Option<LoraLinear>,
     pub config: ClipTextConfig,
     /// Set by [`Self::release_weights`]: the weights are gone.
     released: bool,

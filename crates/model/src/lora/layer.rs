@@ -1,7 +1,8 @@
 //! The LoRA adapter a frozen layer can hold, and its forward pass.
 //!
-//! [`crate::ops::FrozenLinear`] and [`crate::ops::FrozenConv2d`] have a `lora`
-//! slot; when it holds a [`LoraAdapter`] (and the adapter is not merged) their
+//! [`super::adapted::LoraLinear`] and [`super::adapted::LoraConv2d`] (the frozen
+//! layers of [`crate::ops`] as the models hold them) have a `lora` slot; when it
+//! holds a [`LoraAdapter`] (and the adapter is not merged) their
 //! forward adds `multiplier · (alpha / rank) · up(down(dropout(x)))` to the
 //! frozen base output, and `down` and `up` — candle [`Var`]s — receive
 //! gradients. For a Linear layer the base output and the LoRA term are one graph

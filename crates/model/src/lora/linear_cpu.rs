@@ -194,6 +194,7 @@ pub(crate) fn forward(
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
+    use crate::lora::adapted::LoraLinear;
     use crate::lora::layer::LoraAdapter;
     use crate::ops::FrozenLinear;
 
@@ -213,7 +214,10 @@ mod tests {
             let g = Tensor::randn(0f64, 1.0, (2, 3, outf), &dev)?;
             let run = |dtype: DType| -> candle_core::Result<Vec<Tensor>> {
                 let c = |t: &Tensor| t.to_dtype(dtype);
-                let mut layer = FrozenLinear::new(c(&w)?, with_bias.then(|| c(&b)).transpose()?)?;
+                let mut layer = LoraLinear::new(FrozenLinear::new(
+                    c(&w)?,
+                    with_bias.then(|| c(&b)).transpose()?,
+                )?);
                 let (dv, uv) = (Var::from_tensor(&c(&d)?)?, Var::from_tensor(&c(&u)?)?);
                 layer.lora = Some(LoraAdapter::new(dv.clone(), uv.clone(), 6.0)?);
                 let xv = Var::from_tensor(&c(&x)?)?;

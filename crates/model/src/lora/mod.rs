@@ -10,8 +10,9 @@
 //! the file formats: [`LoraComponent`], [`LayerKind`], [`TargetInfo`],
 //! [`LoraModule`] and [`LoraWeights`].
 //!
-//! - [`layer`]: the [`layer::LoraAdapter`] held in the `lora` slot of
-//!   [`crate::ops::FrozenLinear`] / [`crate::ops::FrozenConv2d`], its forward
+//! - [`adapted`]: [`adapted::LoraLinear`] / [`adapted::LoraConv2d`], the frozen
+//!   layers of [`crate::ops`] with a LoRA slot, as the models hold them;
+//! - [`layer`]: the [`layer::LoraAdapter`] held in that slot, its forward
 //!   (f32 whatever the base dtype), dropout and merge arithmetic;
 //! - [`visit`]: walking every Linear/Conv2d of the UNet and the text encoder with
 //!   its module path (the checkpoint key minus `.weight`);
@@ -21,6 +22,7 @@
 
 use std::collections::BTreeMap;
 
+pub mod adapted;
 pub mod attach;
 pub mod layer;
 pub(crate) mod linear_cpu;

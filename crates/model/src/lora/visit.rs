@@ -10,23 +10,26 @@
 //! The entry points are [`crate::unet::UNet2DConditionModel::visit_layers`] /
 //! `visit_layers_mut` and the same on [`crate::clip::ClipTextTransformer`].
 
-use crate::ops::{FrozenConv2d, FrozenLinear};
+use std::collections::HashSet;
 
+use candle_core::Var;
+
+use super::adapted::{LoraConv2d, LoraLinear};
 use super::layer::LoraAdapter;
 use super::{LayerKind, LoraComponent, TargetInfo};
 
 /// A shared reference to one adaptable layer.
 #[derive(Debug, Clone, Copy)]
 pub enum LayerRef<'a> {
-    Linear(&'a FrozenLinear),
-    Conv(&'a FrozenConv2d),
+    Linear(&'a LoraLinear),
+    Conv(&'a LoraConv2d),
 }
 
 /// A mutable reference to one adaptable layer.
 #[derive(Debug)]
 pub enum LayerMut<'a> {
-    Linear(&'a mut FrozenLinear),
-    Conv(&'a mut FrozenConv2d),
+    Linear(&'a mut LoraLinear),
+    Conv(&'a mut LoraConv2d),
 }
 
 /// The kind and features of a layer from its weight shape (`[out, in]` or
@@ -34,15 +37,15 @@ pub enum LayerMut<'a> {
 fn kind_of(layer: LayerRef<'_>) -> (LayerKind, usize, usize) {
     match layer {
         LayerRef::Linear(l) => {
-            let d = l.weight.dims();
+            let d = l.base.weight.dims();
             (LayerKind::Linear, d[1], d[0])
         }
         LayerRef::Conv(c) => {
-            let d = c.weight.dims();
+            let d = c.base.weight.dims();
             let kind = LayerKind::Conv2d {
                 kernel: [d[2], d[3]],
-                stride: c.stride,
-                padding: c.padding,
+                stride: c.base.stride,
+                padding: c.base.padding,
             };
             (kind, d[1], d[0])
         }
@@ -70,8 +73,8 @@ impl<'a> LayerRef<'a> {
     /// The frozen weight.
     pub fn weight(self) -> &'a candle_core::Tensor {
         match self {
-            LayerRef::Linear(l) => &l.weight,
-            LayerRef::Conv(c) => &c.weight,
+            LayerRef::Linear(l) => &l.base.weight,
+            LayerRef::Conv(c) => &c.base.weight,
         }
     }
 
@@ -96,8 +99,8 @@ impl LayerMut<'_> {
     /// The frozen weight.
     pub fn weight_mut(&mut self) -> &mut candle_core::Tensor {
         match self {
-            LayerMut::Linear(l) => &mut l.weight,
-            LayerMut::Conv(c) => &mut c.weight,
+            LayerMut::Linear(l) => &mut l.base.weight,
+            LayerMut::Conv(c) => &mut c.base.weight,
         }
     }
 
@@ -108,6 +111,24 @@ impl LayerMut<'_> {
             LayerMut::Conv(c) => &mut c.lora,
         }
     }
+}
+
+/// The variables (`down`, `up`) of the unmerged LoRA adapters in `module`,
+/// without duplicates: the parameters a checkpointed segment must report
+/// gradients for.
+pub fn lora_params<M: VisitLayers + ?Sized>(module: &M) -> Vec<Var> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    module.visit_layers_at("", &mut |_, layer| {
+        if let Some(lora) = layer.lora().filter(|l| !l.is_merged()) {
+            for v in [&lora.down, &lora.up] {
+                if seen.insert(v.as_tensor().id()) {
+                    out.push(v.clone());
+                }
+            }
+        }
+    });
+    out
 }
 
 /// `path.key`, or `key` at the root.
@@ -128,7 +149,7 @@ pub trait VisitLayers {
     fn visit_layers_mut_at(&mut self, path: &str, f: &mut dyn FnMut(&str, LayerMut<'_>));
 }
 
-impl VisitLayers for FrozenLinear {
+impl VisitLayers for LoraLinear {
     fn visit_layers_at(&self, path: &str, f: &mut dyn FnMut(&str, LayerRef<'_>)) {
         f(path, LayerRef::Linear(self))
     }
@@ -137,7 +158,7 @@ impl VisitLayers for FrozenLinear {
     }
 }
 
-impl VisitLayers for FrozenConv2d {
+impl VisitLayers for LoraConv2d {
     fn visit_layers_at(&self, path: &str, f: &mut dyn FnMut(&str, LayerRef<'_>)) {
         f(path, LayerRef::Conv(self))
     }

@@ -29,8 +29,9 @@
 //! preview during training) records no graph at all, checkpointing or not.
 //!
 //! The recomputation gives bit-identical activations: the segment runs the
-//! same ops on the same values, and LoRA dropout masks are a pure function of
-//! (seed, module, step) (see [`crate::lora::layer`]), so they repeat as long as
+//! same ops on the same values, and trainable layers must make any randomness a
+//! pure function of their inputs and the step (LoRA dropout masks depend on
+//! (seed, module, step) only), so it repeats as long as
 //! the step is not advanced between the forward and the backward. Gradients
 //! equal a plain backward up to the order in which the contributions to a
 //! segment's input are summed (~1e-7 relative in f32).
@@ -45,13 +46,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::collections::HashSet;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId, Var, bail};
 
 use super::custom_grad::{with_grad1, with_grad2, with_grad3};
-use crate::lora::visit::VisitLayers;
 
 thread_local! {
     /// Whether the no-grad switch is on (inside a checkpointed forward).
@@ -125,24 +124,6 @@ pub fn param(var: &Var) -> Tensor {
     } else {
         var.as_tensor().detach()
     }
-}
-
-/// The variables (`down`, `up`) of the unmerged LoRA adapters in `module`,
-/// without duplicates: the parameters a checkpointed segment must report
-/// gradients for.
-pub fn lora_params<M: VisitLayers + ?Sized>(module: &M) -> Vec<Var> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    module.visit_layers_at("", &mut |_, layer| {
-        if let Some(lora) = layer.lora().filter(|l| !l.is_merged()) {
-            for v in [&lora.down, &lora.up] {
-                if seen.insert(v.as_tensor().id()) {
-                    out.push(v.clone());
-                }
-            }
-        }
-    });
-    out
 }
 
 /// Runs `f(inputs)` as a checkpointed segment whose trainable parameters are

@@ -19,18 +19,17 @@
 //! im2col + one matrix product, elsewhere candle's `conv2d` — and the result is
 //! attached to `x` with [`with_grad1`].
 //!
-//! A layer may carry a LoRA adapter in its `lora` slot (see [`crate::lora::layer`]):
-//! its term is added to the frozen output with differentiable ops.
+//! Layers that may carry a trainable addition (a LoRA adapter) are held by the
+//! models as [`ConvLayer`]s: `ops` defines the trait, `crate::lora` implements it.
 
 use candle_core::{DType, Module, Result, Storage, Tensor, WithDType, bail};
 
 use super::SendPtr;
 use super::custom_grad::with_grad1;
-use crate::lora::layer::LoraAdapter;
 
 /// `y = conv2d(x, W) + b` with a frozen kernel `W: [out, in, kh, kw]` and bias
 /// `b: [out]`, on `x: [batch, in, h, w]`; one group, no dilation. Only `x`
-/// receives a gradient (and the LoRA adapter's `down`/`up`, when there is one).
+/// receives a gradient.
 #[derive(Debug, Clone)]
 pub struct FrozenConv2d {
     /// `[out_channels, in_channels, kh, kw]`, as stored in checkpoints.
@@ -41,9 +40,31 @@ pub struct FrozenConv2d {
     pub stride: usize,
     /// Zero padding on every side.
     pub padding: usize,
-    /// An optional LoRA adapter whose term is added to the output (skipped while
-    /// merged into `weight`).
-    pub lora: Option<LoraAdapter>,
+}
+
+/// A Conv2d layer as a model holds it: a frozen convolution, possibly with a
+/// trainable addition to its output (a LoRA adapter: `crate::lora` implements
+/// this trait). Fusions that rely on the layer being frozen (a backward that
+/// only needs the kernel) ask [`is_adapted`](Self::is_adapted) first.
+pub trait ConvLayer {
+    /// The frozen convolution.
+    fn frozen(&self) -> &FrozenConv2d;
+    /// The layer's output: the frozen convolution plus any active addition.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Whether a trainable addition takes part in the forward.
+    fn is_adapted(&self) -> bool;
+}
+
+impl ConvLayer for FrozenConv2d {
+    fn frozen(&self) -> &FrozenConv2d {
+        self
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        FrozenConv2d::forward(self, x)
+    }
+    fn is_adapted(&self) -> bool {
+        false
+    }
 }
 
 impl FrozenConv2d {
@@ -71,28 +92,11 @@ impl FrozenConv2d {
             bias,
             stride,
             padding,
-            lora: None,
         })
     }
 
-    /// Applies the convolution to `x: [batch, in, h, w]`: the frozen base plus the
-    /// LoRA term when an unmerged adapter is attached.
+    /// Applies the convolution to `x: [batch, in, h, w]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.forward_base(x)?;
-        match self.active_lora() {
-            Some(lora) => y + lora.conv_delta(x, self.stride, self.padding)?,
-            None => Ok(y),
-        }
-    }
-
-    /// The attached LoRA adapter when it takes part in the forward (attached
-    /// and not merged into `weight`).
-    pub fn active_lora(&self) -> Option<&LoraAdapter> {
-        self.lora.as_ref().filter(|l| !l.is_merged())
-    }
-
-    /// The frozen convolution alone, ignoring any LoRA adapter.
-    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (out_channels, _, kh, kw) = self.weight.dims4()?;
         // The stored kernel, whatever its dtype; `x` may compute in another

@@ -6,9 +6,8 @@
 //! nothing. [`FrozenLinear`] runs the forward matmul as a custom op on `x` that
 //! holds `w`, so the backward computes `dx = g·w` and nothing else.
 //!
-//! A layer may carry a LoRA adapter in its `lora` slot (see [`crate::lora::layer`]):
-//! then the frozen output and the LoRA term form one graph node
-//! ([`LoraAdapter::apply_linear`]) whose backward gives `dx`, `ddown` and `dup`.
+//! Layers that may carry a trainable addition (a LoRA adapter) are held by the
+//! models as [`LinearLayer`]s: `ops` defines the trait, `crate::lora` implements it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
@@ -17,20 +16,39 @@ use candle_core::{
     Storage, Tensor, bail,
 };
 
-use crate::lora::layer::LoraAdapter;
-
 /// `y = x·Wᵀ + b` with frozen `W: [out, in]` and `b: [out]`; `x` may have any rank
-/// `(..., in)`. Only `x` receives a gradient (and the LoRA adapter's `down`/`up`,
-/// when there is one).
+/// `(..., in)`. Only `x` receives a gradient.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
     /// `[out_features, in_features]`, as stored in checkpoints.
     pub weight: Tensor,
     /// `[out_features]`.
     pub bias: Option<Tensor>,
-    /// An optional LoRA adapter whose term is added to the output (skipped while
-    /// merged into `weight`).
-    pub lora: Option<LoraAdapter>,
+}
+
+/// A Linear layer as a model holds it: a frozen product, possibly with a
+/// trainable addition to its output (a LoRA adapter: `crate::lora` implements
+/// this trait). Fusions that rely on the layer being frozen ask
+/// [`is_adapted`](Self::is_adapted) first.
+pub trait LinearLayer {
+    /// The frozen layer.
+    fn frozen(&self) -> &FrozenLinear;
+    /// The layer's output: the frozen product plus any active addition.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Whether a trainable addition takes part in the forward.
+    fn is_adapted(&self) -> bool;
+}
+
+impl LinearLayer for FrozenLinear {
+    fn frozen(&self) -> &FrozenLinear {
+        self
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        FrozenLinear::forward(self, x)
+    }
+    fn is_adapted(&self) -> bool {
+        false
+    }
 }
 
 impl FrozenLinear {
@@ -45,11 +63,7 @@ impl FrozenLinear {
                 b.dims()
             )
         }
-        Ok(Self {
-            weight,
-            bias,
-            lora: None,
-        })
+        Ok(Self { weight, bias })
     }
 
     /// `in_features`.
@@ -62,28 +76,8 @@ impl FrozenLinear {
         Ok(self.weight.dims2()?.0)
     }
 
-    /// Applies the layer to `x: (..., in)`, giving `(..., out)`: the frozen base
-    /// plus the LoRA term when an unmerged adapter is attached.
+    /// Applies the layer to `x: (..., in)`, giving `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let Some(lora) = self.active_lora() else {
-            return self.forward_base(x);
-        };
-        if let Some(y) =
-            crate::lora::linear_cpu::forward(lora, x, &self.weight, self.bias.as_ref())?
-        {
-            return Ok(y);
-        }
-        lora.apply_linear(x, self.forward_base(&x.detach())?, &self.weight)
-    }
-
-    /// The attached LoRA adapter when it takes part in the forward (attached
-    /// and not merged into `weight`).
-    pub fn active_lora(&self) -> Option<&LoraAdapter> {
-        self.lora.as_ref().filter(|l| !l.is_merged())
-    }
-
-    /// The frozen layer alone, `x·Wᵀ + b`, ignoring any LoRA adapter.
-    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let (out_features, in_features) = self.weight.dims2()?;
         if x.rank() == 0 || x.dim(D::Minus1)? != in_features {
             bail!(

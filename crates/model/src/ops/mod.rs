@@ -35,7 +35,7 @@
 //!
 //! Every graph node keeps its inputs until the backward, so the layers are cut
 //! into nodes whose inputs are what a backward through frozen weights needs: a
-//! LoRA Linear is one node ([`crate::lora::layer::LoraAdapter::apply_linear`]),
+//! LoRA Linear is one node (`lora::layer::LoraAdapter::apply_linear`),
 //! attention is one node on the unsplit projections
 //! ([`attention::multi_head_attention`], probabilities recomputed), and the
 //! blocks fuse `conv(silu(norm(x))) + add` and GEGLU + `net.2`
@@ -71,9 +71,9 @@ pub(crate) mod winograd;
 
 pub use activation::{geglu, gelu, quick_gelu, silu};
 pub use attention::{attention, attention_chunked, attention_with_bias, multi_head_attention};
-pub use conv::FrozenConv2d;
+pub use conv::{ConvLayer, FrozenConv2d};
 pub use custom_grad::{BackwardArgs, add_frozen, with_grad1, with_grad2, with_grad3};
-pub use linear::FrozenLinear;
+pub use linear::{FrozenLinear, LinearLayer};
 pub use norm::{group_norm, layer_norm};
 pub use softmax::softmax_last_dim;
 

@@ -73,7 +73,7 @@ fn run_resnet(
         let inputs: Vec<Tensor> = inputs.into_iter().cloned().collect();
         return resnet_on(resnet, &inputs);
     }
-    let params = checkpoint::lora_params(resnet);
+    let params = crate::lora::visit::lora_params(resnet);
     // The backward re-runs the block, so it keeps a (cheap: shared tensors)
     // clone of it.
     let block = resnet.clone();
@@ -101,7 +101,7 @@ fn run_attention(
     if !ckpt {
         return attention.forward(x, context);
     }
-    let params = checkpoint::lora_params(attention);
+    let params = crate::lora::visit::lora_params(attention);
     let block = attention.clone();
     checkpoint::checkpoint("checkpoint-transformer", &[x, context], &params, move |a| {
         block.forward(&a[0], &a[1])
@@ -119,7 +119,7 @@ fn run_upsampler(
     if !ckpt {
         return upsampler.forward(x, size);
     }
-    let params = checkpoint::lora_params(upsampler);
+    let params = crate::lora::visit::lora_params(upsampler);
     let block = upsampler.clone();
     checkpoint::checkpoint("checkpoint-upsampler", &[x], &params, move |a| {
         block.forward(&a[0], size)

@@ -5,7 +5,8 @@ use candle_core::{DType, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
 use crate::blocks::layers::linear;
-use crate::ops::{self, FrozenLinear};
+use crate::lora::adapted::LoraLinear;
+use crate::ops::{self};
 
 /// The period of the lowest frequency, as in diffusers.
 const MAX_PERIOD: f32 = 10_000.0;
@@ -53,8 +54,8 @@ pub fn timestep_embedding(
 /// diffusers' `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`.
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedding {
-    pub linear_1: FrozenLinear,
-    pub linear_2: FrozenLinear,
+    pub linear_1: LoraLinear,
+    pub linear_2: LoraLinear,
 }
 
 impl TimestepEmbedding {

@@ -35,7 +35,7 @@ pub use config::{BlockKind, UNetConfig};
 pub use embeddings::{TimestepEmbedding, timestep_embedding};
 
 use crate::blocks::layers::{GroupNorm, conv2d, conv2d_forward, norm_silu_conv};
-use crate::ops::FrozenConv2d;
+use crate::lora::adapted::LoraConv2d;
 
 /// SDXL's added conditioning (`addition_embed_type = "text_time"`).
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ pub struct AddedCond {
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
-    pub conv_in: FrozenConv2d,
+    pub conv_in: LoraConv2d,
     pub time_embedding: TimestepEmbedding,
     /// SDXL only: embeds `[text_embeds, sinusoid(time_ids)]`.
     pub add_embedding: Option<TimestepEmbedding>,
@@ -58,7 +58,7 @@ pub struct UNet2DConditionModel {
     pub mid_block: MidBlock,
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
-    pub conv_out: FrozenConv2d,
+    pub conv_out: LoraConv2d,
 }
 
 impl UNet2DConditionModel {
@@ -108,7 +108,7 @@ impl UNet2DConditionModel {
 
     /// The dtype the model computes in (that of its weights).
     pub fn dtype(&self) -> DType {
-        self.conv_in.weight.dtype()
+        self.conv_in.base.weight.dtype()
     }
 
     /// Sets the attention chunk size (queries per chunk; `None` sizes chunks

@@ -93,7 +93,9 @@ fn norm_silu_conv_equals_the_separate_ops() {
 fn feed_forward(rng: &mut Rng, dim: usize, inner: usize, dtype: DType) -> FeedForward {
     let lin = |rng: &mut Rng, o: usize, i: usize| {
         let w = (rng.tensor(&[o, i], dtype) * 0.4).unwrap();
-        FrozenLinear::new(w, Some(rng.tensor(&[o], dtype))).unwrap()
+        FrozenLinear::new(w, Some(rng.tensor(&[o], dtype)))
+            .unwrap()
+            .into()
     };
     FeedForward {
         net_0: GegluProj {
