@@ -142,8 +142,8 @@ fn render(ds: &Dataset, r: &Report, list_images: bool) -> String {
             format!(
                 "aspect-ratio buckets (step {}, sides {}–{}{})",
                 c.bucket_step,
-                c.min_bucket_side,
-                c.max_bucket_side,
+                c.min_bucket_side(),
+                c.max_bucket_side(),
                 if c.bucket_no_upscale {
                     ", no upscale"
                 } else {

@@ -36,8 +36,8 @@ impl Bucketing {
         let buckets = if c.bucketing && !c.bucket_no_upscale {
             bucket_list(
                 c.resolution,
-                c.min_bucket_side,
-                c.max_bucket_side,
+                c.min_bucket_side(),
+                c.max_bucket_side(),
                 c.bucket_step,
             )
         } else {
@@ -47,8 +47,8 @@ impl Bucketing {
             resolution: c.resolution,
             enabled: c.bucketing,
             step: c.bucket_step,
-            min_side: c.min_bucket_side,
-            max_side: c.max_bucket_side,
+            min_side: c.min_bucket_side(),
+            max_side: c.max_bucket_side(),
             no_upscale: c.bucket_no_upscale,
             buckets,
         }

@@ -25,10 +25,13 @@ pub struct DatasetConfig {
     pub bucketing: bool,
     /// Bucket sides are multiples of this many pixels (64 as in kohya; must be a multiple of 8).
     pub bucket_step: u32,
-    /// Smallest bucket side in pixels.
-    pub min_bucket_side: u32,
-    /// Largest bucket side in pixels.
-    pub max_bucket_side: u32,
+    /// Smallest bucket side in pixels. Left out: half the resolution, rounded
+    /// down to `bucket_step` and at least `bucket_step` (256 at 512 px, kohya's
+    /// default; 512 at 1024 px).
+    pub min_bucket_side: Option<u32>,
+    /// Largest bucket side in pixels. Left out: twice the resolution, rounded
+    /// down to `bucket_step` (1024 at 512 px, kohya's default; 2048 at 1024 px).
+    pub max_bucket_side: Option<u32>,
     /// Never enlarge an image: each image gets a bucket no larger than itself
     /// (rounded down to `bucket_step`), still within the resolution's area.
     pub bucket_no_upscale: bool,
@@ -50,8 +53,8 @@ impl Default for DatasetConfig {
             resolution: 512,
             bucketing: true,
             bucket_step: 64,
-            min_bucket_side: 256,
-            max_bucket_side: 1024,
+            min_bucket_side: None,
+            max_bucket_side: None,
             bucket_no_upscale: false,
             crop: CropMode::Center,
             min_image_side: 64,
@@ -231,6 +234,24 @@ pub fn parse_hex_colour(s: &str) -> Option<[u8; 3]> {
 }
 
 impl DatasetConfig {
+    /// The smallest bucket side in effect: `min_bucket_side`, or half the
+    /// resolution rounded down to `bucket_step` (at least `bucket_step`).
+    pub fn min_bucket_side(&self) -> u32 {
+        self.min_bucket_side.unwrap_or_else(|| {
+            let step = self.bucket_step.max(1);
+            (self.resolution / 2 / step * step).max(self.bucket_step)
+        })
+    }
+
+    /// The largest bucket side in effect: `max_bucket_side`, or twice the
+    /// resolution rounded down to `bucket_step`.
+    pub fn max_bucket_side(&self) -> u32 {
+        self.max_bucket_side.unwrap_or_else(|| {
+            let step = self.bucket_step.max(1);
+            (self.resolution * 2 / step * step).max(self.bucket_step)
+        })
+    }
+
     /// Checks every value, so a bad one stops the run before any work,
     /// with a message naming the key and what is allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -256,25 +277,29 @@ impl DatasetConfig {
             ));
         }
         if self.bucketing {
-            if self.min_bucket_side < self.bucket_step {
+            let (min, max) = (self.min_bucket_side(), self.max_bucket_side());
+            if min < self.bucket_step {
                 return Err(bad(
                     "dataset.min_bucket_side",
-                    self.min_bucket_side,
+                    min,
                     format!("must be at least bucket_step ({})", self.bucket_step),
                 ));
             }
-            if self.min_bucket_side > self.max_bucket_side {
+            if min > self.resolution {
                 return Err(bad(
                     "dataset.min_bucket_side",
-                    self.min_bucket_side,
-                    format!("must not exceed max_bucket_side ({})", self.max_bucket_side),
+                    min,
+                    format!(
+                        "must not exceed resolution ({}); leave it out to use half the resolution",
+                        self.resolution
+                    ),
                 ));
             }
-            if self.min_bucket_side > self.resolution {
+            if min > max {
                 return Err(bad(
                     "dataset.min_bucket_side",
-                    self.min_bucket_side,
-                    format!("must not exceed resolution ({})", self.resolution),
+                    min,
+                    format!("must not exceed max_bucket_side ({max})"),
                 ));
             }
         }
@@ -388,6 +413,36 @@ mod tests {
             DatasetConfig::default().validate().unwrap_err().key,
             "dataset.subsets"
         );
+    }
+
+    /// Left out, the bucket limits follow the resolution (kohya's 256–1024 at
+    /// 512 px); given, they are used as they are and checked against it.
+    #[test]
+    fn bucket_limits_follow_the_resolution() {
+        let mut c = one_subset();
+        for (res, min, max) in [
+            (512, 256, 1024),
+            (1024, 512, 2048),
+            (64, 64, 128),
+            (96, 64, 192),
+        ] {
+            c.resolution = res;
+            assert_eq!(
+                (c.min_bucket_side(), c.max_bucket_side()),
+                (min, max),
+                "{res}"
+            );
+            assert!(c.validate().is_ok(), "{res}");
+        }
+        c.resolution = 64;
+        c.min_bucket_side = Some(256);
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "dataset.min_bucket_side");
+        assert!(e.to_string().contains("leave it out"), "{e}");
+        c.min_bucket_side = Some(64);
+        c.max_bucket_side = Some(64);
+        assert!(c.validate().is_ok());
+        assert_eq!((c.min_bucket_side(), c.max_bucket_side()), (64, 64));
     }
 
     #[test]

@@ -17,8 +17,8 @@ fn config(paths: &[(&Path, SubsetKind)]) -> DatasetConfig {
             .map(|(p, k)| SubsetConfig::new(*p, *k))
             .collect(),
         resolution: 64,
-        min_bucket_side: 64,
-        max_bucket_side: 128,
+        min_bucket_side: Some(64),
+        max_bucket_side: Some(128),
         min_image_side: 32,
         ..Default::default()
     }

@@ -14,8 +14,8 @@ fn dataset(dir: &std::path::Path, tweak: impl FnOnce(&mut DatasetConfig)) -> Dat
             SubsetKind::Instance,
         )],
         resolution: 64,
-        min_bucket_side: 32,
-        max_bucket_side: 128,
+        min_bucket_side: Some(32),
+        max_bucket_side: Some(128),
         bucket_step: 32,
         min_image_side: 16,
         ..Default::default()
