@@ -165,8 +165,52 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// The error and its causes joined by ": ", without a cause whose text the
+/// message before it already ends with (several libraries print their source
+/// in their own message, so `{:#}` would say "No space left on device" twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod error_chain_tests {
+    use anyhow::Context;
+
+    /// A cause that repeats the end of the message before it is said once.
+    #[test]
+    fn repeated_causes_are_said_once() {
+        let io = std::io::Error::other("No space left on device (os error 28)");
+        let inner = anyhow::Error::msg(format!("io error: {io}"))
+            .context("cannot write /x/lora.safetensors");
+        let e = Err::<(), _>(io).context(format!(
+            "io error: {}",
+            "No space left on device (os error 28)"
+        ));
+        let e = e.context("cannot write /x/lora.safetensors").unwrap_err();
+        assert_eq!(
+            super::error_chain(&e),
+            "cannot write /x/lora.safetensors: io error: No space left on device (os error 28)"
+        );
+        assert_eq!(
+            super::error_chain(&inner),
+            "cannot write /x/lora.safetensors: io error: No space left on device (os error 28)"
+        );
     }
 }

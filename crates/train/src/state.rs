@@ -73,17 +73,27 @@ pub fn save(
     if tmp_dir.exists() {
         std::fs::remove_dir_all(&tmp_dir).ok();
     }
-    std::fs::create_dir_all(&tmp_dir)
-        .with_context(|| format!("cannot create {}", tmp_dir.display()))?;
-    save_tensors(&tmp_dir.join("lora.safetensors"), lora)?;
-    save_tensors(&tmp_dir.join("optimizer.safetensors"), optimizer)?;
-    std::fs::write(tmp_dir.join("state.json"), serde_json::to_vec_pretty(info)?)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)
-            .with_context(|| format!("cannot replace {}", final_dir.display()))?;
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp_dir)
+            .with_context(|| format!("cannot create {}", tmp_dir.display()))?;
+        save_tensors(&tmp_dir.join("lora.safetensors"), lora)?;
+        save_tensors(&tmp_dir.join("optimizer.safetensors"), optimizer)?;
+        let state_json = tmp_dir.join("state.json");
+        std::fs::write(&state_json, serde_json::to_vec_pretty(info)?)
+            .with_context(|| format!("cannot write {}", state_json.display()))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir)
+                .with_context(|| format!("cannot replace {}", final_dir.display()))?;
+        }
+        std::fs::rename(&tmp_dir, &final_dir)
+            .with_context(|| format!("cannot move the state into {}", final_dir.display()))
+    })();
+    if let Err(e) = written {
+        // A full disk or a failed rename: leave no half-written folder behind
+        // (the previous state and `latest.json` are untouched).
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+        return Err(e);
     }
-    std::fs::rename(&tmp_dir, &final_dir)
-        .with_context(|| format!("cannot move the state into {}", final_dir.display()))?;
     let latest = Latest {
         folder: folder.clone(),
         step: info.step,
@@ -192,5 +202,34 @@ mod tests {
         left.sort();
         assert_eq!(left, ["latest.json", "step-000020", "step-000030"]);
         assert!(load(&tmp.path().join("nope"), &Device::Cpu).is_err());
+    }
+
+    /// A save that fails midway (here: the step's folder name is taken by a
+    /// file, so it cannot be replaced) leaves no temporary folder behind and
+    /// the previous state in place.
+    #[test]
+    fn a_failed_save_leaves_no_temporary_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let t = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+        let info = |step| StateInfo {
+            version: VERSION,
+            step,
+            skipped_steps: 0,
+            consecutive_nonfinite: 0,
+            started_at: 0.0,
+            fingerprint: "f".into(),
+        };
+        let tensors = [("a".to_string(), t.clone())];
+        save(&dir, &info(1), &tensors, &tensors).unwrap();
+        std::fs::write(dir.join("step-000002"), b"in the way").unwrap();
+        assert!(save(&dir, &info(2), &tensors, &tensors).is_err());
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["latest.json", "step-000001", "step-000002"]);
+        assert_eq!(load(&dir, &Device::Cpu).unwrap().info.step, 1);
     }
 }
