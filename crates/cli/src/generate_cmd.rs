@@ -153,9 +153,12 @@ fn bake_adapters(sd: &mut StableDiffusion) {
     sd.unet.visit_layers_mut(&mut |_, mut layer| {
         layer.lora_mut().take();
     });
-    sd.text_encoder.visit_layers_mut(&mut |_, mut layer| {
-        layer.lora_mut().take();
-    });
+    let (_, mut text_encoders) = sd.lora_parts_mut(true);
+    for (_, te) in text_encoders.iter_mut() {
+        te.visit_layers_mut(&mut |_, mut layer| {
+            layer.lora_mut().take();
+        });
+    }
 }
 
 fn load_model(
@@ -181,11 +184,11 @@ fn load_model(
 /// Runs `sd-lora generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
     // Everything the user typed is checked before the model is loaded.
+    // Sizes must also be multiples of the model's VAE factor, checked once the
+    // model is open (8 for every released model).
     for (name, v) in [("width", args.width), ("height", args.height)] {
-        if let Some(v) = v
-            && (v < 8 || v % 8 != 0)
-        {
-            bail!("--{name} {v}: must be a multiple of 8 (and at least 8)");
+        if v == Some(0) {
+            bail!("--{name} 0: must be a positive multiple of 8");
         }
     }
     let sampler: SamplerKind = args.sampler.parse().map_err(|_| {
@@ -216,15 +219,25 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
     if !builtin::is_builtin(&args.model) && !model_path.exists() {
         bail!("--model {}: no such file or folder", args.model);
     }
-    check_output(&args.output)?;
     let device = sd_lora_train::trainer::device_from_name(&args.device)
         .map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
 
     let (mut sd, source) = load_model(&args.model, &device)?;
-    let native = sd.unet_config.sample_size.map_or(512, |s| (s * 8) as u32);
+    let native = sd.native_resolution();
     let (width, height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
+    let factor = sd.vae_scale_factor() as u32;
+    for (name, v) in [("width", width), ("height", height)] {
+        if v % factor != 0 {
+            bail!(
+                "--{name} {v}: must be a multiple of {factor} (the model's VAE downsampling \
+                 factor)"
+            );
+        }
+    }
+    check_output(&args.output)?;
 
-    let targets = model_targets(&sd.unet, Some(&sd.text_encoder));
+    let (unet, text_encoders) = sd.lora_parts();
+    let targets = model_targets(unet, text_encoders);
     let mut lora_infos = Vec::new();
     let merged = args.merge || loras.len() > 1;
     for lora in &loras {
@@ -240,15 +253,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
                 list.join("\n")
             );
         }
-        attach(
-            &mut sd.unet,
-            Some(&mut sd.text_encoder),
-            &file.weights,
-            lora.scale as f32,
-        )
-        .with_context(|| format!("--lora {shown}"))?;
+        let (unet, text_encoders) = sd.lora_parts_mut(true);
+        attach(unet, text_encoders, &file.weights, lora.scale as f32)
+            .with_context(|| format!("--lora {shown}"))?;
         if merged {
-            merge(&mut sd.unet, Some(&mut sd.text_encoder), lora.scale as f32)
+            let (unet, text_encoders) = sd.lora_parts_mut(true);
+            merge(unet, text_encoders, lora.scale as f32)
                 .with_context(|| format!("--lora {shown}: merging"))?;
             bake_adapters(&mut sd);
         }

@@ -133,7 +133,8 @@ fn check_against_model(file: &LoraFile, model: &Path, options: LoadOptions) -> R
         StableDiffusion::load(&source, dtype, &cpu)
             .with_context(|| format!("loading {} to check the LoRA against it", model.display()))?
     };
-    let targets = model_targets(&sd.unet, Some(&sd.text_encoder));
+    let (unet, text_encoders) = sd.lora_parts();
+    let targets = model_targets(unet, text_encoders);
     if let Err(mismatches) = validate(&file.weights, &targets) {
         let mut msg = format!(
             "{} does not fit {}: {} of {} modules do not map onto the model:",

@@ -252,6 +252,7 @@ pub fn tiny_sd1(
         pad_style: PadStyle::EndToken,
         text_encoder_config,
         text_encoder,
+        text_encoder_2: None,
         unet_config,
         unet,
         vae_config,

@@ -9,17 +9,20 @@
 //!   GroupNorm, GELU/quick-GELU/GEGLU/SiLU and (chunked) attention. Several of
 //!   candle-nn's versions silently drop the gradient; see the module docs.
 //! - [`clip`]: the CLIP tokenizer (embedded vocabulary or a model's own) and
-//!   the text encoders (SD1 CLIP-L, SD2 OpenCLIP-H) with clip-skip.
+//!   the text encoders (SD1 CLIP-L, SD2 OpenCLIP-H, SDXL's CLIP-L + OpenCLIP-bigG)
+//!   with clip-skip.
 //! - [`blocks`], [`unet`], [`vae`]: ResNet/transformer building blocks, the
 //!   UNet2DConditionModel (per-sample timesteps, block-by-block steps for
 //!   checkpointing, SDXL hooks) and the AutoencoderKL.
-//! - [`load`]: diffusers folders and single-file LDM checkpoints (SD1.x/SD2.x),
+//! - [`load`]: diffusers folders and single-file LDM/sgm checkpoints (SD1.x/SD2.x/SDXL),
 //!   pickles refused, exact parameter counts for `sd-lora inspect`.
 //! - [`lora`]: LoRA adapters on any frozen Linear/Conv2d (presets and
 //!   patterns, attach, merge), and LoRA files: kohya (default), PEFT and
 //!   diffusers formats, read, written, validated against a model.
 //! - [`schedule`]: the DDPM training schedule and SNR weights.
 //! - [`pipeline`]: all of the above assembled from one model path.
+//! - [`conditioning`]: the model-family seam (SD1, SD2, SDXL): text →
+//!   context and added conditioning, the UNet's prediction, VAE geometry.
 //! - [`prompt`]: A1111 prompt weights `(word:1.2)` and long prompts in chunks.
 //! - [`sampling`]: DDIM, Euler, Euler ancestral and DPM++ 2M (Karras)
 //!   samplers from the model's scheduler config.
@@ -34,6 +37,7 @@
 pub mod blocks;
 pub mod builtin;
 pub mod clip;
+pub mod conditioning;
 pub mod device_memory;
 pub mod load;
 pub mod lora;

@@ -45,9 +45,21 @@ pub enum PipelineError {
     },
 }
 
-/// An SD1.x/SD2.x model ready to run.
+/// SDXL's second text encoder (OpenCLIP-bigG with its projection) and its tokenizer.
+pub struct SecondTextEncoder {
+    /// The tokenizer (`tokenizer_2/`, else the embedded CLIP vocabulary).
+    pub tokenizer: ClipTokenizer,
+    /// How prompts are padded (SDXL: `!`).
+    pub pad_style: PadStyle,
+    /// Its configuration.
+    pub config: ClipTextConfig,
+    /// The encoder.
+    pub model: ClipTextTransformer,
+}
+
+/// An SD1.x, SD2.x or SDXL model ready to run.
 pub struct StableDiffusion {
-    /// sd1 or sd2.
+    /// sd1, sd2 or sdxl.
     pub architecture: Architecture,
     /// What the UNet predicts.
     pub prediction: Prediction,
@@ -57,8 +69,10 @@ pub struct StableDiffusion {
     pub pad_style: PadStyle,
     /// Text encoder configuration.
     pub text_encoder_config: ClipTextConfig,
-    /// The text encoder.
+    /// The text encoder (SDXL: the first, CLIP-L).
     pub text_encoder: ClipTextTransformer,
+    /// SDXL's second text encoder; `None` for SD1/SD2.
+    pub text_encoder_2: Option<SecondTextEncoder>,
     /// UNet configuration.
     pub unet_config: UNetConfig,
     /// The UNet.
@@ -98,12 +112,6 @@ impl StableDiffusion {
     ) -> Result<Self, PipelineError> {
         let path = source.path().display().to_string();
         let architecture = source.architecture();
-        if architecture == Architecture::Sdxl {
-            return Err(PipelineError::Unsupported {
-                path,
-                message: "SDXL models can be inspected but not yet run or trained".into(),
-            });
-        }
         let config_err = |component: Component, message: String| PipelineError::Config {
             path: path.clone(),
             component,
@@ -120,17 +128,36 @@ impl StableDiffusion {
         let json =
             |c: Component| -> Result<String, PipelineError> { Ok(source.config(c)?.to_string()) };
 
+        let build_text_encoder =
+            |c: Component| -> Result<(ClipTextConfig, ClipTextTransformer), PipelineError> {
+                let config = ClipTextConfig::from_json_str(&json(c)?)
+                    .map_err(|e| config_err(c, e.to_string()))?;
+                config
+                    .validate()
+                    .map_err(|e| config_err(c, e.to_string()))?;
+                let model = ClipTextTransformer::new(
+                    source.weights(c)?.clone().into_var_builder(dtype, device),
+                    &config,
+                )
+                .map_err(build_err(c))?;
+                Ok((config, model))
+            };
         let te = Component::TextEncoder;
-        let text_encoder_config =
-            ClipTextConfig::from_json_str(&json(te)?).map_err(|e| config_err(te, e.to_string()))?;
-        text_encoder_config
-            .validate()
-            .map_err(|e| config_err(te, e.to_string()))?;
-        let text_encoder = ClipTextTransformer::new(
-            source.weights(te)?.clone().into_var_builder(dtype, device),
-            &text_encoder_config,
-        )
-        .map_err(build_err(te))?;
+        let (text_encoder_config, text_encoder) = build_text_encoder(te)?;
+        let second = if architecture == Architecture::Sdxl {
+            let (config, model) = build_text_encoder(Component::TextEncoder2)?;
+            if model.text_projection.is_none() {
+                return Err(config_err(
+                    Component::TextEncoder2,
+                    "SDXL's second text encoder has no text_projection (the pooled embedding \
+                     needs it)"
+                        .into(),
+                ));
+            }
+            Some((config, model))
+        } else {
+            None
+        };
 
         let unet_config = UNetConfig::from_json_str(&json(Component::Unet)?)
             .map_err(|e| config_err(Component::Unet, e.to_string()))?;
@@ -172,22 +199,41 @@ impl StableDiffusion {
                 message: e.to_string(),
             })?;
 
+        // SD1's and SDXL's first tokenizer pad with the end token, OpenCLIP's with `!`.
         let default_pad = match architecture {
-            Architecture::Sd1 => PadStyle::EndToken,
-            _ => PadStyle::Exclamation,
+            Architecture::Sd1 | Architecture::Sdxl => PadStyle::EndToken,
+            Architecture::Sd2 => PadStyle::Exclamation,
         };
         let tok_err = |e: candle_core::Error| PipelineError::Unsupported {
             path: path.clone(),
             message: format!("tokenizer: {e}"),
         };
-        let (tokenizer, pad_style) = match source.tokenizer_dir(te) {
-            Some(dir) => (
-                ClipTokenizer::from_folder(dir).map_err(tok_err)?,
-                ClipTokenizer::folder_pad_style(dir)
-                    .map_err(tok_err)?
-                    .unwrap_or(default_pad),
-            ),
-            None => (ClipTokenizer::embedded().map_err(tok_err)?, default_pad),
+        let tokenizer_of = |c: Component,
+                            default_pad: PadStyle|
+         -> Result<(ClipTokenizer, PadStyle), PipelineError> {
+            match source.tokenizer_dir(c) {
+                Some(dir) => Ok((
+                    ClipTokenizer::from_folder(dir).map_err(tok_err)?,
+                    ClipTokenizer::folder_pad_style(dir)
+                        .map_err(tok_err)?
+                        .unwrap_or(default_pad),
+                )),
+                None => Ok((ClipTokenizer::embedded().map_err(tok_err)?, default_pad)),
+            }
+        };
+        let (tokenizer, pad_style) = tokenizer_of(te, default_pad)?;
+        let text_encoder_2 = match second {
+            Some((config, model)) => {
+                let (tokenizer, pad_style) =
+                    tokenizer_of(Component::TextEncoder2, PadStyle::Exclamation)?;
+                Some(SecondTextEncoder {
+                    tokenizer,
+                    pad_style,
+                    config,
+                    model,
+                })
+            }
+            None => None,
         };
         let mut notes = source.notes().to_vec();
         if tokenizer.vocab_size() != text_encoder_config.vocab_size {
@@ -204,6 +250,7 @@ impl StableDiffusion {
             pad_style,
             text_encoder_config,
             text_encoder,
+            text_encoder_2,
             unet_config,
             unet,
             vae_config,
@@ -216,6 +263,10 @@ impl StableDiffusion {
     /// Drops the text encoder's weights (a training run that has cached every
     /// caption's conditioning); prompts can no longer be encoded.
     pub fn release_text_encoder(&mut self) -> candle_core::Result<()> {
-        self.text_encoder.release_weights()
+        self.text_encoder.release_weights()?;
+        if let Some(second) = &mut self.text_encoder_2 {
+            second.model.release_weights()?;
+        }
+        Ok(())
     }
 }

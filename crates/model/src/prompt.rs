@@ -36,6 +36,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use crate::clip::{ClipTokenizer, MAX_LENGTH, PadStyle};
+use crate::conditioning::TextConditioning;
 use crate::pipeline::StableDiffusion;
 
 /// Prompt tokens per chunk: 77 minus the start and end tokens.
@@ -379,25 +380,25 @@ impl ChunkBuilder {
     }
 }
 
-/// Encodes chunks with the text encoder (clip skip `clip_skip`, 1 = last
-/// layer), applies the weights with A1111's mean rescaling per chunk, and
-/// concatenates them: `[1, 77·chunks.len(), hidden]` in the encoder's dtype.
+/// Encodes chunks with the text encoder(s) (clip skip `clip_skip`, 1 = the
+/// family's default layer), applies the weights with A1111's mean rescaling per
+/// chunk, and concatenates them: context `[1, 77·chunks.len(), width]` in the
+/// encoder's dtype. SDXL's pooled embedding is the first chunk's, as in A1111.
 pub fn encode_chunks(
     sd: &StableDiffusion,
     chunks: &[PromptChunk],
     clip_skip: usize,
-) -> Result<Tensor> {
+) -> Result<TextConditioning> {
     if chunks.is_empty() {
         candle_core::bail!(
             "encode_chunks: no chunks to encode (tokenize_prompt gives at least one)"
         )
     }
-    let encoder = &sd.text_encoder;
-    let device = encoder.embeddings.token_embedding.weight.device();
     let n = chunks.len();
-    let ids: Vec<u32> = chunks.iter().flat_map(|c| c.ids.iter().copied()).collect();
-    let ids = Tensor::from_vec(ids, (n, MAX_LENGTH), device)?;
-    let z = encoder.forward_with_clip_skip(&ids, clip_skip)?;
+    let ids: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
+    let encoded = sd.encode_id_rows(&ids, clip_skip)?;
+    let z = encoded.context;
+    let device = z.device().clone();
     let hidden = z.dim(2)?;
     let weighted = if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
         // Exactly the plain encoding (the rescale would be ×1 anyway).
@@ -407,7 +408,8 @@ pub fn encode_chunks(
             .iter()
             .flat_map(|c| c.weights.iter().copied())
             .collect();
-        let weights = Tensor::from_vec(weights, (n, MAX_LENGTH, 1), device)?.to_dtype(z.dtype())?;
+        let weights =
+            Tensor::from_vec(weights, (n, MAX_LENGTH, 1), &device)?.to_dtype(z.dtype())?;
         // The means in f32 so that a half-precision encoder does not lose the
         // small difference between them.
         let original_mean = z.to_dtype(DType::F32)?.mean_keepdim(2)?.mean_keepdim(1)?;
@@ -416,12 +418,19 @@ pub fn encode_chunks(
         let scale = (original_mean / new_mean)?.to_dtype(zw.dtype())?;
         zw.broadcast_mul(&scale)?
     };
-    weighted.reshape((1, n * MAX_LENGTH, hidden))
+    Ok(TextConditioning {
+        context: weighted.reshape((1, n * MAX_LENGTH, hidden))?,
+        pooled: encoded.pooled.map(|p| p.narrow(0, 0, 1)).transpose()?,
+    })
 }
 
-/// The conditioning of `prompt` (A1111 syntax, any length):
-/// `[1, 77·n_chunks, hidden]`.
-pub fn encode_prompt(sd: &StableDiffusion, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+/// The conditioning of `prompt` (A1111 syntax, any length): context
+/// `[1, 77·n_chunks, width]`.
+pub fn encode_prompt(
+    sd: &StableDiffusion,
+    prompt: &str,
+    clip_skip: usize,
+) -> Result<TextConditioning> {
     let tokenized = tokenize_prompt(&sd.tokenizer, sd.pad_style, prompt);
     encode_chunks(sd, &tokenized.chunks, clip_skip)
 }
@@ -435,7 +444,7 @@ pub fn encode_prompt_pair(
     prompt: &str,
     negative: &str,
     clip_skip: usize,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(TextConditioning, TextConditioning)> {
     let mut cond = tokenize_prompt(&sd.tokenizer, sd.pad_style, prompt).chunks;
     let mut uncond = tokenize_prompt(&sd.tokenizer, sd.pad_style, negative).chunks;
     let n = cond.len().max(uncond.len());
@@ -551,7 +560,7 @@ mod tests {
         assert_eq!(tp.chunks[0].ids[76], sd.tokenizer.eos_id());
         assert!(tp.chunks[1].ids[1..26].iter().all(|&id| id == cat));
         assert_eq!(tp.chunks[1].ids[26], sd.tokenizer.eos_id());
-        let z = encode_prompt(&sd, &prompt, 1).unwrap();
+        let z = encode_prompt(&sd, &prompt, 1).unwrap().context;
         assert_eq!(z.dims(), &[1, 154, sd.text_encoder_config.hidden_size]);
     }
 
@@ -600,7 +609,7 @@ mod tests {
     fn unit_weights_give_the_plain_encoding() {
         let sd = tiny();
         let prompt = "a photo of a cat";
-        let z = encode_prompt(&sd, prompt, 1).unwrap();
+        let z = encode_prompt(&sd, prompt, 1).unwrap().context;
         let ids = sd.tokenizer.encode_padded(prompt, 77, sd.pad_style);
         let ids = Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap();
         let plain = sd.text_encoder.forward_with_clip_skip(&ids, 1).unwrap();
@@ -611,8 +620,10 @@ mod tests {
     #[test]
     fn weighted_chunk_keeps_its_mean() {
         let sd = tiny();
-        let plain = encode_prompt(&sd, "a photo of a cat", 1).unwrap();
-        let z = encode_prompt(&sd, "a photo of a (cat:1.8)", 1).unwrap();
+        let plain = encode_prompt(&sd, "a photo of a cat", 1).unwrap().context;
+        let z = encode_prompt(&sd, "a photo of a (cat:1.8)", 1)
+            .unwrap()
+            .context;
         let m0 = plain.mean_all().unwrap().to_scalar::<f32>().unwrap();
         let m1 = z.mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!((m0 - m1).abs() <= 1e-5 * m0.abs().max(1e-3), "{m0} vs {m1}");
@@ -625,13 +636,15 @@ mod tests {
         let sd = tiny();
         let long = ["cat"; 100].join(" ");
         let (c, u) = encode_prompt_pair(&sd, &long, "blurry", 1).unwrap();
+        let (c, u) = (c.context, u.context);
         assert_eq!(c.dims(), u.dims());
         assert_eq!(c.dim(1).unwrap(), 154);
         let (c, u) = encode_prompt_pair(&sd, "cat", &long, 2).unwrap();
+        let (c, u) = (c.context, u.context);
         assert_eq!(c.dims(), &[1, 154, sd.text_encoder_config.hidden_size]);
         assert_eq!(u.dims(), c.dims());
         // The padding chunk is the empty prompt's encoding.
-        let empty = encode_prompt(&sd, "", 2).unwrap();
+        let empty = encode_prompt(&sd, "", 2).unwrap().context;
         let second = c.narrow(1, 77, 77).unwrap();
         let diff = (second - empty).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);

@@ -656,7 +656,7 @@ fn sd2_single_file_splits_qkv_drops_the_last_layer_and_infers_heads_per_level() 
 }
 
 #[test]
-fn sdxl_single_file_is_recognised_counted_and_refused_for_conversion() {
+fn sdxl_single_file_is_recognised_counted_and_converted() {
     let dir = temp_dir("sdxl");
     let path = dir.join("sdxl.safetensors");
     let mut keys = ldm_unet(&[8, 16], 1, &[false, true], 24, true);
@@ -684,9 +684,15 @@ fn sdxl_single_file_is_recognised_counted_and_refused_for_conversion() {
     write(&path, &keys);
     let source = ModelSource::open(&path).unwrap();
     assert_eq!(source.architecture(), Architecture::Sdxl);
-    let err = source.component(Component::Unet).unwrap_err();
-    assert!(matches!(err, LoadError::Unsupported { .. }), "{err}");
-    assert!(err.to_string().contains("not be converted yet"), "{err}");
+    // OpenCLIP-bigG is converted whole: every layer, q/k/v split.
+    let te2 = source.weights(Component::TextEncoder2).unwrap();
+    assert!(te2.contains("text_model.encoder.layers.1.self_attn.q_proj.weight"));
+    assert!(
+        source
+            .weights(Component::Unet)
+            .unwrap()
+            .contains("add_embedding.linear_1.weight")
+    );
     let info = source.inspect();
     let counts: Vec<_> = info
         .components

@@ -274,6 +274,9 @@ pub struct TrainSection {
     pub unet_lr: f64,
     /// Learning rate of the text-encoder LoRA (usually about half of `unet_lr`).
     pub text_encoder_lr: f64,
+    /// Learning rate of the LoRA on SDXL's second text encoder (OpenCLIP-bigG);
+    /// unset: `text_encoder_lr`. Ignored by SD1/SD2.
+    pub text_encoder_2_lr: Option<f64>,
     /// AdamW decoupled weight decay (0 = none).
     pub weight_decay: f64,
     /// AdamW β1 (momentum of the gradient mean).
@@ -328,6 +331,7 @@ impl Default for TrainSection {
             seed: 42,
             unet_lr: 1e-4,
             text_encoder_lr: 5e-5,
+            text_encoder_2_lr: None,
             weight_decay: 1e-2,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -997,6 +1001,13 @@ impl TrainSection {
             self.text_encoder_lr,
             "5e-5 is usual",
         )?;
+        if let Some(lr) = self.text_encoder_2_lr {
+            positive(
+                "train.text_encoder_2_lr",
+                lr,
+                "leave it out to use text_encoder_lr",
+            )?;
+        }
         non_negative("train.weight_decay", self.weight_decay, "0.01 is usual")?;
         for (key, b) in [
             ("train.adam_beta1", self.adam_beta1),

@@ -10,6 +10,7 @@ use crate::png_meta::{GenerationParams, LoraInfo};
 use anyhow::{Context, bail};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
+use sd_lora_model::conditioning::{SizeCond, TextConditioning};
 use sd_lora_model::load::ModelSource;
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::prompt::encode_prompt_pair;
@@ -32,9 +33,9 @@ pub struct GenerateRequest {
     pub cfg_scale: f64,
     /// Seeds the initial noise and, for ancestral samplers, each step's noise.
     pub seed: u64,
-    /// Image width in pixels (a multiple of 8).
+    /// Image width in pixels (a multiple of the VAE factor, 8 for every released model).
     pub width: u32,
-    /// Image height in pixels (a multiple of 8).
+    /// Image height in pixels (a multiple of the VAE factor).
     pub height: u32,
     /// CLIP skip as A1111 counts it (1 = last layer).
     pub clip_skip: usize,
@@ -102,10 +103,14 @@ pub fn file_stem(path: &Path) -> String {
 
 /// Checks the request before any work: sizes multiples of 8 and at least 8,
 /// at least one step, a finite guidance scale.
-pub fn validate(req: &GenerateRequest) -> anyhow::Result<()> {
+pub fn validate(req: &GenerateRequest, vae_factor: u32) -> anyhow::Result<()> {
+    let f = vae_factor.max(1);
     for (name, v) in [("width", req.width), ("height", req.height)] {
-        if v < 8 || v % 8 != 0 {
-            bail!("--{name} {v}: must be a multiple of 8 (and at least 8)");
+        if v < f || v % f != 0 {
+            bail!(
+                "--{name} {v}: must be a multiple of {f} (and at least {f}), the model's VAE \
+                 downsampling factor"
+            );
         }
     }
     if req.steps == 0 {
@@ -158,23 +163,26 @@ fn generate_inner(
     req: &GenerateRequest,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<RgbImage> {
-    validate(req)?;
-    let device = sd.unet.conv_in.base.weight.device().clone();
+    let factor = sd.vae_scale_factor();
+    validate(req, factor as u32)?;
+    let device = sd.device().clone();
     let unet_dtype = sd.unet.dtype();
     let (cond, uncond) = encode_prompt_pair(sd, &req.prompt, &req.negative_prompt, req.clip_skip)
         .context("encoding the prompt")?;
     let guided = req.cfg_scale != 1.0;
     // Unconditional first, as diffusers stacks them.
-    let context = if guided {
-        Tensor::cat(&[&uncond, &cond], 0)?
+    let text = if guided {
+        TextConditioning::cat(&[uncond, cond])?
     } else {
         cond
     }
     .to_dtype(unet_dtype)?;
-    let batch = context.dim(0)?;
+    let batch = text.batch()?;
+    // SDXL: generated at its own size, uncropped.
+    let sizes = vec![SizeCond::uncropped(req.height, req.width); batch];
 
     let channels = sd.unet_config.in_channels;
-    let (h, w) = ((req.height / 8) as usize, (req.width / 8) as usize);
+    let (h, w) = (req.height as usize / factor, req.width as usize / factor);
     let mut rng = NormalRng::new(req.seed);
     let noise = rng.randn((1, channels, h, w), &device)?;
     let mut sampler = Sampler::new(req.sampler, sampler_cfg, req.steps)?;
@@ -189,8 +197,7 @@ fn generate_inner(
         };
         let timesteps = Tensor::full(t as f32, batch, &device)?;
         let out = sd
-            .unet
-            .forward(&input.to_dtype(unet_dtype)?, &timesteps, &context)?
+            .predict(&input, &timesteps, &text, &sizes)?
             .to_dtype(DType::F32)?;
         if guided {
             let uncond = out.narrow(0, 0, 1)?;
@@ -274,14 +281,19 @@ mod tests {
         let mut r = request(7.0);
         r.width = 500;
         assert!(
-            validate(&r)
+            validate(&r, 8)
                 .unwrap_err()
                 .to_string()
                 .contains("--width 500")
         );
         let mut r = request(7.0);
         r.steps = 0;
-        assert!(validate(&r).is_err());
-        assert!(validate(&request(f64::NAN)).is_err());
+        assert!(validate(&r, 8).is_err());
+        assert!(validate(&request(f64::NAN), 8).is_err());
+        // A VAE with fewer levels takes sizes in steps of its own factor.
+        let mut r = request(7.0);
+        r.width = 36;
+        assert!(validate(&r, 4).is_ok());
+        assert!(validate(&r, 8).is_err());
     }
 }

@@ -33,7 +33,7 @@ use std::time::UNIX_EPOCH;
 
 use candle_core::{DType, Device, Result, Tensor};
 use sd_lora_data::Sample;
-use sd_lora_model::clip::MAX_LENGTH;
+use sd_lora_model::conditioning::TextConditioning;
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::vae::AutoencoderKL;
 use sha2::{Digest, Sha256};
@@ -304,7 +304,7 @@ fn write_entry(path: &Path, latents: &Tensor) -> std::result::Result<(), String>
 /// encoder (its output is then a fixed function of the caption).
 #[derive(Debug, Default)]
 pub struct TextEmbeddingCache {
-    memory: HashMap<(String, usize), Tensor>,
+    memory: HashMap<(String, usize), TextConditioning>,
     hits: usize,
     misses: usize,
 }
@@ -315,15 +315,13 @@ impl TextEmbeddingCache {
         Self::default()
     }
 
-    /// The conditioning of `caption` — `[77, hidden]` in the text encoder's
-    /// dtype: the caption tokenized and padded as the model expects, then the
-    /// text encoder with `clip_skip` (1 = last layer).
+    /// The conditioning of `caption` (see [`encode_caption`]).
     pub fn get_or_encode(
         &mut self,
         sd: &StableDiffusion,
         caption: &str,
         clip_skip: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<TextConditioning> {
         let key = (caption.to_string(), clip_skip);
         if let Some(t) = self.memory.get(&key) {
             self.hits += 1;
@@ -346,14 +344,14 @@ impl TextEmbeddingCache {
     }
 }
 
-/// The text-encoder output for one caption without a cache, `[77, hidden]`.
-pub fn encode_caption(sd: &StableDiffusion, caption: &str, clip_skip: usize) -> Result<Tensor> {
-    let ids = sd
-        .tokenizer
-        .encode_padded(caption, MAX_LENGTH, sd.pad_style);
-    let device = sd.text_encoder.embeddings.token_embedding.weight.device();
-    let ids = Tensor::from_vec(ids, (1, MAX_LENGTH), device)?;
-    sd.text_encoder
-        .forward_with_clip_skip(&ids, clip_skip)?
-        .squeeze(0)
+/// The conditioning of one caption without a cache — context `[1, 77, width]`
+/// in the text encoder's dtype (plus SDXL's pooled `[1, width]`): the caption
+/// tokenized and padded as the model expects, then the text encoder(s) with
+/// `clip_skip` (1 = the family's default layer).
+pub fn encode_caption(
+    sd: &StableDiffusion,
+    caption: &str,
+    clip_skip: usize,
+) -> Result<TextConditioning> {
+    sd.encode_captions(&[caption], clip_skip)
 }

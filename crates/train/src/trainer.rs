@@ -19,13 +19,14 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use sd_lora_data::rng::Rng;
 use sd_lora_data::{Dataset, SubsetKind};
-use sd_lora_model::clip::MAX_LENGTH;
+use sd_lora_model::conditioning::{SizeCond, TextConditioning};
 use sd_lora_model::load::{Architecture, ModelSource, Prediction};
 use sd_lora_model::lora::attach::{TrainOptions, TrainableLora, create_trainable};
 use sd_lora_model::lora::format::{
-    BaseModelVersion, DatasetDirInfo, Metadata, SaveDtype, write_kohya, write_peft,
+    BaseModelVersion, DatasetDirInfo, KohyaNaming, Metadata, SaveDtype, write_kohya_named,
+    write_peft,
 };
-use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
+use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec, model_targets};
 use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
 use sd_lora_model::ops::checkpoint;
 use sd_lora_model::ops::op_count::{self, OpCount};
@@ -365,10 +366,21 @@ fn metadata(
     .with_network_of(weights)
 }
 
-fn save_lora(cfg: &TrainConfig, path: &Path, weights: &LoraWeights, meta: &Metadata) -> Result<()> {
+fn save_lora(
+    cfg: &TrainConfig,
+    sd: &StableDiffusion,
+    path: &Path,
+    weights: &LoraWeights,
+    meta: &Metadata,
+) -> Result<()> {
     let dtype: SaveDtype = cfg.output.save_dtype.to_save_dtype();
     match cfg.output.save_format.is_peft() {
-        false => write_kohya(path, weights, meta, dtype)?,
+        false => {
+            // The family's kohya names (SDXL: sgm paths of this UNet's layout).
+            let (unet, text_encoders) = sd.lora_parts();
+            let naming = KohyaNaming::from_targets(&model_targets(unet, text_encoders));
+            write_kohya_named(path, weights, meta, dtype, &naming)?
+        }
         true => write_peft(path, weights, meta, dtype)?,
     }
     Ok(())
@@ -413,42 +425,47 @@ pub fn train(
         .set_gradient_checkpointing(cfg.train.gradient_checkpointing);
     let spec = target_spec(cfg)?;
     let train_te = cfg.network.train_text_encoder;
+    let (unet, text_encoders) = sd.lora_parts_mut(train_te);
     let lora = create_trainable(
-        &mut sd.unet,
-        if train_te {
-            Some(&mut sd.text_encoder)
-        } else {
-            None
-        },
+        unet,
+        text_encoders,
         &spec,
         &TrainOptions {
             seed: cfg.train.seed,
             dropout: cfg.network.dropout,
         },
     )?;
-    let (mut unet_vars, mut te_vars): (Vec<Var>, Vec<Var>) = (Vec::new(), Vec::new());
+    // One parameter group per model part, each with its learning rate.
+    let mut vars: BTreeMap<LoraComponent, Vec<Var>> = BTreeMap::new();
     for m in &lora.modules {
-        let dst = if m.target.component == LoraComponent::Unet {
-            &mut unet_vars
-        } else {
-            &mut te_vars
-        };
+        let dst = vars.entry(m.target.component).or_default();
         dst.push(m.down.clone());
         dst.push(m.up.clone());
     }
     let mut groups = vec![ParamGroup {
         name: "unet".into(),
-        vars: unet_vars,
+        vars: vars.remove(&LoraComponent::Unet).unwrap_or_default(),
         lr: cfg.train.unet_lr,
         weight_decay: cfg.train.weight_decay,
     }];
     if train_te {
         groups.push(ParamGroup {
             name: "text_encoder".into(),
-            vars: te_vars,
+            vars: vars.remove(&LoraComponent::TextEncoder).unwrap_or_default(),
             lr: cfg.train.text_encoder_lr,
             weight_decay: cfg.train.weight_decay,
         });
+        if let Some(te2) = vars.remove(&LoraComponent::TextEncoder2) {
+            groups.push(ParamGroup {
+                name: "text_encoder_2".into(),
+                vars: te2,
+                lr: cfg
+                    .train
+                    .text_encoder_2_lr
+                    .unwrap_or(cfg.train.text_encoder_lr),
+                weight_decay: cfg.train.weight_decay,
+            });
+        }
     }
     let mut opt = AdamW::new(
         groups.clone(),
@@ -798,17 +815,9 @@ impl MicroCtx<'_> {
             });
         }
         let latents = Tensor::stack(&lat, 0)?;
-        let context = if self.train_te {
-            let ids: Vec<u32> = samples
-                .iter()
-                .flat_map(|s| {
-                    sd.tokenizer
-                        .encode_padded(&s.caption, MAX_LENGTH, sd.pad_style)
-                })
-                .collect();
-            let ids = Tensor::from_vec(ids, (samples.len(), MAX_LENGTH), device)?;
-            sd.text_encoder
-                .forward_with_clip_skip(&ids, cfg.model.clip_skip)?
+        let text = if self.train_te {
+            let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
+            sd.encode_captions(&captions, cfg.model.clip_skip)?
         } else {
             let mut embs = Vec::with_capacity(samples.len());
             for s in &samples {
@@ -817,8 +826,9 @@ impl MicroCtx<'_> {
                         .get_or_encode(sd, &s.caption, cfg.model.clip_skip)?,
                 );
             }
-            Tensor::stack(&embs, 0)?
+            TextConditioning::cat(&embs)?
         };
+        let sizes: Vec<SizeCond> = samples.iter().map(|s| size_cond(ds, s)).collect();
 
         // Noise and timesteps, drawn from this step's own stream.
         let kind_tag = match kind {
@@ -836,9 +846,7 @@ impl MicroCtx<'_> {
         let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
         let t = Tensor::from_vec(t, nb.timesteps.len(), device)?;
         let dtype = cfg.model.dtype.to_dtype();
-        let pred = sd
-            .unet
-            .forward(&nb.noisy.to_dtype(dtype)?, &t, &context.to_dtype(dtype)?)?;
+        let pred = sd.predict(&nb.noisy, &t, &text.to_dtype(dtype)?, &sizes)?;
         let weights: Vec<f32> = samples.iter().map(|s| s.loss_weight).collect();
         Ok(weighted_loss(
             &pred.to_dtype(DType::F32)?,
@@ -848,6 +856,24 @@ impl MicroCtx<'_> {
             &sd.schedule,
             cfg.train.min_snr_gamma,
         )?)
+    }
+}
+
+/// SDXL's size conditioning of a sample, as kohya computes it: the image's
+/// own size, the crop's top-left corner in the resized image (measured in the
+/// mirrored image when the sample is flipped), and the bucket.
+fn size_cond(ds: &Dataset, s: &sd_lora_data::Sample) -> SizeCond {
+    let entry = &ds.images[s.image];
+    let c = &s.crop;
+    let left = if s.flipped {
+        c.resized[0].saturating_sub(c.offset[0] + c.size[0])
+    } else {
+        c.offset[0]
+    };
+    SizeCond {
+        original: [entry.height, entry.width],
+        crop_top_left: [c.offset[1], left],
+        target: [c.size[1], c.size[0]],
     }
 }
 
@@ -869,7 +895,7 @@ fn checkpoint(
     let (step, skipped, in_a_row) = counters;
     let weights = lora_weights(lora)?;
     let meta = metadata(cfg, ds, sd, &weights, step, started_at, finished);
-    save_lora(cfg, path, &weights, &meta)?;
+    save_lora(cfg, sd, path, &weights, &meta)?;
     let state_dir = cfg.output.dir.join("state");
     save_state(
         &state_dir,
@@ -943,7 +969,9 @@ fn fixed_noise_loss_inner(cfg: &TrainConfig, ds: &Dataset, sd: &StableDiffusion)
             .load_sample(i, &mut rng)
             .map_err(|p| anyhow::anyhow!("{p}"))?;
         let latents = crate::latents::encode_latents(&sd.vae, scaling, &sample, &device)?;
-        let context = crate::latents::encode_caption(sd, &sample.caption, cfg.model.clip_skip)?;
+        let text = crate::latents::encode_caption(sd, &sample.caption, cfg.model.clip_skip)?
+            .to_dtype(dtype)?;
+        let sizes = [size_cond(ds, &sample)];
         for &t in &EVAL_TIMESTEPS {
             let eps = crate::noise::randn(latents.dims(), &mut rng, &device)?;
             let (a, b) = sd.schedule.coefficients(t);
@@ -953,11 +981,7 @@ fn fixed_noise_loss_inner(cfg: &TrainConfig, ds: &Dataset, sd: &StableDiffusion)
                 Prediction::V => ((&eps * a)? - (&latents * b)?)?,
             };
             let tt = Tensor::from_vec(vec![t as f32], 1, &device)?;
-            let pred = sd.unet.forward(
-                &noisy.unsqueeze(0)?.to_dtype(dtype)?,
-                &tt,
-                &context.unsqueeze(0)?.to_dtype(dtype)?,
-            )?;
+            let pred = sd.predict(&noisy.unsqueeze(0)?, &tt, &text, &sizes)?;
             let mse = (pred.to_dtype(DType::F32)?.squeeze(0)? - &target)?
                 .sqr()?
                 .mean_all()?

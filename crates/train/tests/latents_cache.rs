@@ -258,17 +258,30 @@ fn an_unwritable_cache_folder_degrades_to_memory_with_a_warning() {
 fn text_embeddings_are_cached_by_caption_and_clip_skip() {
     let sd = model();
     let mut cache = TextEmbeddingCache::new();
-    let a = cache.get_or_encode(&sd, "a photo of ohwx dog", 1).unwrap();
-    assert_eq!(a.dims(), &[77, 64]);
-    let b = cache.get_or_encode(&sd, "a photo of ohwx dog", 1).unwrap();
+    let a = cache
+        .get_or_encode(&sd, "a photo of ohwx dog", 1)
+        .unwrap()
+        .context;
+    assert_eq!(a.dims(), &[1, 77, 64]);
+    let b = cache
+        .get_or_encode(&sd, "a photo of ohwx dog", 1)
+        .unwrap()
+        .context;
     assert_eq!(bits(&a), bits(&b));
     assert_eq!((cache.hits(), cache.misses()), (1, 1));
-    let c = cache.get_or_encode(&sd, "a photo of ohwx dog", 2).unwrap();
+    let c = cache
+        .get_or_encode(&sd, "a photo of ohwx dog", 2)
+        .unwrap()
+        .context;
     assert_ne!(bits(&a), bits(&c));
     cache.get_or_encode(&sd, "a photo of a dog", 1).unwrap();
     assert_eq!((cache.hits(), cache.misses()), (1, 3));
     assert_eq!(
         bits(&a),
-        bits(&encode_caption(&sd, "a photo of ohwx dog", 1).unwrap())
+        bits(
+            &encode_caption(&sd, "a photo of ohwx dog", 1)
+                .unwrap()
+                .context
+        )
     );
 }

@@ -29,9 +29,10 @@
 //! `final_layer_norm` is the one OpenCLIP applies after the penultimate layer,
 //! so its natural setting is 1.
 //!
-//! SDXL (not wired up here yet) conditions on `hidden_states[-2]` of both its
-//! encoders *without* `final_layer_norm`, plus `text_embeds` of the second; all
-//! are in [`ClipTextOutput`].
+//! SDXL conditions on `hidden_states[-2]` of both its encoders *without*
+//! `final_layer_norm`, plus `text_embeds` of the second:
+//! [`ClipTextTransformer::forward_sdxl`] (clip skip `k` reads
+//! `hidden_states[-(k + 1)]`, as diffusers' `clip_skip = k − 1`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -438,6 +439,52 @@ impl ClipTextTransformer {
             h = layer.forward(&h, Some(&mask))?;
         }
         self.final_layer_norm.forward(&h)
+    }
+}
+
+impl ClipTextTransformer {
+    /// SDXL's reading of a text encoder: `hidden_states[-(clip_skip + 1)]`
+    /// without the final LayerNorm (`clip_skip = 1`: the penultimate layer,
+    /// SDXL's conditioning) and, when `pooled`, `text_projection` of the
+    /// final-normed last layer at each end token (`[batch, projection_dim]`).
+    /// Layers after the one read run only when the pooled output is wanted.
+    pub fn forward_sdxl(
+        &self,
+        ids: &Tensor,
+        clip_skip: usize,
+        pooled: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.check_loaded()?;
+        let n = self.encoder.layers.len();
+        if clip_skip == 0 || clip_skip > n {
+            bail!(
+                "clip skip {clip_skip} is out of range: use 1 (SDXL's penultimate layer, the \
+                 default) up to {n} for this {n}-layer text encoder"
+            )
+        }
+        let read = n - clip_skip;
+        let mut h = self.embed(ids)?;
+        let mask = causal_mask(h.dim(1)?, h.dtype(), h.device())?;
+        let run = if pooled { n } else { read };
+        let mut hidden = (read == 0).then(|| h.clone());
+        for (i, layer) in self.encoder.layers[..run].iter().enumerate() {
+            h = layer.forward(&h, Some(&mask))?;
+            if i + 1 == read {
+                hidden = Some(h.clone());
+            }
+        }
+        let Some(hidden) = hidden else {
+            bail!("text encoder: layer {read} was not run")
+        };
+        if !pooled {
+            return Ok((hidden, None));
+        }
+        let Some(projection) = &self.text_projection else {
+            bail!("this text encoder has no text_projection, so it gives no pooled embedding")
+        };
+        let last = self.final_layer_norm.forward(&h)?;
+        let at_end = gather_rows(&last, &eos_positions(ids, self.config.eos_token_id)?)?;
+        Ok((hidden, Some(projection.forward(&at_end)?)))
     }
 }
 

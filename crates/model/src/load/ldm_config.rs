@@ -34,7 +34,8 @@
 //!   `text_encoder_heads`.
 //! * `norm_num_groups` = 32 for UNet and VAE (every SD release). If a width is not a multiple
 //!   of 32 it is certainly wrong, and loading asks for an override.
-//! * `hidden_act`: `quick_gelu` for SD1's CLIP-L, `gelu` for SD2's OpenCLIP.
+//! * `hidden_act`: `quick_gelu` for CLIP-L (SD1, SDXL's first encoder), `gelu` for OpenCLIP
+//!   (SD2, SDXL's second).
 //! * Token ids: BOS/EOS = the last two ids of the vocabulary (CLIP's `<|startoftext|>` 49406 and
 //!   `<|endoftext|>` 49407); pad = EOS for SD1 (its tokenizer pads with `<|endoftext|>`), 0
 //!   (`!`) for SD2. (Real SD folders' configs say 0/2/1, transformers' legacy placeholders; with
@@ -42,8 +43,11 @@
 //! * `upcast_attention` = true for SD2 (numerically safe always, needed by SD2.1-768 in fp16;
 //!   diffusers decides it from a training step count that safetensors files do not carry), false
 //!   for SD1.
-//! * `sample_size` (UNet 64, VAE 512; 96/768 for v-prediction SD2, the 768 px models) and the
-//!   VAE `scaling_factor` 0.18215: they do not shape any tensor.
+//! * `sample_size` (UNet 64, VAE 512; 96/768 for v-prediction SD2, the 768 px models; 128/1024
+//!   for SDXL) and the VAE `scaling_factor` (0.18215; SDXL 0.13025): they do not shape any tensor.
+//! * SDXL: `addition_time_embed_dim` = (in-width of `label_emb.0.0` − the second encoder's
+//!   projection width) / 6, as the six size/crop ids share it; the first encoder is CLIP-L
+//!   (`quick_gelu`), the second OpenCLIP-bigG (`gelu`), and `upcast_attention` is false.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -155,6 +159,8 @@ pub(crate) struct UnetLayout {
     pub cross_attention_dim: Option<usize>,
     pub use_linear_projection: bool,
     pub time_embedding_dim: usize,
+    /// SDXL: the input width of `label_emb.0.0` (pooled text + size/crop embeddings, 2816).
+    pub addition_input_dim: Option<usize>,
 }
 
 impl UnetLayout {
@@ -254,6 +260,10 @@ impl UnetLayout {
             cross_attention_dim,
             use_linear_projection,
             time_embedding_dim: time[0],
+            addition_input_dim: keys
+                .shape("label_emb.0.0.weight")
+                .filter(|s| s.len() == 2)
+                .map(|s| s[1]),
         })
     }
 
@@ -265,6 +275,7 @@ impl UnetLayout {
         prediction: Prediction,
         heads: Option<&AttentionHeads>,
         groups_overridden: bool,
+        pooled_dim: Option<usize>,
     ) -> Result<Value, LoadError> {
         let channels: Vec<usize> = self.levels.iter().map(|l| l.channels).collect();
         let cannot = |what: &str, hint: String| LoadError::CannotInfer {
@@ -350,6 +361,11 @@ impl UnetLayout {
             .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
             .collect();
         let v768 = architecture == Architecture::Sd2 && prediction == Prediction::V;
+        let sample_size = match architecture {
+            Architecture::Sdxl => 128,
+            _ if v768 => 96,
+            _ => 64,
+        };
         let mut config = json!({
             "_class_name": "UNet2DConditionModel",
             "act_fn": "silu",
@@ -370,7 +386,7 @@ impl UnetLayout {
             "norm_num_groups": groups,
             "only_cross_attention": false,
             "out_channels": self.out_channels,
-            "sample_size": if v768 { 96 } else { 64 },
+            "sample_size": sample_size,
             "transformer_layers_per_block": transformer_layers_per_block,
             "up_block_types": up,
             "upcast_attention": architecture == Architecture::Sd2,
@@ -378,6 +394,25 @@ impl UnetLayout {
         });
         if self.time_embedding_dim != 4 * channels[0] {
             config["time_embedding_dim"] = json!(self.time_embedding_dim);
+        }
+        if let Some(input) = self.addition_input_dim {
+            // input = pooled width + 6 sinusoids (original h, w, crop top, left, target h, w).
+            let time_ids = match pooled_dim {
+                Some(p) if input > p && (input - p) % 6 == 0 => (input - p) / 6,
+                _ => {
+                    return Err(cannot(
+                        "the UNet's addition_time_embed_dim",
+                        format!(
+                            "label_emb takes {input} values, which is not the pooled text width \
+                             {pooled_dim:?} plus 6 equal size/crop embeddings; the file's second \
+                             text encoder does not belong to its UNet"
+                        ),
+                    ));
+                }
+            };
+            config["addition_embed_type"] = json!("text_time");
+            config["addition_time_embed_dim"] = json!(time_ids);
+            config["projection_class_embeddings_input_dim"] = json!(input);
         }
         Ok(config)
     }
@@ -471,6 +506,11 @@ impl VaeLayout {
     ) -> Result<Value, LoadError> {
         let n = self.channels.len();
         let v768 = architecture == Architecture::Sd2 && prediction == Prediction::V;
+        let (sample_size, scaling_factor) = match architecture {
+            Architecture::Sdxl => (1024, 0.13025),
+            _ if v768 => (768, 0.18215),
+            _ => (512, 0.18215),
+        };
         Ok(json!({
             "_class_name": "AutoencoderKL",
             "act_fn": "silu",
@@ -483,8 +523,8 @@ impl VaeLayout {
             "norm_num_groups":
                 default_norm_groups(file, "VAE", &self.channels, groups_overridden)?,
             "out_channels": self.out_channels,
-            "sample_size": if v768 { 768 } else { 512 },
-            "scaling_factor": 0.18215,
+            "sample_size": sample_size,
+            "scaling_factor": scaling_factor,
             "up_block_types": vec!["UpDecoderBlock2D"; n],
         }))
     }
@@ -494,11 +534,24 @@ impl VaeLayout {
 // Text encoder
 // ---------------------------------------------------------------------------------------------
 
+/// Which CLIP text tower a single file holds (the weights do not show the activation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TextTower {
+    /// OpenAI's CLIP ViT-L/14: SD1's encoder and SDXL's first (`quick_gelu`, pads with the end
+    /// token).
+    OpenAiClip,
+    /// OpenCLIP ViT-H/14 converted for SD2 (`gelu`, pads with `!`).
+    OpenClip,
+    /// OpenCLIP ViT-bigG/14 with its projection: SDXL's second encoder
+    /// (`CLIPTextModelWithProjection`, `gelu`, pads with `!`).
+    OpenClipWithProjection,
+}
+
 /// The transformers `text_encoder/config.json` for converted (`text_model.*`) weights.
 pub(crate) fn text_config(
     file: &Path,
     weights: &ComponentWeights,
-    architecture: Architecture,
+    tower: TextTower,
     projection_dim: Option<usize>,
     heads: Option<usize>,
 ) -> Result<Value, LoadError> {
@@ -554,10 +607,15 @@ pub(crate) fn text_config(
             });
         }
     };
-    let sd1 = architecture == Architecture::Sd1;
+    let sd1 = tower == TextTower::OpenAiClip;
     let eos = vocab.saturating_sub(1);
+    let class = if tower == TextTower::OpenClipWithProjection {
+        "CLIPTextModelWithProjection"
+    } else {
+        "CLIPTextModel"
+    };
     Ok(json!({
-        "architectures": ["CLIPTextModel"],
+        "architectures": [class],
         "attention_dropout": 0.0,
         "bos_token_id": vocab.saturating_sub(2),
         "eos_token_id": eos,

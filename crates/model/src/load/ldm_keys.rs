@@ -15,6 +15,12 @@
 //!   `text_projection` are not part of the converted model, so they are [`Rename::Drop`]ped here.
 //!   Its final LayerNorm (`ln_final`) is kept: OpenCLIP applies it after the penultimate layer,
 //!   which is what `CLIPTextModel`'s `final_layer_norm` then does.
+//! * SDXL's second encoder (OpenCLIP-bigG) keeps every layer — SDXL reads the penultimate hidden
+//!   state *and* the pooled output of the last — and its `text_projection` becomes
+//!   `CLIPTextModelWithProjection`'s Linear `text_projection.weight`, the transpose of the stored
+//!   matrix ([`open_clip_full`]).
+//! * SDXL's `label_emb.0.{0,2}` (the MLP over the pooled embedding and size/crop ids) is
+//!   diffusers' `add_embedding.linear_{1,2}`.
 
 /// Prefix of UNet keys in a single-file checkpoint.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
@@ -40,6 +46,8 @@ pub enum Conversion {
     ConvToLinear,
     /// Chunk `index` of `of` equal chunks along dim 0.
     Chunk { index: usize, of: usize },
+    /// The transpose of a 2-D tensor (OpenCLIP's `text_projection`, stored `[in, out]`).
+    Transpose,
 }
 
 /// One converted tensor.
@@ -117,6 +125,8 @@ pub fn unet(key: &str, layers_per_block: usize) -> Rename {
     for (ldm, diffusers) in [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
@@ -165,6 +175,88 @@ pub fn unet(key: &str, layers_per_block: usize) -> Rename {
         };
     }
     Rename::Unknown
+}
+
+/// The original (sgm/LDM) address of a diffusers UNet *module* path — the inverse of [`unet`]
+/// for Linear/Conv2d modules, used for SDXL's kohya LoRA names
+/// (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` →
+/// `input_blocks.4.1.transformer_blocks.0.attn1.to_q`). `up_attention[b]`: whether up block `b`
+/// has transformers (its upsampler is then the block's third module, else its second). `None`
+/// for a path outside the UNet's layout.
+pub fn unet_module_to_ldm(
+    path: &str,
+    layers_per_block: usize,
+    up_attention: &[bool],
+) -> Option<String> {
+    let per_level = layers_per_block + 1;
+    for (diffusers, ldm) in [
+        ("conv_in", "input_blocks.0.0"),
+        ("conv_out", "out.2"),
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+    ] {
+        if path == diffusers {
+            return Some(ldm.to_string());
+        }
+    }
+    // A ResNet's layer inside its block: the inverse of `unet_resnet`.
+    let resnet = |address: String, rest: &str| {
+        let inner = match rest {
+            "conv1" => "in_layers.2",
+            "conv2" => "out_layers.3",
+            "time_emb_proj" => "emb_layers.1",
+            "conv_shortcut" => "skip_connection",
+            _ => return None,
+        };
+        Some(format!("{address}.{inner}"))
+    };
+    if let Some((b, rest)) = split_index(path, "down_blocks.") {
+        if rest == "downsamplers.0.conv" {
+            return Some(format!("input_blocks.{}.0.op", (b + 1) * per_level));
+        }
+        let base = |l: usize| format!("input_blocks.{}", 1 + b * per_level + l);
+        if let Some((l, rest)) = split_index(rest, "resnets.") {
+            return (l < layers_per_block)
+                .then(|| resnet(format!("{}.0", base(l)), rest))
+                .flatten();
+        }
+        if let Some((l, rest)) = split_index(rest, "attentions.") {
+            return (l < layers_per_block).then(|| format!("{}.1.{rest}", base(l)));
+        }
+        return None;
+    }
+    if let Some(rest) = path.strip_prefix("mid_block.") {
+        if let Some((l, rest)) = split_index(rest, "resnets.") {
+            return (l < 2)
+                .then(|| resnet(format!("middle_block.{}", 2 * l), rest))
+                .flatten();
+        }
+        if let Some((0, rest)) = split_index(rest, "attentions.") {
+            return Some(format!("middle_block.1.{rest}"));
+        }
+        return None;
+    }
+    if let Some((b, rest)) = split_index(path, "up_blocks.") {
+        if rest == "upsamplers.0.conv" {
+            let index = if *up_attention.get(b)? { 2 } else { 1 };
+            return Some(format!(
+                "output_blocks.{}.{index}.conv",
+                b * per_level + layers_per_block
+            ));
+        }
+        let base = |l: usize| format!("output_blocks.{}", b * per_level + l);
+        if let Some((l, rest)) = split_index(rest, "resnets.") {
+            return (l < per_level)
+                .then(|| resnet(format!("{}.0", base(l)), rest))
+                .flatten();
+        }
+        if let Some((l, rest)) = split_index(rest, "attentions.") {
+            return (l < per_level).then(|| format!("{}.1.{rest}", base(l)));
+        }
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,6 +389,19 @@ pub fn clip(key: &str) -> Rename {
 /// `num_layers` resblocks into SD2's diffusers text encoder (`CLIPTextModel` with
 /// `num_layers − 1` layers; see the module docs for why the last layer is dropped).
 pub fn open_clip(key: &str, num_layers: usize) -> Rename {
+    open_clip_tower(key, Some(num_layers))
+}
+
+/// Converts an OpenCLIP text-tower key (after [`SDXL_TEXT_2_PREFIX`]) into SDXL's second text
+/// encoder (`CLIPTextModelWithProjection`): every layer kept, `text_projection` transposed into
+/// a Linear weight.
+pub fn open_clip_full(key: &str) -> Rename {
+    open_clip_tower(key, None)
+}
+
+/// `drop_last_of`: SD2's rule (the last of this many layers and the projection are dropped);
+/// `None`: keep everything (SDXL).
+fn open_clip_tower(key: &str, drop_last_of: Option<usize>) -> Rename {
     if is_buffer(key) {
         return Rename::Drop("buffer, not a parameter");
     }
@@ -309,15 +414,21 @@ pub fn open_clip(key: &str, num_layers: usize) -> Rename {
         }
         "ln_final.weight" => return Rename::same("text_model.final_layer_norm.weight".into()),
         "ln_final.bias" => return Rename::same("text_model.final_layer_norm.bias".into()),
-        "text_projection" => {
+        "text_projection" if drop_last_of.is_some() => {
             return Rename::Drop("SD2 uses the penultimate layer, not the projection");
+        }
+        "text_projection" => {
+            return Rename::To(vec![Target {
+                key: "text_projection.weight".into(),
+                conversion: Conversion::Transpose,
+            }]);
         }
         _ => {}
     }
     let Some((n, rest)) = split_index(key, "transformer.resblocks.") else {
         return Rename::Unknown;
     };
-    if n + 1 == num_layers {
+    if drop_last_of == Some(n + 1) {
         return Rename::Drop("last OpenCLIP layer: SD2 uses the penultimate layer");
     }
     let layer = format!("text_model.encoder.layers.{n}");
@@ -461,7 +572,15 @@ mod tests {
             one(unet("input_blocks.3.0.in_layers.0.bias", 1)),
             "down_blocks.1.resnets.0.norm1.bias"
         );
-        assert_eq!(unet("label_emb.0.0.weight", 2), Rename::Unknown);
+        assert_eq!(
+            one(unet("label_emb.0.0.weight", 2)),
+            "add_embedding.linear_1.weight"
+        );
+        assert_eq!(
+            one(unet("label_emb.0.2.bias", 2)),
+            "add_embedding.linear_2.bias"
+        );
+        assert_eq!(unet("label_emb.0.1.weight", 2), Rename::Unknown);
         assert_eq!(unet("input_blocks.1.0.weird.weight", 2), Rename::Unknown);
         assert_eq!(unet("input_blocks.x.0.op.weight", 2), Rename::Unknown);
     }
@@ -666,5 +785,79 @@ mod tests {
             open_clip("transformer.resblocks.1.attn.weird", layers),
             Rename::Unknown
         );
+    }
+
+    #[test]
+    fn sdxl_big_g_keeps_every_layer_and_transposes_the_projection() {
+        // The last of 32 layers is kept (SDXL pools from it).
+        assert_eq!(
+            one(open_clip_full("transformer.resblocks.31.ln_1.bias")),
+            "text_model.encoder.layers.31.layer_norm1.bias"
+        );
+        assert_eq!(
+            open_clip_full("text_projection"),
+            Rename::To(vec![Target {
+                key: "text_projection.weight".into(),
+                conversion: Conversion::Transpose
+            }])
+        );
+        assert_eq!(
+            one(open_clip_full("ln_final.bias")),
+            "text_model.final_layer_norm.bias"
+        );
+        assert!(matches!(open_clip_full("logit_scale"), Rename::Drop(_)));
+    }
+
+    #[test]
+    fn unet_module_paths_map_back_to_ldm() {
+        // SDXL's layout: 2 ResBlocks per level, up blocks 0 and 1 with attention.
+        let up = [true, true, false];
+        let cases = [
+            (
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+            ),
+            (
+                "down_blocks.0.resnets.1.conv2",
+                "input_blocks.2.0.out_layers.3",
+            ),
+            ("down_blocks.1.downsamplers.0.conv", "input_blocks.6.0.op"),
+            (
+                "mid_block.resnets.1.time_emb_proj",
+                "middle_block.2.emb_layers.1",
+            ),
+            ("mid_block.attentions.0.proj_in", "middle_block.1.proj_in"),
+            (
+                "up_blocks.0.attentions.2.proj_out",
+                "output_blocks.2.1.proj_out",
+            ),
+            ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
+            (
+                "up_blocks.2.resnets.0.conv_shortcut",
+                "output_blocks.6.0.skip_connection",
+            ),
+            ("add_embedding.linear_2", "label_emb.0.2"),
+        ];
+        for (diffusers, ldm) in cases {
+            assert_eq!(
+                unet_module_to_ldm(diffusers, 2, &up).as_deref(),
+                Some(ldm),
+                "{diffusers}"
+            );
+            // And `unet` takes it back.
+            assert_eq!(
+                one(unet(&format!("{ldm}.weight"), 2)),
+                format!("{diffusers}.weight")
+            );
+        }
+        assert_eq!(
+            unet_module_to_ldm("up_blocks.3.upsamplers.0.conv", 2, &up),
+            None
+        );
+        assert_eq!(
+            unet_module_to_ldm("down_blocks.0.resnets.2.conv1", 2, &up),
+            None
+        );
+        assert_eq!(unet_module_to_ldm("down_blocks.0.norm", 2, &up), None);
     }
 }

@@ -14,8 +14,9 @@
 //!   `.safetensors`, fp16 and other variants ([`LoadOptions::variant`]).
 //! * **single-file `.safetensors`** with original LDM key names ([`single_file`]): SD1.x and SD2.x
 //!   are converted (renaming in [`ldm_keys`], configuration inferred from tensor shapes in
-//!   [`ldm_config`], whose docs list exactly what is inferred and what is assumed). SDXL files are
-//!   recognised and can be inspected, but conversion reports "not supported yet".
+//!   [`ldm_config`], whose docs list exactly what is inferred and what is assumed). SDXL files
+//!   (sgm layout: `conditioner.embedders.{0,1}`) are converted the same way; the SDXL refiner is
+//!   recognised and can be inspected, but not converted.
 //!
 //! Refused: pickles (`.ckpt`, `.pt`, `.pth`, `.bin`, ...), by name, before a byte is read —
 //! unpickling runs arbitrary code. The error says how to convert.
@@ -168,6 +169,8 @@ pub struct LoadOptions {
     pub unet_attention_heads: Option<AttentionHeads>,
     /// Single files: text-encoder heads (default hidden / 64).
     pub text_encoder_heads: Option<usize>,
+    /// Single files: heads of SDXL's second text encoder (default hidden / 64).
+    pub text_encoder_2_heads: Option<usize>,
     /// Top-level keys replaced in a component's config after loading or inference, e.g.
     /// `norm_num_groups` or `sample_size` of a small single-file model.
     pub config_overrides: BTreeMap<Component, serde_json::Map<String, Value>>,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::error::LoadError;
-use super::ldm_config::{Keys, UnetLayout, VaeLayout, open_clip_layers, text_config};
+use super::ldm_config::{Keys, TextTower, UnetLayout, VaeLayout, open_clip_layers, text_config};
 use super::ldm_keys::{self, Conversion, Rename};
 use super::safetensors_file::SafetensorsFile;
 use super::weights::{ComponentWeights, WeightEntry};
@@ -24,13 +24,16 @@ use super::{Architecture, Component, LoadOptions, Prediction};
 pub(crate) struct SingleFile {
     pub file: Arc<SafetensorsFile>,
     pub architecture: Architecture,
-    /// Converted weights per component; for SDXL, the original tensors (for counting only).
+    /// Converted weights per component; for the SDXL refiner, the original tensors (for
+    /// counting only).
     pub weights: BTreeMap<Component, ComponentWeights>,
-    /// False for SDXL: [`weights`](Self::weights) then hold original names.
+    /// False for the SDXL refiner: [`weights`](Self::weights) then hold original names.
     pub convertible: bool,
     unet: Option<UnetLayout>,
     vae: Option<VaeLayout>,
     text_projection_dim: Option<usize>,
+    /// SDXL: the width of the second encoder's `text_projection` (the pooled embedding).
+    text_2_projection_dim: Option<usize>,
     pub notes: Vec<String>,
 }
 
@@ -44,62 +47,16 @@ impl SingleFile {
         }
         let mut notes = Vec::new();
 
-        if has("conditioner.embedders.") {
-            // SDXL: recognised and counted, not converted (yet).
-            let mut weights = BTreeMap::new();
-            // The refiner has only OpenCLIP-bigG, as embedder 0; diffusers calls it
-            // text_encoder_2 in both models.
-            let text_2 = if has(ldm_keys::SDXL_REFINER_TEXT_2_PREFIX) {
-                ldm_keys::SDXL_REFINER_TEXT_2_PREFIX
-            } else {
-                ldm_keys::SDXL_TEXT_2_PREFIX
-            };
-            for (component, prefix) in [
-                (Component::Unet, ldm_keys::UNET_PREFIX),
-                (Component::Vae, ldm_keys::VAE_PREFIX),
-                (Component::TextEncoder, ldm_keys::SDXL_TEXT_PREFIX),
-                (Component::TextEncoder2, text_2),
-            ] {
-                let w = convert(
-                    &file,
-                    prefix,
-                    component,
-                    |k| {
-                        if ldm_keys::is_buffer(k) {
-                            Rename::Drop("buffer")
-                        } else {
-                            Rename::To(vec![ldm_keys::Target {
-                                key: k.to_string(),
-                                conversion: Conversion::Same,
-                            }])
-                        }
-                    },
-                    &mut notes,
-                )?;
-                if !w.is_empty() {
-                    weights.insert(component, w);
-                }
-            }
-            notes.push(
-                "SDXL single-file checkpoints are recognised but not converted yet; parameter \
-                 counts are of the original tensors (buffers excluded), which diffusers' \
-                 conversion keeps one to one"
-                    .into(),
-            );
-            return Ok(Self {
-                file,
-                architecture: Architecture::Sdxl,
-                weights,
-                convertible: false,
-                unet: None,
-                vae: None,
-                text_projection_dim: None,
-                notes,
-            });
+        // The SDXL refiner has only OpenCLIP-bigG, as embedder 0 (diffusers calls it
+        // text_encoder_2), and a UNet conditioned on an aesthetic score: recognised and
+        // counted, not converted.
+        if has(ldm_keys::SDXL_REFINER_TEXT_2_PREFIX) {
+            return Self::sdxl_refiner(file, notes);
         }
-
         let unet = UnetLayout::infer(&unet_keys)?;
-        let architecture = if has(ldm_keys::SD2_TEXT_PREFIX) {
+        let architecture = if has(ldm_keys::SDXL_TEXT_2_PREFIX) {
+            Architecture::Sdxl
+        } else if has(ldm_keys::SD2_TEXT_PREFIX) {
             Architecture::Sd2
         } else if has(ldm_keys::SD1_TEXT_PREFIX) {
             Architecture::Sd1
@@ -122,7 +79,7 @@ impl SingleFile {
             ));
             guess
         };
-        if architecture == Architecture::Sdxl {
+        if architecture == Architecture::Sdxl && !has(ldm_keys::SDXL_TEXT_2_PREFIX) {
             return Err(LoadError::Unsupported {
                 path: path.to_path_buf(),
                 what: "an SDXL UNet without its text encoders; give the full checkpoint".into(),
@@ -164,6 +121,7 @@ impl SingleFile {
         };
 
         let mut text_projection_dim = None;
+        let mut text_2 = None;
         match architecture {
             Architecture::Sd1 => {
                 let w = convert(
@@ -197,15 +155,47 @@ impl SingleFile {
                 ));
                 weights.insert(Component::TextEncoder, w);
             }
+            Architecture::Sdxl => {
+                let w = convert(
+                    &file,
+                    ldm_keys::SDXL_TEXT_PREFIX,
+                    Component::TextEncoder,
+                    ldm_keys::clip,
+                    &mut notes,
+                )?;
+                weights.insert(Component::TextEncoder, w);
+                let keys = Keys::new(&file, ldm_keys::SDXL_TEXT_2_PREFIX);
+                let projection = keys
+                    .shape("text_projection")
+                    .filter(|s| s.len() == 2)
+                    .map(|s| s[1]);
+                let w = convert(
+                    &file,
+                    ldm_keys::SDXL_TEXT_2_PREFIX,
+                    Component::TextEncoder2,
+                    ldm_keys::open_clip_full,
+                    &mut notes,
+                )?;
+                weights.insert(Component::TextEncoder2, w);
+                text_2 = Some(projection);
+            }
             _ => {}
         }
-        if let (Some(context), Some(text)) = (
-            unet.cross_attention_dim,
+        // SDXL's cross-attention reads both encoders' hidden states side by side.
+        let text_width = |c: Component| {
             weights
-                .get(&Component::TextEncoder)
+                .get(&c)
                 .and_then(|w| w.get("text_model.embeddings.token_embedding.weight"))
-                .and_then(|e| e.shape().get(1).copied()),
-        ) && context != text
+                .and_then(|e| e.shape().get(1).copied())
+        };
+        let context_width = match architecture {
+            Architecture::Sdxl => text_width(Component::TextEncoder)
+                .zip(text_width(Component::TextEncoder2))
+                .map(|(a, b)| a + b),
+            _ => text_width(Component::TextEncoder),
+        };
+        if let (Some(context), Some(text)) = (unet.cross_attention_dim, context_width)
+            && context != text
         {
             notes.push(format!(
                 "the UNet's cross-attention dim {context} differs from the text encoder's hidden \
@@ -221,6 +211,57 @@ impl SingleFile {
             unet: Some(unet),
             vae,
             text_projection_dim,
+            text_2_projection_dim: text_2.flatten(),
+            notes,
+        })
+    }
+
+    /// An SDXL refiner: each component's original tensors, for `inspect` only.
+    fn sdxl_refiner(file: Arc<SafetensorsFile>, mut notes: Vec<String>) -> Result<Self, LoadError> {
+        let mut weights = BTreeMap::new();
+        for (component, prefix) in [
+            (Component::Unet, ldm_keys::UNET_PREFIX),
+            (Component::Vae, ldm_keys::VAE_PREFIX),
+            (
+                Component::TextEncoder2,
+                ldm_keys::SDXL_REFINER_TEXT_2_PREFIX,
+            ),
+        ] {
+            let w = convert(
+                &file,
+                prefix,
+                component,
+                |k| {
+                    if ldm_keys::is_buffer(k) {
+                        Rename::Drop("buffer")
+                    } else {
+                        Rename::To(vec![ldm_keys::Target {
+                            key: k.to_string(),
+                            conversion: Conversion::Same,
+                        }])
+                    }
+                },
+                &mut notes,
+            )?;
+            if !w.is_empty() {
+                weights.insert(component, w);
+            }
+        }
+        notes.push(
+            "this is an SDXL refiner (one OpenCLIP-bigG text encoder, aesthetic-score \
+             conditioning): it can be inspected but not trained or run; parameter counts are of \
+             the original tensors (buffers excluded)"
+                .into(),
+        );
+        Ok(Self {
+            file,
+            architecture: Architecture::Sdxl,
+            weights,
+            convertible: false,
+            unet: None,
+            vae: None,
+            text_projection_dim: None,
+            text_2_projection_dim: None,
             notes,
         })
     }
@@ -249,6 +290,7 @@ impl SingleFile {
                     prediction,
                     options.unet_attention_heads.as_ref(),
                     groups_overridden,
+                    self.text_2_projection_dim,
                 ),
             Component::Vae => self.vae.as_ref().ok_or_else(|| self.unsupported())?.config(
                 path,
@@ -256,16 +298,28 @@ impl SingleFile {
                 prediction,
                 groups_overridden,
             ),
-            Component::TextEncoder => text_config(
-                path,
-                self.weights
+            Component::TextEncoder | Component::TextEncoder2 => {
+                let weights = self
+                    .weights
                     .get(&component)
-                    .ok_or_else(|| self.unsupported())?,
-                self.architecture,
-                self.text_projection_dim,
-                options.text_encoder_heads,
-            ),
-            Component::TextEncoder2 => Err(self.unsupported()),
+                    .ok_or_else(|| self.unsupported())?;
+                let (tower, projection) = match (self.architecture, component) {
+                    (Architecture::Sd1, _) | (Architecture::Sdxl, Component::TextEncoder) => {
+                        (TextTower::OpenAiClip, None)
+                    }
+                    (Architecture::Sdxl, _) => (
+                        TextTower::OpenClipWithProjection,
+                        self.text_2_projection_dim,
+                    ),
+                    _ => (TextTower::OpenClip, self.text_projection_dim),
+                };
+                let heads = if component == Component::TextEncoder {
+                    options.text_encoder_heads
+                } else {
+                    options.text_encoder_2_heads
+                };
+                text_config(path, weights, tower, projection, heads)
+            }
         }
     }
 
@@ -273,8 +327,8 @@ impl SingleFile {
         LoadError::Unsupported {
             path: self.file.path().to_path_buf(),
             what: format!(
-                "{} single-file checkpoints are recognised (inspect works) but cannot be \
-                 converted yet; use the model's diffusers folder instead",
+                "{} single-file checkpoints of this kind are recognised (inspect works) but \
+                 cannot be converted",
                 self.architecture
             ),
         }
@@ -322,6 +376,7 @@ fn convert(
                             }
                         },
                         Conversion::Chunk { index, of } => entry.row_chunk(index, of)?,
+                        Conversion::Transpose => entry.transposed()?,
                     };
                     weights.insert(target.key, entry)?;
                 }

@@ -4,7 +4,9 @@
 //! it reads only headers; a tensor's bytes are touched when it is loaded, straight from the
 //! memory mapping. Conversions never copy at table-building time: a VAE 1×1 conv weight becomes a
 //! Linear weight by changing the recorded shape (same bytes), and OpenCLIP's stacked
-//! `in_proj_weight` becomes q/k/v as three contiguous sub-ranges of the same bytes.
+//! `in_proj_weight` becomes q/k/v as three contiguous sub-ranges of the same bytes. The one
+//! conversion that moves values, OpenCLIP's `text_projection` (stored `[in, out]`, a Linear weight
+//! is `[out, in]`), is recorded as a flag and applied when the tensor is loaded.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ pub struct WeightEntry {
     shape: Vec<usize>,
     start: usize,
     end: usize,
+    /// The stored 2-D tensor is the transpose of this one (see [`Self::transposed`]).
+    transposed: bool,
 }
 
 impl WeightEntry {
@@ -39,13 +43,32 @@ impl WeightEntry {
             shape: info.shape.clone(),
             start: info.start,
             end: info.end,
+            transposed: false,
         })
+    }
+
+    /// The transpose of a 2-D tensor (OpenCLIP's `text_projection`, stored `[in, out]`, as a
+    /// Linear weight `[out, in]`). The values are moved when the tensor is loaded.
+    pub(crate) fn transposed(mut self) -> Result<Self, LoadError> {
+        match self.shape.as_slice() {
+            [a, b] if !self.transposed => {
+                self.shape = vec![*b, *a];
+                self.transposed = true;
+                Ok(self)
+            }
+            _ => Err(LoadError::ShapeMismatch {
+                file: self.file.path().to_path_buf(),
+                key: self.source_key,
+                found: self.shape,
+                expected: "a 2-D tensor to transpose".into(),
+            }),
+        }
     }
 
     /// The same bytes seen with another shape of equal element count (e.g. `[c, c, 1, 1]` →
     /// `[c, c]`).
     pub(crate) fn reshaped(mut self, shape: Vec<usize>) -> Result<Self, LoadError> {
-        if shape.iter().product::<usize>() != self.numel() {
+        if self.transposed || shape.iter().product::<usize>() != self.numel() {
             return Err(LoadError::ShapeMismatch {
                 file: self.file.path().to_path_buf(),
                 key: self.source_key,
@@ -64,7 +87,7 @@ impl WeightEntry {
     /// tensor, so a chunk is a byte sub-range).
     pub(crate) fn row_chunk(mut self, index: usize, count: usize) -> Result<Self, LoadError> {
         let rows = self.shape.first().copied().unwrap_or(0);
-        if self.shape.is_empty() || rows % count != 0 || index >= count {
+        if self.transposed || self.shape.is_empty() || rows % count != 0 || index >= count {
             return Err(LoadError::ShapeMismatch {
                 file: self.file.path().to_path_buf(),
                 key: self.source_key,
@@ -108,14 +131,33 @@ impl WeightEntry {
             Some(self.end - self.start),
             dtype_size(&self.dtype).map(|s| s * self.numel())
         );
-        self.file.load_range(
+        if !self.transposed {
+            return self.file.load_range(
+                &self.source_key,
+                &self.dtype,
+                &self.shape,
+                self.start,
+                self.end,
+                device,
+            );
+        }
+        let stored: Vec<usize> = self.shape.iter().rev().copied().collect();
+        let tensor = self.file.load_range(
             &self.source_key,
             &self.dtype,
-            &self.shape,
+            &stored,
             self.start,
             self.end,
             device,
-        )
+        )?;
+        tensor
+            .t()
+            .and_then(|t| t.contiguous())
+            .map_err(|source| LoadError::Tensor {
+                file: self.file.path().to_path_buf(),
+                key: self.source_key.clone(),
+                source: Box::new(source),
+            })
     }
 }
 

@@ -27,13 +27,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Result, Tensor, Var, bail};
 
+use super::encoders::{TextEncodersMut, TextEncodersRef};
 use super::layer::{
     DropoutControl, LoraAdapter, LoraDropout, lora_dtype, module_seed, splitmix64, unit,
 };
 use super::targets::{TargetSpec, model_targets, select};
 use super::visit::{LayerMut, LayerRef};
 use super::{LayerKind, LoraComponent, LoraModule, LoraWeights, TargetInfo};
-use crate::clip::ClipTextTransformer;
 use crate::unet::UNet2DConditionModel;
 
 /// Options of [`create_trainable`].
@@ -86,27 +86,27 @@ impl TrainableLora {
 }
 
 /// Calls `f(component, path, layer)` for every layer of the UNet and the text
-/// encoder.
+/// encoders.
 fn for_each_layer_mut(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextTransformer>,
+    mut text_encoders: TextEncodersMut<'_>,
     f: &mut dyn FnMut(LoraComponent, &str, LayerMut<'_>),
 ) {
     unet.visit_layers_mut(&mut |p, l| f(LoraComponent::Unet, p, l));
-    if let Some(te) = text_encoder {
-        te.visit_layers_mut(&mut |p, l| f(LoraComponent::TextEncoder, p, l));
+    for (c, te) in text_encoders.iter_mut() {
+        te.visit_layers_mut(&mut |p, l| f(c, p, l));
     }
 }
 
 /// Shared-reference version of [`for_each_layer_mut`].
 fn for_each_layer(
     unet: &UNet2DConditionModel,
-    text_encoder: Option<&ClipTextTransformer>,
+    text_encoders: TextEncodersRef<'_>,
     f: &mut dyn FnMut(LoraComponent, &str, LayerRef<'_>),
 ) {
     unet.visit_layers(&mut |p, l| f(LoraComponent::Unet, p, l));
-    if let Some(te) = text_encoder {
-        te.visit_layers(&mut |p, l| f(LoraComponent::TextEncoder, p, l));
+    for (c, te) in text_encoders.iter() {
+        te.visit_layers(&mut |p, l| f(c, p, l));
     }
 }
 
@@ -173,16 +173,17 @@ fn kaiming_down(
 /// Creates trainable adapters on every layer `spec` selects and returns their
 /// variables. Fails (attaching nothing) when a pattern matches no layer, a rank
 /// is 0, nothing is selected, or a selected layer already has an adapter.
-pub fn create_trainable(
+pub fn create_trainable<'t>(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersMut<'t>>,
     spec: &TargetSpec,
     options: &TrainOptions,
 ) -> Result<TrainableLora> {
     if !(0.0..1.0).contains(&options.dropout) {
         bail!("LoRA dropout must be in [0, 1), got {}", options.dropout)
     }
-    let all = model_targets(unet, text_encoder.as_deref());
+    let text_encoders = text_encoders.into();
+    let all = model_targets(unet, text_encoders.as_ref());
     if let Err(e) = spec.check_patterns(&all) {
         bail!("{e}")
     }
@@ -194,7 +195,7 @@ pub fn create_trainable(
         bail!("LoRA targets: the preset and patterns select no layer")
     }
     let mut problems = Vec::new();
-    for_each_layer(unet, text_encoder.as_deref(), &mut |c, p, l| {
+    for_each_layer(unet, text_encoders.as_ref(), &mut |c, p, l| {
         if l.lora().is_some() && selected.contains_key(&(c, p.to_string())) {
             problems.push(format!("{} already has a LoRA adapter", display(c, p)));
         }
@@ -204,7 +205,7 @@ pub fn create_trainable(
     let control = DropoutControl::new();
     let mut modules = Vec::with_capacity(selected.len());
     let mut errors: Vec<String> = Vec::new();
-    for_each_layer_mut(unet, text_encoder, &mut |c, p, mut layer| {
+    for_each_layer_mut(unet, text_encoders, &mut |c, p, mut layer| {
         let Some(target) = selected.get(&(c, p.to_string())) else {
             return;
         };
@@ -250,9 +251,9 @@ pub fn create_trainable(
 /// training) as a [`TrainableLora`], with dropout set up as `options` says
 /// (`options.seed` only seeds the dropout masks here). Merged adapters are an
 /// error: their variables no longer act on the output.
-pub fn collect_trainable(
+pub fn collect_trainable<'t>(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersMut<'t>>,
     options: &TrainOptions,
 ) -> Result<TrainableLora> {
     if !(0.0..1.0).contains(&options.dropout) {
@@ -261,7 +262,7 @@ pub fn collect_trainable(
     let control = DropoutControl::new();
     let mut modules = Vec::new();
     let mut problems = Vec::new();
-    for_each_layer_mut(unet, text_encoder, &mut |c, p, mut layer| {
+    for_each_layer_mut(unet, text_encoders.into(), &mut |c, p, mut layer| {
         let target = layer.as_ref().target(c, p);
         let Some(adapter) = layer.lora_mut().as_mut() else {
             return;
@@ -323,14 +324,21 @@ fn check_module(target: &TargetInfo, m: &LoraModule) -> Option<String> {
 /// (or is SDXL's second text encoder), whose shapes do not fit, or whose layer
 /// already has an adapter is an error listing every such module, and then
 /// nothing is attached.
-pub fn attach(
+pub fn attach<'t>(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersMut<'t>>,
     weights: &LoraWeights,
     multiplier: f32,
 ) -> Result<usize> {
+    let text_encoders = text_encoders.into();
+    let given = text_encoders.as_ref();
+    let has = |c: LoraComponent| given.has(c);
+    let (has_first, has_second) = (
+        has(LoraComponent::TextEncoder),
+        has(LoraComponent::TextEncoder2),
+    );
     let mut targets: BTreeMap<(LoraComponent, String), (TargetInfo, bool)> = BTreeMap::new();
-    for_each_layer(unet, text_encoder.as_deref(), &mut |c, p, l| {
+    for_each_layer(unet, text_encoders.as_ref(), &mut |c, p, l| {
         targets.insert((c, p.to_string()), (l.target(c, p), l.lora().is_some()));
     });
     let mut problems = Vec::new();
@@ -349,10 +357,10 @@ pub fn attach(
             }
             None => {
                 let why = match c {
-                    LoraComponent::TextEncoder2 => "SDXL's second text encoder is not supported",
-                    LoraComponent::TextEncoder if text_encoder.is_none() => {
-                        "no text encoder was given"
+                    LoraComponent::TextEncoder2 if !has_second => {
+                        "the model has no second text encoder (an SDXL LoRA on an SD1/SD2 model?)"
                     }
+                    LoraComponent::TextEncoder if !has_first => "no text encoder was given",
                     _ => "no such Linear/Conv2d layer in the model",
                 };
                 problems.push(format!("{}: {why}", display(*c, p)));
@@ -363,7 +371,7 @@ pub fn attach(
 
     let mut count = 0;
     let mut errors = Vec::new();
-    for_each_layer_mut(unet, text_encoder, &mut |c, p, mut layer| {
+    for_each_layer_mut(unet, text_encoders.into(), &mut |c, p, mut layer| {
         let Some(m) = weights.modules.get(&(c, p.to_string())) else {
             return;
         };
@@ -391,13 +399,13 @@ pub fn attach(
 
 /// The current LoRA of the model as f32 [`LoraWeights`] (copies, so later
 /// training steps do not change them). The multiplier is not folded in.
-pub fn extract(
+pub fn extract<'t>(
     unet: &UNet2DConditionModel,
-    text_encoder: Option<&ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersRef<'t>>,
 ) -> Result<LoraWeights> {
     let mut out = LoraWeights::default();
     let mut errors = Vec::new();
-    for_each_layer(unet, text_encoder, &mut |c, p, l| {
+    for_each_layer(unet, text_encoders.into(), &mut |c, p, l| {
         let Some(a) = l.lora() else { return };
         let snapshot =
             |v: &Var| -> Result<Tensor> { v.as_tensor().detach().to_dtype(DType::F32)?.copy() };
@@ -420,12 +428,12 @@ pub fn extract(
 }
 
 /// Removes every adapter (unmerging merged ones first); returns how many.
-pub fn remove_all(
+pub fn remove_all<'t>(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersMut<'t>>,
 ) -> usize {
     let mut count = 0;
-    for_each_layer_mut(unet, text_encoder, &mut |_, _, mut layer| {
+    for_each_layer_mut(unet, text_encoders.into(), &mut |_, _, mut layer| {
         if let Some(adapter) = layer.lora_mut().take() {
             if let Some(original) = adapter.merged_from {
                 *layer.weight_mut() = original;
@@ -438,13 +446,13 @@ pub fn remove_all(
 
 /// Sets the inference scale of every (unmerged) adapter; returns how many.
 /// Merged adapters keep the multiplier they were merged with (unmerge first).
-pub fn set_multiplier(
+pub fn set_multiplier<'t>(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersMut<'t>>,
     multiplier: f32,
 ) -> usize {
     let mut count = 0;
-    for_each_layer_mut(unet, text_encoder, &mut |_, _, mut layer| {
+    for_each_layer_mut(unet, text_encoders.into(), &mut |_, _, mut layer| {
         if let Some(a) = layer.lora_mut().as_mut().filter(|a| !a.is_merged()) {
             a.multiplier = multiplier;
             count += 1;
@@ -457,14 +465,14 @@ pub fn set_multiplier(
 /// base weight (see the module docs for precision); returns how many. The
 /// adapters stay attached (skipped by the forward) until [`unmerge`] or
 /// [`remove_all`].
-pub fn merge(
+pub fn merge<'t>(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersMut<'t>>,
     multiplier: f32,
 ) -> Result<usize> {
     let mut count = 0;
     let mut errors = Vec::new();
-    for_each_layer_mut(unet, text_encoder, &mut |c, p, mut layer| {
+    for_each_layer_mut(unet, text_encoders.into(), &mut |c, p, mut layer| {
         let weight = layer.as_ref().weight().clone();
         let Some(adapter) = layer.lora_mut().as_mut().filter(|a| !a.is_merged()) else {
             return;
@@ -491,12 +499,12 @@ pub fn merge(
 
 /// Restores the original weight of every merged adapter (bit for bit) and
 /// re-enables its LoRA path; returns how many.
-pub fn unmerge(
+pub fn unmerge<'t>(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersMut<'t>>,
 ) -> usize {
     let mut count = 0;
-    for_each_layer_mut(unet, text_encoder, &mut |_, _, mut layer| {
+    for_each_layer_mut(unet, text_encoders.into(), &mut |_, _, mut layer| {
         let original = layer.lora_mut().as_mut().and_then(|a| a.merged_from.take());
         if let Some(original) = original {
             *layer.weight_mut() = original;
@@ -507,12 +515,12 @@ pub fn unmerge(
 }
 
 /// The (component, path) keys of every layer that holds an adapter.
-pub fn adapted_layers(
+pub fn adapted_layers<'t>(
     unet: &UNet2DConditionModel,
-    text_encoder: Option<&ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersRef<'t>>,
 ) -> BTreeSet<(LoraComponent, String)> {
     let mut out = BTreeSet::new();
-    for_each_layer(unet, text_encoder, &mut |c, p, l| {
+    for_each_layer(unet, text_encoders.into(), &mut |c, p, l| {
         if l.lora().is_some() {
             out.insert((c, p.to_string()));
         }

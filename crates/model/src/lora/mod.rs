@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 
 pub mod adapted;
 pub mod attach;
+pub mod encoders;
 pub mod layer;
 pub(crate) mod linear_cpu;
 pub mod targets;

@@ -35,7 +35,7 @@
 
 use std::str::FromStr;
 
-use crate::clip::ClipTextTransformer;
+use super::encoders::TextEncodersRef;
 use crate::unet::UNet2DConditionModel;
 
 use super::{LayerKind, LoraComponent, TargetInfo};
@@ -256,17 +256,15 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 }
 
 /// Every adaptable (Linear/Conv2d) layer of the UNet and, when given, the text
-/// encoder, in model order.
-pub fn model_targets(
+/// encoder(s), in model order.
+pub fn model_targets<'t>(
     unet: &UNet2DConditionModel,
-    text_encoder: Option<&ClipTextTransformer>,
+    text_encoders: impl Into<TextEncodersRef<'t>>,
 ) -> Vec<TargetInfo> {
     let mut out = Vec::new();
     unet.visit_layers(&mut |path, layer| out.push(layer.target(LoraComponent::Unet, path)));
-    if let Some(te) = text_encoder {
-        te.visit_layers(&mut |path, layer| {
-            out.push(layer.target(LoraComponent::TextEncoder, path))
-        });
+    for (c, te) in text_encoders.into().iter() {
+        te.visit_layers(&mut |path, layer| out.push(layer.target(c, path)));
     }
     out
 }

@@ -28,12 +28,13 @@ use crate::load::LoadError;
 use super::LoraWeights;
 
 pub use metadata::{BaseModelVersion, DatasetDirInfo, Metadata};
-pub use names::{KohyaNameMap, NameError, kohya_name, parse_kohya_name};
+pub use names::{KohyaNameMap, KohyaNaming, NameError, SgmLayout, kohya_name, parse_kohya_name};
 pub use read::{read_lora, read_lora_for_model};
 pub use summary::LoraSummary;
 pub use validate::{Mismatch, validate};
 pub use write::{
-    ConvertReport, SaveDtype, WriteFormat, convert, write_kohya, write_lora, write_peft,
+    ConvertReport, SaveDtype, WriteFormat, convert, write_kohya, write_kohya_named, write_lora,
+    write_peft,
 };
 
 /// The key convention of a LoRA file.

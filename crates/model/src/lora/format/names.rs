@@ -13,9 +13,10 @@
 //!   module those models actually have. Anything else is an error, never a guess: a wrong path
 //!   would make the module silently do nothing.
 //!
-//! SDXL kohya files name the UNet with the original LDM paths (`lora_unet_input_blocks_4_1_...`)
-//! and the text encoders `lora_te1_`/`lora_te2_`; those are recognised and reported as not
-//! supported yet rather than mistranslated.
+//! SDXL kohya files name the UNet with the original sgm paths (`lora_unet_input_blocks_4_1_...`)
+//! and the text encoders `lora_te1_`/`lora_te2_` ([`KohyaNaming::Sgm`], the SDXL family's naming
+//! table). They are read against a model's targets (the map is built forward, so it is exact);
+//! without a model they are reported as needing one rather than mistranslated.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -50,6 +51,102 @@ pub fn kohya_prefix(component: LoraComponent, sdxl: bool) -> &'static str {
         LoraComponent::TextEncoder if sdxl => PREFIX_TE1,
         LoraComponent::TextEncoder => PREFIX_TE,
         LoraComponent::TextEncoder2 => PREFIX_TE2,
+    }
+}
+
+/// The layout facts SDXL's sgm UNet names depend on (see
+/// [`crate::load::ldm_keys::unet_module_to_ldm`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SgmLayout {
+    /// ResNets per down level (2 in every SDXL checkpoint).
+    pub layers_per_block: usize,
+    /// Per up block: whether it has transformers.
+    pub up_attention: Vec<bool>,
+}
+
+impl SgmLayout {
+    /// SDXL base and every model fine-tuned from it (Pony, Illustrious, …).
+    pub fn sdxl_base() -> Self {
+        Self {
+            layers_per_block: 2,
+            up_attention: vec![true, true, false],
+        }
+    }
+
+    /// The layout of a UNet, read off its adaptable layers' paths.
+    fn from_targets(targets: &[TargetInfo]) -> Self {
+        let unet = || {
+            targets
+                .iter()
+                .filter(|t| t.component == LoraComponent::Unet)
+        };
+        let layers_per_block = unet()
+            .filter_map(|t| {
+                let rest = t.path.strip_prefix("down_blocks.0.resnets.")?;
+                rest.split_once('.')?.0.parse::<usize>().ok()
+            })
+            .max()
+            .map_or(2, |m| m + 1);
+        let ups = unet()
+            .filter_map(|t| {
+                let rest = t.path.strip_prefix("up_blocks.")?;
+                rest.split_once('.')?.0.parse::<usize>().ok()
+            })
+            .max()
+            .map_or(0, |m| m + 1);
+        let up_attention = (0..ups)
+            .map(|b| {
+                let prefix = format!("up_blocks.{b}.attentions.");
+                unet().any(|t| t.path.starts_with(&prefix))
+            })
+            .collect();
+        Self {
+            layers_per_block,
+            up_attention,
+        }
+    }
+}
+
+/// How a family names LoRA modules in kohya files: part of the model-family seam.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum KohyaNaming {
+    /// SD1/SD2: `lora_unet_` + the diffusers path, `lora_te_`.
+    #[default]
+    Diffusers,
+    /// SDXL: `lora_unet_` + the sgm path, `lora_te1_` / `lora_te2_`.
+    Sgm(SgmLayout),
+}
+
+impl KohyaNaming {
+    /// The naming of the model whose adaptable layers are `targets`: SDXL's when its UNet
+    /// has the added (pooled text + size) embedding or it has a second text encoder.
+    pub fn from_targets(targets: &[TargetInfo]) -> Self {
+        let sdxl = targets.iter().any(|t| {
+            t.component == LoraComponent::TextEncoder2
+                || (t.component == LoraComponent::Unet && t.path.starts_with("add_embedding."))
+        });
+        if sdxl {
+            Self::Sgm(SgmLayout::from_targets(targets))
+        } else {
+            Self::Diffusers
+        }
+    }
+
+    /// The kohya module name of `(component, path)`; `None` for a UNet path outside the
+    /// sgm layout.
+    pub fn name(&self, component: LoraComponent, path: &str) -> Option<String> {
+        match (self, component) {
+            (Self::Diffusers, _) => Some(kohya_name_with(component, path, false)),
+            (Self::Sgm(layout), LoraComponent::Unet) => {
+                let ldm = crate::load::ldm_keys::unet_module_to_ldm(
+                    path,
+                    layout.layers_per_block,
+                    &layout.up_attention,
+                )?;
+                Some(format!("{PREFIX_UNET}{}", ldm.replace('.', "_")))
+            }
+            (Self::Sgm(_), _) => Some(kohya_name_with(component, path, true)),
+        }
     }
 }
 
@@ -215,19 +312,14 @@ pub struct KohyaNameMap {
 }
 
 impl KohyaNameMap {
-    /// The names of every target. A model with a second text encoder is SDXL, whose first text
-    /// encoder is `lora_te1_`.
+    /// The names of every target, in the model's family naming ([`KohyaNaming::from_targets`]).
     pub fn from_targets(targets: &[TargetInfo]) -> Self {
-        let sdxl = targets
-            .iter()
-            .any(|t| t.component == LoraComponent::TextEncoder2);
+        let naming = KohyaNaming::from_targets(targets);
         let map = targets
             .iter()
-            .map(|t| {
-                (
-                    kohya_name_with(t.component, &t.path, sdxl),
-                    (t.component, t.path.clone()),
-                )
+            .filter_map(|t| {
+                let name = naming.name(t.component, &t.path)?;
+                Some((name, (t.component, t.path.clone())))
             })
             .collect();
         Self { map }

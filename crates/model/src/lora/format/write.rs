@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
-use super::metadata::{Metadata, NETWORK_MODULE_LORA};
-use super::names::kohya_prefix;
+use super::metadata::{BaseModelVersion, Metadata, NETWORK_MODULE_LORA};
+use super::names::{KohyaNaming, SgmLayout};
 use super::read::{module_problems, read_lora};
 use super::serialize::{RawTensor, serialize, sshs_hashes};
 use super::{LoraFormat, LoraFormatError};
@@ -67,6 +67,10 @@ pub enum WriteFormat {
 
 /// Writes `weights` in kohya format with `metadata` (plus `ss_network_module` when absent, and
 /// the `sshs_*` hashes).
+///
+/// The names follow the family: SD1/SD2 diffusers paths, or SDXL's sgm paths when `metadata`
+/// says the base model is SDXL or the LoRA has modules on a second text encoder (with SDXL base's
+/// layout; [`write_kohya_named`] takes the model's own).
 pub fn write_kohya(
     path: &Path,
     weights: &LoraWeights,
@@ -74,6 +78,24 @@ pub fn write_kohya(
     dtype: SaveDtype,
 ) -> Result<(), LoraFormatError> {
     write_lora(path, weights, WriteFormat::Kohya, &metadata.to_map(), dtype)
+}
+
+/// [`write_kohya`] with the family's naming given (see [`KohyaNaming::from_targets`]).
+pub fn write_kohya_named(
+    path: &Path,
+    weights: &LoraWeights,
+    metadata: &Metadata,
+    dtype: SaveDtype,
+    naming: &KohyaNaming,
+) -> Result<(), LoraFormatError> {
+    write_lora_named(
+        path,
+        weights,
+        WriteFormat::Kohya,
+        &metadata.to_map(),
+        dtype,
+        naming,
+    )
 }
 
 /// Writes `weights` in PEFT format (alpha folded into `lora_B`) with `metadata`.
@@ -87,13 +109,36 @@ pub fn write_peft(
 }
 
 /// Writes `weights` in `format` with a raw metadata map. Existing `sshs_*` hashes in `metadata`
-/// are replaced by ones computed for this file.
+/// are replaced by ones computed for this file. kohya names follow SDXL base's layout when
+/// `ss_base_model_version` says SDXL or a module is on the second text encoder.
 pub fn write_lora(
     path: &Path,
     weights: &LoraWeights,
     format: WriteFormat,
     metadata: &BTreeMap<String, String>,
     dtype: SaveDtype,
+) -> Result<(), LoraFormatError> {
+    let sdxl = metadata.get("ss_base_model_version").map(String::as_str)
+        == Some(BaseModelVersion::SdxlBase.as_str())
+        || weights
+            .modules
+            .keys()
+            .any(|(c, _)| *c == LoraComponent::TextEncoder2);
+    let naming = if sdxl {
+        KohyaNaming::Sgm(SgmLayout::sdxl_base())
+    } else {
+        KohyaNaming::Diffusers
+    };
+    write_lora_named(path, weights, format, metadata, dtype, &naming)
+}
+
+fn write_lora_named(
+    path: &Path,
+    weights: &LoraWeights,
+    format: WriteFormat,
+    metadata: &BTreeMap<String, String>,
+    dtype: SaveDtype,
+    naming: &KohyaNaming,
 ) -> Result<(), LoraFormatError> {
     let problems: Vec<String> = weights
         .modules
@@ -107,7 +152,7 @@ pub fn write_lora(
         });
     }
     let tensors = match format {
-        WriteFormat::Kohya => kohya_tensors(weights, dtype),
+        WriteFormat::Kohya => kohya_tensors(weights, dtype, naming),
         WriteFormat::Peft => peft_tensors(weights, dtype),
     }
     .map_err(|source| LoraFormatError::Tensor {
@@ -139,18 +184,16 @@ pub fn write_lora(
     write_atomically(path, &bytes)
 }
 
-fn kohya_tensors(weights: &LoraWeights, dtype: SaveDtype) -> candle_core::Result<Vec<RawTensor>> {
-    let sdxl = weights
-        .modules
-        .keys()
-        .any(|(c, _)| *c == LoraComponent::TextEncoder2);
+fn kohya_tensors(
+    weights: &LoraWeights,
+    dtype: SaveDtype,
+    naming: &KohyaNaming,
+) -> candle_core::Result<Vec<RawTensor>> {
     let mut out = Vec::with_capacity(weights.modules.len() * 3);
     for ((component, path), module) in &weights.modules {
-        let name = format!(
-            "{}{}",
-            kohya_prefix(*component, sdxl),
-            path.replace('.', "_")
-        );
+        let Some(name) = naming.name(*component, path) else {
+            candle_core::bail!("{component:?} module `{path}` has no name in the sgm layout")
+        };
         out.push(raw(
             format!("{name}.lora_down.weight"),
             &module.down,

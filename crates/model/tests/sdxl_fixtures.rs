@@ -1,0 +1,295 @@
+//! SDXL against diffusers + transformers on the tiny SDXL fixture
+//! (`tools/make_sdxl_fixtures.py`; sizes deliberately not SDXL's): the
+//! diffusers folder and the sgm single file both load, agree on every
+//! converted tensor and parameter count, and reproduce the reference — both
+//! text encoders, `encode_prompt`'s context and pooled embedding, the UNet with
+//! `add_time_ids` (outputs and input gradients), the VAE with its 0.13025
+//! scale.
+
+use candle_core::{DType, Device, Tensor, Var};
+use sd_lora_model::conditioning::SizeCond;
+use sd_lora_model::load::{Architecture, AttentionHeads, Component, LoadOptions, ModelSource};
+use sd_lora_model::pipeline::StableDiffusion;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// What the tiny fixture chose that its single file's weights cannot show.
+fn tiny_options() -> LoadOptions {
+    let mut options = LoadOptions {
+        unet_attention_heads: Some(AttentionHeads::PerLevel(vec![2, 4, 4])),
+        text_encoder_heads: Some(4),
+        text_encoder_2_heads: Some(4),
+        ..LoadOptions::default()
+    };
+    for (component, sample_size) in [(Component::Unet, 8), (Component::Vae, 32)] {
+        let mut m = serde_json::Map::new();
+        m.insert("norm_num_groups".into(), json!(4));
+        m.insert("sample_size".into(), json!(sample_size));
+        options.config_overrides.insert(component, m);
+    }
+    options
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    let p = fixtures().join("reference/sdxl_tiny.safetensors");
+    candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; regenerate with tools/make_sdxl_fixtures.py",
+            p.display()
+        )
+    })
+}
+
+/// max |a − b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    assert_eq!(a.dims(), b.dims());
+    let max = |t: Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    max((&a - &b).unwrap()) / max(b).max(1e-12)
+}
+
+fn load(path: &Path) -> StableDiffusion {
+    let source = ModelSource::open_with(path, tiny_options()).unwrap();
+    assert_eq!(
+        source.architecture(),
+        Architecture::Sdxl,
+        "{}",
+        path.display()
+    );
+    StableDiffusion::load(&source, DType::F32, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn ids(r: &HashMap<String, Tensor>, key: &str) -> Tensor {
+    r[key].to_dtype(DType::U32).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_vec2::<u32>().unwrap()
+}
+
+/// Size conditioning rows of a `[b, 6]` reference tensor.
+fn sizes(t: &Tensor) -> Vec<SizeCond> {
+    t.to_vec2::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|r| SizeCond {
+            original: [r[0] as u32, r[1] as u32],
+            crop_top_left: [r[2] as u32, r[3] as u32],
+            target: [r[4] as u32, r[5] as u32],
+        })
+        .collect()
+}
+
+fn check(sd: &StableDiffusion, r: &HashMap<String, Tensor>, what: &str) {
+    // Both encoders, every hidden state.
+    let second = sd.text_encoder_2.as_ref().expect("SDXL has text_encoder_2");
+    for (name, model) in [
+        ("text_encoder", &sd.text_encoder),
+        ("text_encoder_2", &second.model),
+    ] {
+        let out = model
+            .forward(&ids(r, &format!("{name}.input_ids")))
+            .unwrap();
+        for (i, h) in out.hidden_states.iter().enumerate() {
+            let e = rel_err(h, &r[&format!("{name}.hidden_states.{i}")]);
+            assert!(e < 1e-4, "{what}: {name} hidden state {i}: {e}");
+        }
+        let e = rel_err(
+            &out.last_hidden_state,
+            &r[&format!("{name}.last_hidden_state")],
+        );
+        assert!(e < 1e-4, "{what}: {name} last hidden state: {e}");
+    }
+    let out2 = second
+        .model
+        .forward(&ids(r, "text_encoder_2.input_ids"))
+        .unwrap();
+    let e = rel_err(
+        out2.text_embeds.as_ref().unwrap(),
+        &r["text_encoder_2.text_embeds"],
+    );
+    assert!(e < 1e-4, "{what}: text_embeds {e}");
+
+    // encode_prompt: the second encoder's ids are the first's, repadded with `!`.
+    let cond = sd
+        .encode_id_rows(&rows(&ids(r, "text_encoder.input_ids")), 1)
+        .unwrap();
+    let e = rel_err(&cond.context, &r["prompt_embeds"]);
+    assert!(e < 1e-4, "{what}: prompt_embeds {e}");
+    let e = rel_err(cond.pooled.as_ref().unwrap(), &r["pooled_prompt_embeds"]);
+    assert!(e < 1e-4, "{what}: pooled_prompt_embeds {e}");
+
+    // UNet with add_time_ids, square and non-square.
+    for prefix in ["unet", "unet_hw"] {
+        let text = sd_lora_model::conditioning::TextConditioning {
+            context: r[&format!("{prefix}.encoder_hidden_states")].clone(),
+            pooled: Some(r[&format!("{prefix}.text_embeds")].clone()),
+        };
+        let t = r[&format!("{prefix}.timesteps")]
+            .to_dtype(DType::F32)
+            .unwrap();
+        let out = sd
+            .predict(
+                &r[&format!("{prefix}.sample")],
+                &t,
+                &text,
+                &sizes(&r[&format!("{prefix}.time_ids")]),
+            )
+            .unwrap();
+        let e = rel_err(&out, &r[&format!("{prefix}.out")]);
+        assert!(e < 1e-4, "{what}: {prefix} output {e}");
+    }
+
+    // VAE.
+    let mean = sd.vae.encode(&r["vae.encode.image"]).unwrap().mean;
+    let e = rel_err(&mean, &r["vae.encode.mean"]);
+    assert!(e < 1e-4, "{what}: VAE mean {e}");
+    let decoded = sd.vae.decode(&r["vae.decode.latent"]).unwrap();
+    let e = rel_err(&decoded, &r["vae.decode.sample"]);
+    assert!(e < 1e-4, "{what}: VAE decode {e}");
+    assert_eq!(sd.vae_config.scaling_factor, 0.13025, "{what}");
+}
+
+#[test]
+fn sdxl_folder_and_single_file_reproduce_the_reference() {
+    let r = reference();
+    check(&load(&fixtures().join("sdxl_tiny")), &r, "folder");
+    check(
+        &load(&fixtures().join("sdxl_tiny.safetensors")),
+        &r,
+        "single file",
+    );
+}
+
+#[test]
+fn sdxl_unet_gradients_match_the_reference() {
+    let r = reference();
+    let sd = load(&fixtures().join("sdxl_tiny"));
+    let sample = Var::from_tensor(&r["unet.sample"]).unwrap();
+    let context = Var::from_tensor(&r["unet.encoder_hidden_states"]).unwrap();
+    let pooled = Var::from_tensor(&r["unet.text_embeds"]).unwrap();
+    let text = sd_lora_model::conditioning::TextConditioning {
+        context: context.as_tensor().clone(),
+        pooled: Some(pooled.as_tensor().clone()),
+    };
+    let t = r["unet.timesteps"].to_dtype(DType::F32).unwrap();
+    let out = sd
+        .predict(&sample, &t, &text, &sizes(&r["unet.time_ids"]))
+        .unwrap();
+    let loss = (&out * &r["unet.grad.cotangent"])
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (var, key) in [
+        (&sample, "unet.grad.sample"),
+        (&context, "unet.grad.encoder_hidden_states"),
+        (&pooled, "unet.grad.text_embeds"),
+    ] {
+        let e = rel_err(grads.get(var).unwrap(), &r[key]);
+        assert!(e < 1e-4, "{key}: {e}");
+    }
+}
+
+#[test]
+fn sdxl_inspect_counts_match_diffusers_for_folder_and_single_file() {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/sdxl_tiny.json")).unwrap(),
+    )
+    .unwrap();
+    let expected = &json["parameter_counts"];
+    for path in ["sdxl_tiny", "sdxl_tiny.safetensors"] {
+        let info = ModelSource::open_with(fixtures().join(path), tiny_options())
+            .unwrap()
+            .inspect();
+        assert_eq!(info.architecture, Architecture::Sdxl, "{path}");
+        let count = |c: Component| {
+            info.components
+                .iter()
+                .find(|i| i.component == c)
+                .map(|i| i.parameters)
+        };
+        for (c, key) in [
+            (Component::Unet, "unet"),
+            (Component::TextEncoder, "text_encoder"),
+            (Component::TextEncoder2, "text_encoder_2"),
+            (Component::Vae, "vae"),
+        ] {
+            assert_eq!(count(c), expected[key].as_u64(), "{path}: {key}");
+        }
+    }
+}
+
+#[test]
+fn sdxl_single_file_converts_to_the_folders_tensors() {
+    let folder = ModelSource::open_with(fixtures().join("sdxl_tiny"), tiny_options()).unwrap();
+    let single =
+        ModelSource::open_with(fixtures().join("sdxl_tiny.safetensors"), tiny_options()).unwrap();
+    for c in Component::ALL {
+        let (a, b) = (folder.weights(c).unwrap(), single.weights(c).unwrap());
+        let keys_a: Vec<&str> = a.keys().collect();
+        let keys_b: Vec<&str> = b.keys().collect();
+        assert_eq!(keys_a, keys_b, "{c}: converted key names differ");
+        for k in keys_a {
+            let (x, y) = (
+                a.load(k, &Device::Cpu, None).unwrap(),
+                b.load(k, &Device::Cpu, None).unwrap(),
+            );
+            assert_eq!(x.dims(), y.dims(), "{c} {k}");
+            let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{c} {k}");
+        }
+    }
+    // The inferred UNet config is the folder's where the weights decide it.
+    let (uf, us) = (
+        folder.config(Component::Unet).unwrap(),
+        single.config(Component::Unet).unwrap(),
+    );
+    for key in [
+        "addition_embed_type",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+        "cross_attention_dim",
+        "transformer_layers_per_block",
+        "down_block_types",
+        "up_block_types",
+        "block_out_channels",
+        "use_linear_projection",
+    ] {
+        assert_eq!(uf[key], us[key], "unet config `{key}`");
+    }
+    let (tf, ts) = (
+        folder.config(Component::TextEncoder2).unwrap(),
+        single.config(Component::TextEncoder2).unwrap(),
+    );
+    for key in [
+        "hidden_act",
+        "projection_dim",
+        "num_hidden_layers",
+        "hidden_size",
+    ] {
+        assert_eq!(tf[key], ts[key], "text_encoder_2 config `{key}`");
+    }
+    assert_eq!(
+        single.config(Component::TextEncoder).unwrap()["hidden_act"],
+        "quick_gelu"
+    );
+    assert_eq!(
+        single.config(Component::Vae).unwrap()["scaling_factor"],
+        0.13025
+    );
+}
