@@ -293,3 +293,79 @@ fn sdxl_single_file_converts_to_the_folders_tensors() {
         0.13025
     );
 }
+
+#[test]
+fn sdxl_lora_files_use_sgm_names_and_read_back_against_the_model() {
+    use sd_lora_model::lora::LoraComponent;
+    use sd_lora_model::lora::attach::{TrainOptions, create_trainable, extract};
+    use sd_lora_model::lora::format::{
+        KohyaNaming, Metadata, SaveDtype, read_lora_for_model, write_kohya_named,
+    };
+    use sd_lora_model::lora::targets::{Preset, TargetSpec, model_targets};
+
+    let mut sd = load(&fixtures().join("sdxl_tiny"));
+    let spec = TargetSpec {
+        preset: Preset::Conv,
+        ..TargetSpec::default()
+    };
+    let (unet, text_encoders) = sd.lora_parts_mut(true);
+    let lora = create_trainable(unet, text_encoders, &spec, &TrainOptions::default()).unwrap();
+    // Both text encoders are adapted.
+    for c in [LoraComponent::TextEncoder, LoraComponent::TextEncoder2] {
+        assert!(
+            lora.modules.iter().any(|m| m.target.component == c),
+            "{c:?}"
+        );
+    }
+    for m in &lora.modules {
+        // Non-zero `up`, so a wrong name would show as a wrong value.
+        m.up.set(&m.up.as_tensor().ones_like().unwrap()).unwrap();
+    }
+    let (unet, text_encoders) = sd.lora_parts();
+    let weights = extract(unet, text_encoders).unwrap();
+    let targets = model_targets(unet, text_encoders);
+    let naming = KohyaNaming::from_targets(&targets);
+    assert!(matches!(naming, KohyaNaming::Sgm(_)), "{naming:?}");
+
+    let dir = std::env::temp_dir().join(format!("sd-lora-sdxl-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sdxl.safetensors");
+    write_kohya_named(
+        &path,
+        &weights,
+        &Metadata::default(),
+        SaveDtype::F32,
+        &naming,
+    )
+    .unwrap();
+    let names: Vec<String> = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect();
+    for expected in [
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        "lora_unet_middle_block_1_transformer_blocks_1_ff_net_2.lora_up.weight",
+        "lora_unet_output_blocks_2_2_conv.lora_down.weight",
+        "lora_unet_input_blocks_3_0_op.alpha",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+        "lora_te2_text_model_encoder_layers_2_mlp_fc2.lora_up.weight",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not in the file"
+        );
+    }
+    assert!(
+        !names.iter().any(|n| n.contains("down_blocks")),
+        "diffusers names leaked"
+    );
+
+    let back = read_lora_for_model(&path, &targets).unwrap();
+    assert_eq!(back.weights.modules.len(), weights.modules.len());
+    for (key, m) in &weights.modules {
+        let b = &back.weights.modules[key];
+        let diff = (&b.up - &m.up).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{key:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
