@@ -539,12 +539,12 @@ impl VaeLayout {
 pub(crate) enum TextTower {
     /// OpenAI's CLIP ViT-L/14: SD1's encoder and SDXL's first (`quick_gelu`, pads with the end
     /// token).
-    OpenAiClip,
+    ClipL,
     /// OpenCLIP ViT-H/14 converted for SD2 (`gelu`, pads with `!`).
-    OpenClip,
+    OpenClipH,
     /// OpenCLIP ViT-bigG/14 with its projection: SDXL's second encoder
     /// (`CLIPTextModelWithProjection`, `gelu`, pads with `!`).
-    OpenClipWithProjection,
+    BigGWithProjection,
 }
 
 /// The transformers `text_encoder/config.json` for converted (`text_model.*`) weights.
@@ -607,9 +607,9 @@ pub(crate) fn text_config(
             });
         }
     };
-    let sd1 = tower == TextTower::OpenAiClip;
+    let sd1 = tower == TextTower::ClipL;
     let eos = vocab.saturating_sub(1);
-    let class = if tower == TextTower::OpenClipWithProjection {
+    let class = if tower == TextTower::BigGWithProjection {
         "CLIPTextModelWithProjection"
     } else {
         "CLIPTextModel"

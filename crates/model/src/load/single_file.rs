@@ -305,13 +305,12 @@ impl SingleFile {
                     .ok_or_else(|| self.unsupported())?;
                 let (tower, projection) = match (self.architecture, component) {
                     (Architecture::Sd1, _) | (Architecture::Sdxl, Component::TextEncoder) => {
-                        (TextTower::OpenAiClip, None)
+                        (TextTower::ClipL, None)
                     }
-                    (Architecture::Sdxl, _) => (
-                        TextTower::OpenClipWithProjection,
-                        self.text_2_projection_dim,
-                    ),
-                    _ => (TextTower::OpenClip, self.text_projection_dim),
+                    (Architecture::Sdxl, _) => {
+                        (TextTower::BigGWithProjection, self.text_2_projection_dim)
+                    }
+                    _ => (TextTower::OpenClipH, self.text_projection_dim),
                 };
                 let heads = if component == Component::TextEncoder {
                     options.text_encoder_heads

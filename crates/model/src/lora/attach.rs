@@ -371,7 +371,7 @@ pub fn attach<'t>(
 
     let mut count = 0;
     let mut errors = Vec::new();
-    for_each_layer_mut(unet, text_encoders.into(), &mut |c, p, mut layer| {
+    for_each_layer_mut(unet, text_encoders, &mut |c, p, mut layer| {
         let Some(m) = weights.modules.get(&(c, p.to_string())) else {
             return;
         };
