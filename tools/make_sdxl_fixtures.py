@@ -72,36 +72,16 @@ SEED = 3000  # sd1_tiny uses 1000, sd2_tiny 2000
 # ---------------------------------------------------------------------------------------------
 
 # Text encoder 1 (CLIP ViT-L in SDXL): the SD1 tiny text encoder's configuration.
-TEXT_1 = dict(
-    vocab_size=mf.VOCAB_SIZE,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    layer_norm_eps=1e-5,
-    projection_dim=32,  # unused by CLIPTextModel
-    attention_dropout=0.0,
-    hidden_act="quick_gelu",
-    bos_token_id=mf.BOS_ID,
-    eos_token_id=mf.EOS_ID,
-    pad_token_id=mf.EOS_ID,
-)
+TEXT_1 = dict(mf.TEXT_SD1)
 # Text encoder 2 (OpenCLIP ViT-bigG in SDXL): a different width, so the two encoders and the
 # halves of prompt_embeds cannot be confused; head dim 12; projection_dim != hidden_size.
 TEXT_2 = dict(
-    vocab_size=mf.VOCAB_SIZE,
+    mf.TEXT_COMMON,
     hidden_size=48,
     intermediate_size=96,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    layer_norm_eps=1e-5,
     projection_dim=40,
-    attention_dropout=0.0,
     hidden_act="gelu",
-    bos_token_id=mf.BOS_ID,
-    eos_token_id=mf.EOS_ID,
     pad_token_id=0,
 )
 

@@ -18,19 +18,20 @@
 //! * **VAE geometry** ([`StableDiffusion::vae_scale_factor`], the VAE's own
 //!   scale/shift in [`crate::vae::AutoencoderKL::scale_latents`]) and the
 //!   **native resolution** ([`StableDiffusion::native_resolution`]).
-//!
-//! The LoRA naming tables per family live with the file formats
-//! ([`crate::lora::format`]).
+//! * **LoRA names** ([`StableDiffusion::kohya_naming`]): the family's
+//!   naming table, which lives with the file formats
+//!   ([`crate::lora::format::KohyaNaming`]).
 
 use candle_core::{DType, Device, Result, Tensor, bail};
 
+use crate::clip::MAX_LENGTH;
 use crate::clip::text_encoder::eos_positions;
 use crate::load::Architecture;
 use crate::lora::encoders::{TextEncodersMut, TextEncodersRef};
+use crate::lora::format::KohyaNaming;
+use crate::lora::targets::model_targets;
 use crate::pipeline::StableDiffusion;
 use crate::unet::{AddedCond, UNet2DConditionModel};
-
-use crate::clip::MAX_LENGTH;
 
 /// What the text side gives the UNet for a batch.
 #[derive(Debug, Clone)]
@@ -79,23 +80,6 @@ impl TextConditioning {
     /// The batch size.
     pub fn batch(&self) -> Result<usize> {
         self.context.dim(0)
-    }
-
-    /// Rows `start..start + len` of the batch.
-    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
-            context: self.context.narrow(0, start, len)?,
-            pooled: self
-                .pooled
-                .as_ref()
-                .map(|p| p.narrow(0, start, len))
-                .transpose()?,
-        })
-    }
-
-    /// Values held (for memory accounting of caches).
-    pub fn elem_count(&self) -> usize {
-        self.context.elem_count() + self.pooled.as_ref().map_or(0, Tensor::elem_count)
     }
 }
 
@@ -175,6 +159,13 @@ impl StableDiffusion {
                 second: self.text_encoder_2.as_ref().map(|s| &s.model),
             },
         )
+    }
+
+    /// How this family names LoRA modules in kohya files (SDXL: sgm paths
+    /// of this UNet's layout).
+    pub fn kohya_naming(&self) -> KohyaNaming {
+        let (unet, text_encoders) = self.lora_parts();
+        KohyaNaming::from_targets(&model_targets(unet, text_encoders))
     }
 
     /// Whether the model needs [`TextConditioning::pooled`] and size ids

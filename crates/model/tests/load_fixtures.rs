@@ -3,36 +3,17 @@
 //! names, the same parameter counts, and configs that agree on every inferred field.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sd_lora_model::load::{
-    Architecture, AttentionHeads, Component, LoadOptions, ModelSource, Prediction,
-    PredictionSource, SourceFormat,
+    Architecture, AttentionHeads, Component, ModelSource, Prediction, PredictionSource,
+    SourceFormat,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// What the tiny fixtures chose that weights cannot show (README "Model configurations"):
-/// 4 norm groups, sample sizes 8 / 32, 4 text heads, and the UNet heads.
-fn tiny_options(unet_heads: AttentionHeads, prediction: Option<Prediction>) -> LoadOptions {
-    let mut options = LoadOptions {
-        prediction,
-        unet_attention_heads: Some(unet_heads),
-        text_encoder_heads: Some(4),
-        ..LoadOptions::default()
-    };
-    for (component, sample_size) in [(Component::Unet, 8), (Component::Vae, 32)] {
-        let mut m = serde_json::Map::new();
-        m.insert("norm_num_groups".into(), json!(4));
-        m.insert("sample_size".into(), json!(sample_size));
-        options.config_overrides.insert(component, m);
-    }
-    options
-}
+#[path = "support/fixtures.rs"]
+mod support;
+use support::{fixtures, tiny_options};
 
 /// Bit patterns of a float tensor's values (F32/F16/BF16 widen to f32 exactly).
 fn bits(t: &Tensor) -> Vec<u32> {

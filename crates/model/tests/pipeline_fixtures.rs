@@ -5,32 +5,13 @@
 //! produces are the ones the components need.
 
 use candle_core::{DType, Device, Tensor};
-use sd_lora_model::load::{AttentionHeads, Component, LoadOptions, ModelSource, Prediction};
+use sd_lora_model::load::{AttentionHeads, ModelSource, Prediction};
 use sd_lora_model::pipeline::StableDiffusion;
-use serde_json::json;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// What the tiny fixtures chose that their weights cannot show.
-fn tiny_options(unet_heads: AttentionHeads, prediction: Option<Prediction>) -> LoadOptions {
-    let mut options = LoadOptions {
-        prediction,
-        unet_attention_heads: Some(unet_heads),
-        text_encoder_heads: Some(4),
-        ..LoadOptions::default()
-    };
-    for (component, sample_size) in [(Component::Unet, 8), (Component::Vae, 32)] {
-        let mut m = serde_json::Map::new();
-        m.insert("norm_num_groups".into(), json!(4));
-        m.insert("sample_size".into(), json!(sample_size));
-        options.config_overrides.insert(component, m);
-    }
-    options
-}
+#[path = "support/fixtures.rs"]
+mod support;
+use support::{fixtures, rel_err, tiny_options};
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
     let p = fixtures()
@@ -42,29 +23,6 @@ fn reference(name: &str) -> HashMap<String, Tensor> {
             p.display()
         )
     })
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let diff = (a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale.max(1e-12)
 }
 
 fn check(sd: &StableDiffusion, r: &HashMap<String, Tensor>, what: &str) {

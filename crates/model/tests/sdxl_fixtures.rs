@@ -10,29 +10,21 @@ use candle_core::{DType, Device, Tensor, Var};
 use sd_lora_model::conditioning::SizeCond;
 use sd_lora_model::load::{Architecture, AttentionHeads, Component, LoadOptions, ModelSource};
 use sd_lora_model::pipeline::StableDiffusion;
-use serde_json::json;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+#[path = "support/fixtures.rs"]
+mod support;
+use support::{fixtures, rel_err, tiny_options};
 
-/// What the tiny fixture chose that its single file's weights cannot show.
-fn tiny_options() -> LoadOptions {
-    let mut options = LoadOptions {
-        unet_attention_heads: Some(AttentionHeads::PerLevel(vec![2, 4, 4])),
-        text_encoder_heads: Some(4),
+/// What the tiny SDXL fixture chose that its single file's weights cannot
+/// show: the common tiny settings, the UNet's heads per level and the second
+/// text encoder's heads.
+fn tiny_sdxl_options() -> LoadOptions {
+    LoadOptions {
         text_encoder_2_heads: Some(4),
-        ..LoadOptions::default()
-    };
-    for (component, sample_size) in [(Component::Unet, 8), (Component::Vae, 32)] {
-        let mut m = serde_json::Map::new();
-        m.insert("norm_num_groups".into(), json!(4));
-        m.insert("sample_size".into(), json!(sample_size));
-        options.config_overrides.insert(component, m);
+        ..tiny_options(AttentionHeads::PerLevel(vec![2, 4, 4]), None)
     }
-    options
 }
 
 fn reference() -> HashMap<String, Tensor> {
@@ -45,24 +37,8 @@ fn reference() -> HashMap<String, Tensor> {
     })
 }
 
-/// max |a − b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let max = |t: Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    max((&a - &b).unwrap()) / max(b).max(1e-12)
-}
-
 fn load(path: &Path) -> StableDiffusion {
-    let source = ModelSource::open_with(path, tiny_options()).unwrap();
+    let source = ModelSource::open_with(path, tiny_sdxl_options()).unwrap();
     assert_eq!(
         source.architecture(),
         Architecture::Sdxl,
@@ -213,7 +189,7 @@ fn sdxl_inspect_counts_match_diffusers_for_folder_and_single_file() {
     .unwrap();
     let expected = &json["parameter_counts"];
     for path in ["sdxl_tiny", "sdxl_tiny.safetensors"] {
-        let info = ModelSource::open_with(fixtures().join(path), tiny_options())
+        let info = ModelSource::open_with(fixtures().join(path), tiny_sdxl_options())
             .unwrap()
             .inspect();
         assert_eq!(info.architecture, Architecture::Sdxl, "{path}");
@@ -236,9 +212,12 @@ fn sdxl_inspect_counts_match_diffusers_for_folder_and_single_file() {
 
 #[test]
 fn sdxl_single_file_converts_to_the_folders_tensors() {
-    let folder = ModelSource::open_with(fixtures().join("sdxl_tiny"), tiny_options()).unwrap();
-    let single =
-        ModelSource::open_with(fixtures().join("sdxl_tiny.safetensors"), tiny_options()).unwrap();
+    let folder = ModelSource::open_with(fixtures().join("sdxl_tiny"), tiny_sdxl_options()).unwrap();
+    let single = ModelSource::open_with(
+        fixtures().join("sdxl_tiny.safetensors"),
+        tiny_sdxl_options(),
+    )
+    .unwrap();
     for c in Component::ALL {
         let (a, b) = (folder.weights(c).unwrap(), single.weights(c).unwrap());
         let keys_a: Vec<&str> = a.keys().collect();

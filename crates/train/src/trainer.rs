@@ -23,10 +23,9 @@ use sd_lora_model::conditioning::{SizeCond, TextConditioning};
 use sd_lora_model::load::{Architecture, ModelSource, Prediction};
 use sd_lora_model::lora::attach::{TrainOptions, TrainableLora, create_trainable};
 use sd_lora_model::lora::format::{
-    BaseModelVersion, DatasetDirInfo, KohyaNaming, Metadata, SaveDtype, write_kohya_named,
-    write_peft,
+    BaseModelVersion, DatasetDirInfo, Metadata, SaveDtype, write_kohya_named, write_peft,
 };
-use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec, model_targets};
+use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
 use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
 use sd_lora_model::ops::checkpoint;
 use sd_lora_model::ops::op_count::{self, OpCount};
@@ -375,12 +374,7 @@ fn save_lora(
 ) -> Result<()> {
     let dtype: SaveDtype = cfg.output.save_dtype.to_save_dtype();
     match cfg.output.save_format.is_peft() {
-        false => {
-            // The family's kohya names (SDXL: sgm paths of this UNet's layout).
-            let (unet, text_encoders) = sd.lora_parts();
-            let naming = KohyaNaming::from_targets(&model_targets(unet, text_encoders));
-            write_kohya_named(path, weights, meta, dtype, &naming)?
-        }
+        false => write_kohya_named(path, weights, meta, dtype, &sd.kohya_naming())?,
         true => write_peft(path, weights, meta, dtype)?,
     }
     Ok(())

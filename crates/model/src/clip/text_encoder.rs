@@ -440,9 +440,7 @@ impl ClipTextTransformer {
         }
         self.final_layer_norm.forward(&h)
     }
-}
 
-impl ClipTextTransformer {
     /// SDXL's reading of a text encoder: `hidden_states[-(clip_skip + 1)]`
     /// without the final LayerNorm (`clip_skip = 1`: the penultimate layer,
     /// SDXL's conditioning) and, when `pooled`, `text_projection` of the

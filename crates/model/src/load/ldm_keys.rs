@@ -95,17 +95,19 @@ pub fn is_buffer(key: &str) -> bool {
 // UNet
 // ---------------------------------------------------------------------------------------------
 
+/// LDM ResBlock internals ↔ diffusers `ResnetBlock2D` names.
+const RESNET_NAMES: [(&str, &str); 6] = [
+    ("in_layers.0.", "norm1."),
+    ("in_layers.2.", "conv1."),
+    ("emb_layers.1.", "time_emb_proj."),
+    ("out_layers.0.", "norm2."),
+    ("out_layers.3.", "conv2."),
+    ("skip_connection.", "conv_shortcut."),
+];
+
 /// LDM ResBlock internals → diffusers `ResnetBlock2D` names.
 fn unet_resnet(rest: &str) -> Option<String> {
-    const TABLE: [(&str, &str); 6] = [
-        ("in_layers.0.", "norm1."),
-        ("in_layers.2.", "conv1."),
-        ("emb_layers.1.", "time_emb_proj."),
-        ("out_layers.0.", "norm2."),
-        ("out_layers.3.", "conv2."),
-        ("skip_connection.", "conv_shortcut."),
-    ];
-    TABLE
+    RESNET_NAMES
         .iter()
         .find_map(|(ldm, diffusers)| rest.strip_prefix(ldm).map(|p| format!("{diffusers}{p}")))
 }
@@ -203,29 +205,29 @@ pub fn unet_module_to_ldm(
     }
     // A ResNet's layer inside its block: the inverse of `unet_resnet`.
     let resnet = |address: String, rest: &str| {
-        let inner = match rest {
-            "conv1" => "in_layers.2",
-            "conv2" => "out_layers.3",
-            "time_emb_proj" => "emb_layers.1",
-            "conv_shortcut" => "skip_connection",
-            _ => return None,
-        };
-        Some(format!("{address}.{inner}"))
+        let (ldm, _) = RESNET_NAMES
+            .iter()
+            .find(|(_, diffusers)| diffusers.strip_suffix('.') == Some(rest))?;
+        Some(format!("{address}.{}", ldm.trim_end_matches('.')))
+    };
+    // `resnets.{l}.…` or `attentions.{l}.…` of a block with `layers` slots,
+    // slot `l` being the LDM block `slot(l)` (ResNet first, transformer second).
+    let in_block = |rest: &str, layers: usize, slot: &dyn Fn(usize) -> String| {
+        if let Some((l, rest)) = split_index(rest, "resnets.") {
+            return (l < layers)
+                .then(|| resnet(format!("{}.0", slot(l)), rest))
+                .flatten();
+        }
+        let (l, rest) = split_index(rest, "attentions.")?;
+        (l < layers).then(|| format!("{}.1.{rest}", slot(l)))
     };
     if let Some((b, rest)) = split_index(path, "down_blocks.") {
         if rest == "downsamplers.0.conv" {
             return Some(format!("input_blocks.{}.0.op", (b + 1) * per_level));
         }
-        let base = |l: usize| format!("input_blocks.{}", 1 + b * per_level + l);
-        if let Some((l, rest)) = split_index(rest, "resnets.") {
-            return (l < layers_per_block)
-                .then(|| resnet(format!("{}.0", base(l)), rest))
-                .flatten();
-        }
-        if let Some((l, rest)) = split_index(rest, "attentions.") {
-            return (l < layers_per_block).then(|| format!("{}.1.{rest}", base(l)));
-        }
-        return None;
+        return in_block(rest, layers_per_block, &|l| {
+            format!("input_blocks.{}", 1 + b * per_level + l)
+        });
     }
     if let Some(rest) = path.strip_prefix("mid_block.") {
         if let Some((l, rest)) = split_index(rest, "resnets.") {
@@ -238,25 +240,17 @@ pub fn unet_module_to_ldm(
         }
         return None;
     }
-    if let Some((b, rest)) = split_index(path, "up_blocks.") {
-        if rest == "upsamplers.0.conv" {
-            let index = if *up_attention.get(b)? { 2 } else { 1 };
-            return Some(format!(
-                "output_blocks.{}.{index}.conv",
-                b * per_level + layers_per_block
-            ));
-        }
-        let base = |l: usize| format!("output_blocks.{}", b * per_level + l);
-        if let Some((l, rest)) = split_index(rest, "resnets.") {
-            return (l < per_level)
-                .then(|| resnet(format!("{}.0", base(l)), rest))
-                .flatten();
-        }
-        if let Some((l, rest)) = split_index(rest, "attentions.") {
-            return (l < per_level).then(|| format!("{}.1.{rest}", base(l)));
-        }
+    let (b, rest) = split_index(path, "up_blocks.")?;
+    if rest == "upsamplers.0.conv" {
+        let index = if *up_attention.get(b)? { 2 } else { 1 };
+        return Some(format!(
+            "output_blocks.{}.{index}.conv",
+            b * per_level + layers_per_block
+        ));
     }
-    None
+    in_block(rest, per_level, &|l| {
+        format!("output_blocks.{}", b * per_level + l)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

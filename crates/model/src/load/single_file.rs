@@ -61,7 +61,10 @@ impl SingleFile {
         } else if has(ldm_keys::SD1_TEXT_PREFIX) {
             Architecture::Sd1
         } else if unet_keys.any("label_emb.") {
-            Architecture::Sdxl
+            return Err(LoadError::Unsupported {
+                path: path.to_path_buf(),
+                what: "an SDXL UNet without its text encoders; give the full checkpoint".into(),
+            });
         } else {
             let guess = if unet.use_linear_projection {
                 Architecture::Sd2
@@ -79,12 +82,6 @@ impl SingleFile {
             ));
             guess
         };
-        if architecture == Architecture::Sdxl && !has(ldm_keys::SDXL_TEXT_2_PREFIX) {
-            return Err(LoadError::Unsupported {
-                path: path.to_path_buf(),
-                what: "an SDXL UNet without its text encoders; give the full checkpoint".into(),
-            });
-        }
 
         let mut weights = BTreeMap::new();
         let lpb = unet.layers_per_block;
@@ -121,7 +118,7 @@ impl SingleFile {
         };
 
         let mut text_projection_dim = None;
-        let mut text_2 = None;
+        let mut text_2_projection_dim = None;
         match architecture {
             Architecture::Sd1 => {
                 let w = convert(
@@ -164,8 +161,7 @@ impl SingleFile {
                     &mut notes,
                 )?;
                 weights.insert(Component::TextEncoder, w);
-                let keys = Keys::new(&file, ldm_keys::SDXL_TEXT_2_PREFIX);
-                let projection = keys
+                text_2_projection_dim = Keys::new(&file, ldm_keys::SDXL_TEXT_2_PREFIX)
                     .shape("text_projection")
                     .filter(|s| s.len() == 2)
                     .map(|s| s[1]);
@@ -177,7 +173,6 @@ impl SingleFile {
                     &mut notes,
                 )?;
                 weights.insert(Component::TextEncoder2, w);
-                text_2 = Some(projection);
             }
             _ => {}
         }
@@ -211,7 +206,7 @@ impl SingleFile {
             unet: Some(unet),
             vae,
             text_projection_dim,
-            text_2_projection_dim: text_2.flatten(),
+            text_2_projection_dim,
             notes,
         })
     }

@@ -332,11 +332,8 @@ pub fn attach<'t>(
 ) -> Result<usize> {
     let text_encoders = text_encoders.into();
     let given = text_encoders.as_ref();
-    let has = |c: LoraComponent| given.has(c);
-    let (has_first, has_second) = (
-        has(LoraComponent::TextEncoder),
-        has(LoraComponent::TextEncoder2),
-    );
+    let has_first = given.has(LoraComponent::TextEncoder);
+    let has_second = given.has(LoraComponent::TextEncoder2);
     let mut targets: BTreeMap<(LoraComponent, String), (TargetInfo, bool)> = BTreeMap::new();
     for_each_layer(unet, text_encoders.as_ref(), &mut |c, p, l| {
         targets.insert((c, p.to_string()), (l.target(c, p), l.lora().is_some()));

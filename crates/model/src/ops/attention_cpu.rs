@@ -29,6 +29,7 @@ use candle_core::{Result, bail};
 use rayon::prelude::*;
 
 use super::SendPtr;
+use super::matmul::raw_product;
 use super::softmax::{exp_shifted_in_place, simd_available, softmax_in_place};
 
 /// Score values of one task's block of queries: 2^17 (512 KiB in f32), so that
@@ -82,43 +83,29 @@ impl Dims {
     }
 }
 
-/// `dst (m×n, row stride dst_rs) [+]= beta · a (m×k) · b (k×n)` on one thread;
-/// `a` and `b` are `(pointer, row stride, column stride)`.
+/// [`raw_product`] on the calling thread only (the kernel spreads blocks over
+/// the threads itself).
 ///
 /// # Safety
-/// Every element the strides address must lie inside the allocation of its
-/// pointer, and `dst`'s elements must not be written by anyone else meanwhile.
-#[allow(clippy::too_many_arguments)]
+/// As [`raw_product`].
 unsafe fn product(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
     accumulate: bool,
-    (a, a_rs, a_cs): (*const f32, usize, usize),
-    (b, b_rs, b_cs): (*const f32, usize, usize),
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize, usize),
     beta: f32,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
+        raw_product(
+            dims,
+            (dst, dst_rs),
             accumulate,
             a,
-            a_cs as isize,
-            a_rs as isize,
             b,
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
             beta,
-            false,
-            false,
-            false,
             gemm::Parallelism::None,
         )
     }

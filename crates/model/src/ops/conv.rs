@@ -26,6 +26,7 @@ use candle_core::{DType, Module, Result, Storage, Tensor, WithDType, bail};
 
 use super::SendPtr;
 use super::custom_grad::with_grad1;
+use super::matmul::raw_product;
 
 /// `y = conv2d(x, W) + b` with a frozen kernel `W: [out, in, kh, kw]` and bias
 /// `b: [out]`, on `x: [batch, in, h, w]`; one group, no dilation. Only `x`
@@ -361,25 +362,13 @@ impl Im2Col {
             // task's (tasks are distinct (item, band) pairs). The operands are
             // the contiguous kernel `[co, ci·kk]` and columns `[ci·kk, band]`.
             unsafe {
-                gemm::gemm(
-                    co,
-                    band,
-                    ci * kk,
-                    dst.ptr().add(bi * co * p + rows.start * ow),
-                    1,
-                    p as isize,
+                raw_product(
+                    (co, band, ci * kk),
+                    (dst.ptr().add(bi * co * p + rows.start * ow), p),
                     false,
-                    kernel.as_ptr(),
-                    1,
-                    (ci * kk) as isize,
-                    cols.as_ptr(),
-                    1,
-                    band as isize,
-                    0.0,
+                    (kernel.as_ptr(), ci * kk, 1),
+                    (cols.as_ptr(), band, 1),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 )
             }

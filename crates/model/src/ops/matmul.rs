@@ -81,6 +81,52 @@ fn cpu_f32(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     Tensor::from_vec(out, out_dims, a.device()).map(Some)
 }
 
+/// `dst (m×n, row stride dst_rs, unit column stride) ← beta · a·b`, or
+/// `dst + beta · a·b` when `accumulate`, for `a` (m×k) and `b` (k×n) given as
+/// `(pointer, row stride, column stride)`: the `gemm` call every CPU f32
+/// product of the ops makes. Without `accumulate`, `dst` is only written
+/// (gemm writes zeros when `k` is 0).
+///
+/// # Safety
+/// Every element the strides address must lie inside the allocation of its
+/// pointer; `dst`'s `m·n` elements must be writable (and initialised when
+/// `accumulate`) and not accessed by anyone else meanwhile.
+pub(crate) unsafe fn raw_product(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, b_rs, b_cs): (*const f32, usize, usize),
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: forwarded from the caller. `alpha` (1) scales `dst` only when
+    // it is read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
 /// An f32 matrix operand: its data, the offset of its first element, and its
 /// (batch, row, column) strides.
 pub(crate) type Operand<'a> = (&'a [f32], usize, (usize, usize, usize));
@@ -114,25 +160,13 @@ pub(crate) fn products_f32(
         // the product writes in full without reading them (`read_dst` false:
         // gemm overwrites, and writes zeros when `k` is 0).
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst,
-                1,
-                n as isize,
+            raw_product(
+                (m, n, k),
+                (dst, n),
                 false,
-                a_data.as_ptr().add(a_off + i * a_bs),
-                a_cs as isize,
-                a_rs as isize,
-                b_data.as_ptr().add(b_off + i * b_bs),
-                b_cs as isize,
-                b_rs as isize,
-                0.0,
+                (a_data.as_ptr().add(a_off + i * a_bs), a_rs, a_cs),
+                (b_data.as_ptr().add(b_off + i * b_bs), b_rs, b_cs),
                 1.0,
-                false,
-                false,
-                false,
                 parallelism,
             )
         }
@@ -190,25 +224,13 @@ pub(crate) fn product_into(
     // SAFETY: the operands' elements lie within their storages (checked
     // above) and `dst` holds the `m·n` values the product reads and writes.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
+        raw_product(
+            (m, n, k),
+            (dst.as_mut_ptr(), n),
             accumulate,
-            a_data.as_ptr().add(a_off),
-            a_cs as isize,
-            a_rs as isize,
-            b_data.as_ptr().add(b_off),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
+            (a_data.as_ptr().add(a_off), a_rs, a_cs),
+            (b_data.as_ptr().add(b_off), b_rs, b_cs),
             beta,
-            false,
-            false,
-            false,
             parallelism,
         )
     };

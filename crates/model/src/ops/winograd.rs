@@ -21,6 +21,8 @@
 use candle_core::{Result, bail};
 use rayon::prelude::*;
 
+use super::matmul::raw_product;
+
 /// Output pixels from which the Winograd path beats im2col: below 32×32
 /// (256 tiles) the products get too thin and reading the transformed kernel
 /// dominates.
@@ -206,25 +208,13 @@ pub(crate) fn conv(
                     // (c·16·tiles values); `mx` holds `co·tiles` values, all
                     // overwritten (`read_dst` false).
                     unsafe {
-                        gemm::gemm(
-                            co,
-                            tiles,
-                            c,
-                            mx.as_mut_ptr(),
-                            1,
-                            tiles as isize,
+                        raw_product(
+                            (co, tiles, c),
+                            (mx.as_mut_ptr(), tiles),
                             false,
-                            kernel.u.as_ptr().add(xi * c),
-                            1,
-                            (16 * c) as isize,
-                            v.as_ptr().add(xi * tiles),
-                            1,
-                            (16 * tiles) as isize,
-                            0.0,
+                            (kernel.u.as_ptr().add(xi * c), 16 * c, 1),
+                            (v.as_ptr().add(xi * tiles), 16 * tiles, 1),
                             1.0,
-                            false,
-                            false,
-                            false,
                             gemm::Parallelism::None,
                         )
                     }
