@@ -4,15 +4,19 @@ warning, and the attached weights equal the file's.
 
     HF_HUB_OFFLINE=1 ~/.cache/sd-lora-venv/bin/python tools/check_lora_in_diffusers.py \\
         FILE.safetensors --model tests/fixtures/sd1_tiny
+    ... check_lora_in_diffusers.py FILE.safetensors --model builtin:tiny-sdxl
 
-Loads the model folder as a StableDiffusionPipeline, calls `pipe.load_lora_weights(dir,
-weight_name=file)` (the same call users make) and reports:
+Loads the model folder as a StableDiffusionPipeline (StableDiffusionXLPipeline when it has a
+text_encoder_2/; `builtin:tiny-sdxl` builds that model's layout with random weights), calls
+`pipe.load_lora_weights(dir, weight_name=file)` (the same call users make) and reports:
   * every warning diffusers / peft / transformers log while loading (unexpected or missing
     keys are reported that way, and otherwise silently ignored);
   * the number of LoRA modules attached to the UNet and the text encoder, against the number
     of modules in the file;
   * modules in the file that were not attached (leftover keys);
-  * for kohya (`lora_unet_…`/`lora_te_…`, `.lora_down/.lora_up/.alpha`), PEFT
+  * whether the LoRA changes the outputs of the UNet and of each text encoder it adapts;
+  * for kohya (`lora_unet_…`/`lora_te_…`, SDXL's sgm `lora_unet_input_blocks_…` and
+    `lora_te1_`/`lora_te2_`; `.lora_down/.lora_up/.alpha`), PEFT
     (`unet.…lora_A/lora_B`) and old diffusers (`….lora.down/.lora.up`,
     `….lora_linear_layer.down/.up`) files: whether each attached layer's scaling·B·A equals the
     file's (alpha/rank)·up·down (in f64, relative to the largest entry; tolerance --tol).
@@ -98,11 +102,18 @@ def group_modules(tensors, live_names: dict[str, dict[str, str]]):
 
 def name_table(model, component: str) -> dict[str, str]:
     table = {}
+    sgm = None
+    if component == "unet" and getattr(model.config, "addition_embed_type", None) == "text_time":
+        # SDXL kohya files name the UNet's modules by their sgm address.
+        up_attention = [hasattr(b, "attentions") for b in model.up_blocks]
+        sgm = lambda name: lr.sgm_unet_name(name, model.config.layers_per_block, up_attention)  # noqa: E731
     for name, m in model.named_modules():
         if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
         table[name] = name
         table[name.replace(".", "_")] = name
+        if sgm is not None and (address := sgm(name)) is not None:
+            table[address.replace(".", "_")] = name
         if component != "unet":
             canon = lr.te_canonical_name(model, name)
             table[canon] = name
@@ -110,10 +121,39 @@ def name_table(model, component: str) -> dict[str, str]:
     return table
 
 
+@torch.no_grad()
+def outputs(pipe, components) -> dict[str, torch.Tensor]:
+    """Each component's output on fixed inputs (UNet: noise + text context, with SDXL's pooled
+    embedding and time ids; text encoders: a fixed id row)."""
+    g = torch.Generator().manual_seed(0)
+    unet = pipe.unet
+    out = {}
+    for c in ("text_encoder", "text_encoder_2"):
+        if c in components:
+            cfg = components[c].config
+            words = [(17 * i + 5) % (cfg.vocab_size - 2) for i in range(10)]
+            ids = torch.tensor([[cfg.bos_token_id] + words + [cfg.eos_token_id] * 66])
+            out[c] = components[c](ids, output_hidden_states=True).hidden_states[-2].double()
+    side = unet.config.sample_size if isinstance(unet.config.sample_size, int) else 8
+    sample = torch.randn(1, unet.config.in_channels, side, side, generator=g)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, generator=g),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+        }
+    out["unet"] = unet(sample, torch.tensor([500]), context, **kwargs).sample.double()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("file", type=Path, help="LoRA .safetensors file")
-    ap.add_argument("--model", type=Path, default=Path("tests/fixtures/sd1_tiny"), help="diffusers model folder")
+    ap.add_argument(
+        "--model", default="tests/fixtures/sd1_tiny", help="diffusers model folder, or builtin:tiny-sdxl"
+    )
     ap.add_argument("--tol", type=float, default=1e-6, help="max relative error of scaling·B·A (f64)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
@@ -135,8 +175,18 @@ def main() -> int:
             if "down" not in parts or "up" not in parts:
                 problems.append(f"{c} {name}: has {sorted(parts)}, needs both down and up")
 
+        before = outputs(pipe, components)
         with lr.capture_warnings() as records:
             pipe.load_lora_weights(str(args.file.parent), weight_name=args.file.name, adapter_name="check")
+        after = outputs(pipe, components)
+        changed = {}
+        for c in components:
+            if any(fc == c for (fc, _) in file_modules):
+                diff = (after[c] - before[c]).abs().max().item()
+                changed[c] = diff
+                if not diff > 0:
+                    problems.append(f"{c}: the LoRA does not change its output")
+        report["output_change"] = changed
         report["warnings"] = list(records)
         problems += [f"warning while loading: {r}" for r in records]
 
@@ -180,9 +230,11 @@ def main() -> int:
     else:
         print(f"file: {args.file} ({report.get('tensors', '?')} tensors, dtypes {report.get('dtypes', '?')})")
         for c, n in (report.get("modules") or {}).items():
+            change = (report.get("output_change") or {}).get(c)
             print(
                 f"{c}: {n['attached']} LoRA modules attached by diffusers, {n['in_file']} in the file; "
                 f"max rel err of scaling·B·A {report['max_rel_err_delta'][c]:.1e}"
+                + (f"; output changed by up to {change:.2e}" if change is not None else "")
             )
         if problems:
             print(f"PROBLEMS ({len(problems)}):")

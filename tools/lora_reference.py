@@ -89,9 +89,96 @@ def capture_warnings():
                 records.append(f"[warning {w.category.__name__}] {w.message}")
 
 
-def load_pipeline(model: Path, dtype=torch.float32):
-    from diffusers import StableDiffusionPipeline
+# `builtin:tiny-sdxl`'s diffusers configs, as crates/model/src/builtin/sdxl.rs defines them (a
+# LoRA trained on it loads into a pipeline of the same layout; random weights are enough to check
+# that every key is taken and the outputs change).
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=(1, 1, 2),
+    norm_num_groups=8, norm_eps=1e-5, cross_attention_dim=160, attention_head_dim=(2, 4, 4),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=112,
+)
+TINY_SDXL_TE = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64,
+    pad_token_id=49407, bos_token_id=49406, eos_token_id=49407,
+)
+TINY_SDXL_TE2 = dict(TINY_SDXL_TE, hidden_size=96, intermediate_size=384, hidden_act="gelu", pad_token_id=0)
+TINY_SDXL_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    sample_size=64, scaling_factor=0.13025, force_upcast=True,
+)
 
+
+def tiny_sdxl_pipeline(dtype=torch.float32):
+    """A StableDiffusionXLPipeline with builtin:tiny-sdxl's layout and seeded random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**TINY_SDXL_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TE)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TE2)),
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=UNet2DConditionModel(**TINY_SDXL_UNET),
+        scheduler=EulerDiscreteScheduler(),
+    ).to(dtype)
+
+
+def sgm_unet_name(path: str, layers_per_block: int, up_attention: list[bool]) -> str | None:
+    """The original (sgm/LDM) address of a diffusers UNet module path, written independently of
+    the Rust converter so the two check each other (`down_blocks.1.attentions.0.proj_in` ->
+    `input_blocks.4.1.proj_in`)."""
+    per = layers_per_block + 1
+    fixed = {
+        "conv_in": "input_blocks.0.0", "conv_out": "out.2",
+        "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+    }
+    if path in fixed:
+        return fixed[path]
+    resnet = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
+              "conv_shortcut": "skip_connection"}
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path)
+    if m:
+        b = int(m[1])
+        return f"output_blocks.{b * per + layers_per_block}.{2 if up_attention[b] else 1}.conv"
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if m:
+        b, l, rest = int(m[2]), int(m[4]), m[5]
+        index = 1 + b * per + l if m[1] == "down" else b * per + l
+        blocks = "input_blocks" if m[1] == "down" else "output_blocks"
+        if m[3] == "attentions":
+            return f"{blocks}.{index}.1.{rest}"
+        return f"{blocks}.{index}.0.{resnet[rest]}" if rest in resnet else None
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if m:
+        if m[1] == "attentions":
+            return f"middle_block.1.{m[3]}"
+        return f"middle_block.{2 * int(m[2])}.{resnet[m[3]]}" if m[3] in resnet else None
+    return None
+
+
+def load_pipeline(model, dtype=torch.float32):
+    """The pipeline of a diffusers folder (SD or, with text_encoder_2/, SDXL), or of
+    `builtin:tiny-sdxl` (its layout, random weights)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if str(model) == "builtin:tiny-sdxl":
+        return tiny_sdxl_pipeline(dtype)
+    if (Path(model) / "text_encoder_2").is_dir():
+        return StableDiffusionXLPipeline.from_pretrained(
+            str(model), tokenizer=None, tokenizer_2=None, torch_dtype=dtype
+        )
     # The fixture folders have no tokenizer/ (on purpose) and no safety checker.
     return StableDiffusionPipeline.from_pretrained(
         str(model),

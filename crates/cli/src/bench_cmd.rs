@@ -190,8 +190,8 @@ fn run_train(args: &BenchArgs) -> Result<u8> {
         sets,
         ..Default::default()
     };
-    let cfg = TrainConfig::load(args.config.as_deref(), &train_args.overrides())?;
-    if cfg.model.path == sd_lora_model::builtin::BUILTIN_TINY && args.model.is_none() {
+    let mut cfg = TrainConfig::load(args.config.as_deref(), &train_args.overrides())?;
+    if cfg.model.is_builtin() && args.model.is_none() {
         eprintln!(
             "note: no --model given: benchmarking the built-in tiny model; pass --model with a real model for meaningful figures"
         );
@@ -202,7 +202,11 @@ fn run_train(args: &BenchArgs) -> Result<u8> {
         bail!("--data {}: no such folder", d.display());
     }
     // The model opens (headers only) before the images are scanned, as in `train`.
-    crate::train_cmd::model_facts(&cfg)?;
+    let facts = crate::train_cmd::model_facts(&cfg)?;
+    if let Some(note) = cfg.apply_model_defaults(facts.native_resolution()) {
+        eprintln!("{note}");
+        cfg.validate()?;
+    }
     let ds = Dataset::scan(&cfg.dataset)?;
     if !ds.has_images() {
         let folders: Vec<String> = cfg

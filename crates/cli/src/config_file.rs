@@ -45,8 +45,17 @@ pub fn load_document(path: Option<&Path>, sets: &[String]) -> Result<(Table, Pat
 /// The `[dataset]` table of `doc` after the whole document has been checked
 /// as a training config (keys and values of every section). Paths were made
 /// relative to the file by [`load_document`]; `_base` is kept for callers.
+/// When the document names a model and no resolution, the model's native
+/// resolution is used, as `train` does (the model's headers are read).
 pub fn dataset_config(doc: &Table, _base: &Path, origin: &str) -> Result<DatasetConfig> {
-    let cfg = TrainConfig::from_document(doc.clone(), origin)?;
+    let mut cfg = TrainConfig::from_document(doc.clone(), origin)?;
     cfg.validate()?;
+    if cfg.given.contains("model.path") {
+        let facts = crate::train_cmd::model_facts(&cfg)?;
+        if let Some(note) = cfg.apply_model_defaults(facts.native_resolution()) {
+            eprintln!("{note}");
+            cfg.validate()?;
+        }
+    }
     Ok(cfg.dataset)
 }

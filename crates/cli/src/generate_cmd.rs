@@ -166,13 +166,7 @@ fn load_model(
     device: &Device,
 ) -> anyhow::Result<(StableDiffusion, Option<ModelSource>)> {
     if builtin::is_builtin(model) {
-        if model != builtin::BUILTIN_TINY {
-            bail!(
-                "--model {model}: the only built-in model is {}",
-                builtin::BUILTIN_TINY
-            );
-        }
-        let mut sd = builtin::tiny_sd1(DType::F32, device)?;
+        let mut sd = builtin::load(model, DType::F32, device)?;
         sd.vae.release_encoder();
         return Ok((sd, None));
     }

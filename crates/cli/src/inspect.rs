@@ -5,7 +5,9 @@ use clap::{Args, ValueEnum};
 use sd_lora_model::load::{
     self, LoadOptions, ModelInfo, ModelSource, Prediction, PredictionSource, SourceFormat,
 };
-use sd_lora_model::lora::format::{LoraFile, LoraFormatError, LoraSummary, read_lora, validate};
+use sd_lora_model::lora::format::{
+    LoraFile, LoraFormatError, LoraSummary, read_lora, read_lora_for_model, validate,
+};
 use sd_lora_model::lora::targets::model_targets;
 use sd_lora_model::pipeline::StableDiffusion;
 use std::fmt::Write;
@@ -127,7 +129,7 @@ fn check_against_model(file: &LoraFile, model: &Path, options: LoadOptions) -> R
     // Only the layer shapes matter here: f16 halves the memory of the check.
     let (dtype, cpu) = (candle_core::DType::F16, candle_core::Device::Cpu);
     let sd = if sd_lora_model::builtin::is_builtin(&model.to_string_lossy()) {
-        sd_lora_model::builtin::tiny_sd1(dtype, &cpu)?
+        sd_lora_model::builtin::load(&model.to_string_lossy(), dtype, &cpu)?
     } else {
         let source = ModelSource::open_with(model, options)?;
         StableDiffusion::load(&source, dtype, &cpu)
@@ -135,6 +137,10 @@ fn check_against_model(file: &LoraFile, model: &Path, options: LoadOptions) -> R
     };
     let (unet, text_encoders) = sd.lora_parts();
     let targets = model_targets(unet, text_encoders);
+    // Read again against the model: names it lacks, or a LoRA of the other family, are refused
+    // by name before the shapes are compared.
+    let file = &read_lora_for_model(&file.path, &targets)
+        .with_context(|| format!("{} does not fit {}", file.path.display(), model.display()))?;
     if let Err(mismatches) = validate(&file.weights, &targets) {
         let mut msg = format!(
             "{} does not fit {}: {} of {} modules do not map onto the model:",
@@ -157,6 +163,7 @@ fn check_against_model(file: &LoraFile, model: &Path, options: LoadOptions) -> R
 fn render_lora(path: &Path, s: &LoraSummary, check: Option<&ModelCheck>) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "{} (LoRA, {} format)", path.display(), s.format);
+    let _ = writeln!(o, "  family        {}", s.family);
     let _ = writeln!(
         o,
         "  base model    {}",

@@ -187,7 +187,7 @@ impl TrainArgs {
 
 /// Runs the command; returns the process exit code.
 pub fn run(args: &TrainArgs) -> Result<u8> {
-    let cfg = TrainConfig::load(args.config.as_deref(), &args.overrides())?;
+    let mut cfg = TrainConfig::load(args.config.as_deref(), &args.overrides())?;
     for (flag, p) in [("--data", &args.data), ("--class-data", &args.class_data)] {
         // A class folder that is to be filled with generated images may not
         // exist yet.
@@ -208,6 +208,10 @@ pub fn run(args: &TrainArgs) -> Result<u8> {
         }
     }
     let model = model_facts(&cfg)?;
+    if let Some(note) = cfg.apply_model_defaults(model.native_resolution()) {
+        eprintln!("{note}");
+        cfg.validate()?;
+    }
     check_output_dir(&cfg.output.dir, args.dry_run)?;
     if let Some(r) = &args.resume
         && !r.is_dir()
@@ -511,6 +515,17 @@ pub struct ModelFacts {
     pub vae_channels: usize,
 }
 
+impl ModelFacts {
+    /// The resolution the model was trained at: its UNet's `sample_size` ×
+    /// the VAE factor (SD1.5 64 × 8 = 512, SDXL 128 × 8 = 1024); 0 if unknown.
+    pub fn native_resolution(&self) -> u32 {
+        self.unet
+            .as_ref()
+            .and_then(|u| u.sample_size)
+            .map_or(0, |s| (s * self.vae_factor) as u32)
+    }
+}
+
 /// Whether a VAE key belongs to the decoder half.
 fn is_vae_decoder_key(key: &str) -> bool {
     key.starts_with("decoder.") || key.starts_with("post_quant_conv.")
@@ -528,7 +543,9 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
         vae_channels: 128,
     };
     if cfg.model.is_builtin() {
-        let w = sd_lora_model::builtin::tiny_sd1_weights(sd_lora_model::builtin::TINY_SEED)
+        let builtin = sd_lora_model::builtin::BuiltinModel::from_path(cfg.model.path.trim())?;
+        let w = builtin
+            .weights(sd_lora_model::builtin::TINY_SEED)
             .context("cannot build the built-in model")?;
         for (c, n, _) in w.parameter_counts() {
             facts.params.push((c, n));
@@ -536,6 +553,7 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
         for (c, lc) in [
             (Component::Unet, LoraComponent::Unet),
             (Component::TextEncoder, LoraComponent::TextEncoder),
+            (Component::TextEncoder2, LoraComponent::TextEncoder2),
         ] {
             for (key, t) in w.component(c).into_iter().flatten() {
                 facts.layers.extend(layer_of(lc, key, t.dims()));
@@ -548,8 +566,8 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
             .filter(|(k, _)| is_vae_decoder_key(k))
             .map(|(_, t)| t.elem_count() as u64)
             .sum();
-        facts.unet = sd_lora_model::builtin::tiny_unet_config().ok();
-        if let Ok(v) = sd_lora_model::builtin::tiny_vae_config() {
+        facts.unet = builtin.unet_config().ok();
+        if let Ok(v) = builtin.vae_config() {
             facts.vae_factor = 1 << v.block_out_channels.len().saturating_sub(1);
             facts.vae_channels = v.block_out_channels.first().copied().unwrap_or(128);
         }
@@ -558,7 +576,7 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
     let path = Path::new(&cfg.model.path);
     if !path.exists() {
         bail!(
-            "model.path = {}: no such file or folder; give a diffusers folder, a .safetensors checkpoint, or builtin:tiny",
+            "model.path = {}: no such file or folder; give a diffusers folder, a .safetensors checkpoint, or a built-in model (builtin:tiny, builtin:tiny-sdxl)",
             path.display()
         );
     }
@@ -581,6 +599,7 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
         let lc = match c {
             Component::Unet => LoraComponent::Unet,
             Component::TextEncoder => LoraComponent::TextEncoder,
+            Component::TextEncoder2 => LoraComponent::TextEncoder2,
             _ => continue,
         };
         for (key, e) in w.entries() {

@@ -18,7 +18,10 @@ pub struct DatasetConfig {
     /// table per set.
     pub subsets: Vec<SubsetConfig>,
     /// Training resolution in pixels: square images are `resolution` ×
-    /// `resolution`, and aspect-ratio buckets have at most that area.
+    /// `resolution`, and aspect-ratio buckets have at most that area. Left
+    /// out: the model's native resolution (512 for SD1.x and SD2.x-base, 768
+    /// for SD2.x-v, 1024 for SDXL, 64 for the built-in models); 512 where no
+    /// model is known.
     pub resolution: u32,
     /// Aspect-ratio bucketing: keep each image's shape by training it at the
     /// bucket closest in aspect ratio, instead of cropping everything square.

@@ -8,9 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use sd_lora_model::load::safetensors_file::SafetensorsFile;
 use sd_lora_model::lora::format::serialize::{RawTensor, serialize};
 use sd_lora_model::lora::format::{
-    self, BaseModelVersion, KohyaNameMap, LoraFormat, LoraFormatError, LoraSummary, Metadata,
-    SaveDtype, WriteFormat, kohya_name, parse_kohya_name, read_lora, read_lora_for_model, validate,
-    write_kohya, write_peft,
+    self, BaseModelVersion, KohyaNameMap, LoraFamily, LoraFormat, LoraFormatError, LoraSummary,
+    Metadata, SaveDtype, WriteFormat, kohya_name, parse_kohya_name, read_lora, read_lora_for_model,
+    validate, write_kohya, write_peft,
 };
 use sd_lora_model::lora::{LayerKind, LoraComponent, LoraModule, LoraWeights, TargetInfo};
 use sha2::{Digest, Sha256};
@@ -711,7 +711,7 @@ fn unknown_and_sdxl_names_are_errors_listing_them() {
     );
     let e = err(&p);
     assert!(
-        e.contains("2 LoRA module(s) match no module of an SD1/SD2 model")
+        e.contains("2 LoRA module(s) match no module of an SD1/SD2/SDXL model")
             && e.contains("lora_unet_foo_bar")
             && e.contains("lora_unet_down_blocks_0_attn9"),
         "{e}"
@@ -734,9 +734,43 @@ fn unknown_and_sdxl_names_are_errors_listing_them() {
         ],
         None,
     );
+    // SDXL names are read by their own grammar (SDXL base's layout).
+    let file = read_lora(&p).unwrap();
+    assert_eq!(file.family, LoraFamily::Sdxl);
+    let paths: Vec<(LoraComponent, &str)> = file
+        .weights
+        .modules
+        .keys()
+        .map(|(c, p)| (*c, p.as_str()))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            (
+                LoraComponent::Unet,
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+            ),
+            (
+                LoraComponent::TextEncoder,
+                "text_model.encoder.layers.0.mlp.fc1"
+            ),
+        ]
+    );
+    // A file mixing SD1/SD2 and SDXL names is no LoRA of either.
+    let p = dir.join("mixed.safetensors");
+    write_raw(
+        &p,
+        &[
+            (&format!("{name}.lora_down.weight"), &[2, 8]),
+            (&format!("{name}.lora_up.weight"), &[8, 2]),
+            (&format!("{Q}.lora_down.weight"), &[2, 8]),
+            (&format!("{Q}.lora_up.weight"), &[8, 2]),
+        ],
+        None,
+    );
     let e = err(&p);
     assert!(
-        e.contains("SDXL LoRA (not supported yet)") && e.contains(name),
+        e.contains("mixes SD1/SD2 and SDXL module names") && e.contains(name),
         "{e}"
     );
 }

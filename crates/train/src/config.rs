@@ -28,7 +28,7 @@ use toml::{Table, Value};
 pub use crate::lr::LrScheduleKind;
 
 /// The names of the built-in models `model.path` accepts.
-pub const BUILTIN_MODELS: &[&str] = &["builtin:tiny"];
+pub use sd_lora_model::builtin::BUILTIN_MODELS;
 
 /// The top-level tables of a training config.
 pub const SECTIONS: &[&str] = &["model", "network", "train", "dataset", "output"];
@@ -47,6 +47,11 @@ pub struct TrainConfig {
     pub dataset: DatasetConfig,
     /// Where and how results are written.
     pub output: OutputSection,
+    /// The `section.key`s the file and the overrides gave (not a config key:
+    /// it tells defaults that depend on the model from values the user chose).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub given: std::collections::BTreeSet<String>,
 }
 
 /// The base model the LoRA is trained on.
@@ -764,7 +769,16 @@ impl TrainConfig {
     pub fn from_document(doc: Table, origin: &str) -> Result<Self, ConfigError> {
         // serde_path_to_error names the offending key (`train.lr_scheduler`),
         // which a plain conversion from a merged TOML value would lose.
-        serde_path_to_error::deserialize(Value::Table(doc)).map_err(|e| {
+        let given = doc
+            .iter()
+            .flat_map(|(section, v)| {
+                v.as_table()
+                    .into_iter()
+                    .flat_map(|t| t.keys())
+                    .map(move |k| format!("{section}.{k}"))
+            })
+            .collect();
+        let mut cfg: Self = serde_path_to_error::deserialize(Value::Table(doc)).map_err(|e| {
             let key = e.path().to_string();
             ConfigError::Key {
                 key: if key == "." {
@@ -775,7 +789,24 @@ impl TrainConfig {
                 origin: origin.to_string(),
                 message: e.inner().message().to_string(),
             }
-        })
+        })?;
+        cfg.given = given;
+        Ok(cfg)
+    }
+
+    /// Fills in the defaults that depend on the model: `dataset.resolution`
+    /// becomes the model's native resolution (512 for SD1.x, 768 for SD2.x-v,
+    /// 1024 for SDXL, 64 for the built-in models) unless it was given. Returns
+    /// a line saying what was chosen, for the run's log.
+    pub fn apply_model_defaults(&mut self, native_resolution: u32) -> Option<String> {
+        if self.given.contains("dataset.resolution") || native_resolution == 0 {
+            return None;
+        }
+        self.dataset.resolution = native_resolution;
+        Some(format!(
+            "dataset.resolution = {native_resolution} (the model's native resolution; set it to \
+             train at another)"
+        ))
     }
 
     /// The resolved config as TOML (what `--dry-run` prints).
@@ -864,7 +895,7 @@ impl ModelSection {
             return Err(bad(
                 "model.path",
                 "\"\"",
-                "must name a diffusers folder, a .safetensors checkpoint or builtin:tiny",
+                "must name a diffusers folder, a .safetensors checkpoint or builtin:tiny / builtin:tiny-sdxl",
             ));
         }
         if p.starts_with("builtin:") && !BUILTIN_MODELS.contains(&p) {

@@ -153,7 +153,7 @@ pub fn device_from_name(name: &str) -> Result<Device> {
     }
 }
 
-/// Loads the model named by the config (a path, or `builtin:tiny`).
+/// Loads the model named by the config (a path, or a built-in `builtin:…`).
 pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     Ok(load_model_and_source(cfg, device)?.0)
 }
@@ -175,8 +175,8 @@ pub fn load_model_parts(
     vae: VaeParts,
 ) -> Result<(StableDiffusion, Option<ModelSource>)> {
     let dtype = cfg.model.dtype.to_dtype();
-    if cfg.model.path == sd_lora_model::builtin::BUILTIN_TINY {
-        let mut sd = sd_lora_model::builtin::tiny_sd1(dtype, device)?;
+    if cfg.model.is_builtin() {
+        let mut sd = sd_lora_model::builtin::load(cfg.model.path.trim(), dtype, device)?;
         if !vae.encoder {
             sd.vae.release_encoder();
         }

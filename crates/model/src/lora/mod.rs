@@ -38,7 +38,8 @@ pub enum LoraComponent {
     Unet,
     /// The (first) text encoder: SD1/SD2's only one, SDXL's CLIP-L.
     TextEncoder,
-    /// SDXL's second text encoder (reserved).
+    /// SDXL's second text encoder (OpenCLIP-bigG; `text_encoder_2` in diffusers).
+    #[serde(rename = "text_encoder_2")]
     TextEncoder2,
 }
 

@@ -32,7 +32,7 @@ pub enum BaseModelVersion {
     SdV2,
     /// SD 2.x with v-prediction, 768 px (`sd_v2_v`).
     SdV2V,
-    /// SDXL base (`sdxl_base_v1-0`), read only.
+    /// SDXL base and its fine-tunes (`sdxl_base_v1-0`).
     SdxlBase,
 }
 
@@ -55,6 +55,11 @@ impl BaseModelVersion {
             "sdxl_base_v1-0" => Self::SdxlBase,
             _ => return None,
         })
+    }
+
+    /// kohya's `ss_v2`: true for SD 2.x only (SDXL files say `False`, as kohya's do).
+    pub fn is_v2(self) -> bool {
+        matches!(self, Self::SdV2 | Self::SdV2V)
     }
 
     /// `modelspec.architecture` of a LoRA for this base.
@@ -207,7 +212,7 @@ impl Metadata {
         }
         if let Some(v) = self.base_model {
             put("ss_base_model_version", v.as_str().to_string());
-            put("ss_v2", python_bool(v != BaseModelVersion::SdV1).into());
+            put("ss_v2", python_bool(v.is_v2()).into());
         }
         if let Some((w, h)) = self.resolution {
             put("ss_resolution", format!("({w}, {h})"));
@@ -311,8 +316,7 @@ impl Metadata {
         // `ss_v2` is derived from the base model; drop it only when it agrees.
         md.base_model = take(&mut rest, "ss_base_model_version", BaseModelVersion::parse);
         if let Some(base) = md.base_model
-            && rest.get("ss_v2").map(String::as_str)
-                == Some(python_bool(base != BaseModelVersion::SdV1))
+            && rest.get("ss_v2").map(String::as_str) == Some(python_bool(base.is_v2()))
         {
             rest.remove("ss_v2");
         }

@@ -28,7 +28,9 @@ use crate::load::LoadError;
 use super::LoraWeights;
 
 pub use metadata::{BaseModelVersion, DatasetDirInfo, Metadata};
-pub use names::{KohyaNameMap, KohyaNaming, NameError, SgmLayout, kohya_name, parse_kohya_name};
+pub use names::{
+    KohyaNameMap, KohyaNaming, LoraFamily, NameError, SgmLayout, kohya_name, parse_kohya_name,
+};
 pub use read::{read_lora, read_lora_for_model};
 pub use summary::LoraSummary;
 pub use validate::{Mismatch, validate};
@@ -66,6 +68,9 @@ impl fmt::Display for LoraFormat {
 pub struct LoraFile {
     pub path: PathBuf,
     pub format: LoraFormat,
+    /// The model family it is for (from its names; else the model's it was read against; else
+    /// its metadata; else SD1/SD2).
+    pub family: LoraFamily,
     pub weights: LoraWeights,
     /// The header's `__metadata__` (every value a string).
     pub metadata: BTreeMap<String, String>,
@@ -101,8 +106,8 @@ pub enum LoraFormatError {
         hint: String,
     },
 
-    /// Module names that map to no module of the model (or, without a model, of any SD1/SD2
-    /// model). Listed in full: loading them anyway would silently do nothing.
+    /// Module names that map to no module of the model (or, without a model, of any
+    /// SD1/SD2/SDXL model). Listed in full: loading them anyway would silently do nothing.
     #[error(
         "{file}: {} LoRA module(s) match no module of {target}: {}. Was this LoRA trained for a \
          different base model?",
@@ -112,17 +117,23 @@ pub enum LoraFormatError {
     UnknownModules {
         file: PathBuf,
         names: Vec<String>,
-        /// "an SD1/SD2 model" or "the model".
+        /// "an SD1/SD2/SDXL model" or "the model".
         target: String,
     },
 
-    /// An SDXL LoRA.
+    /// A LoRA for the other model family than the model's.
     #[error(
-        "{file}: SDXL LoRA (not supported yet): {} module(s) use SDXL names, e.g. {}",
+        "{file}: this is an {lora} LoRA and the model is {model}: {} module(s) name layers of \
+         an {lora} model (e.g. {}); use it with an {lora} base model",
         names.len(),
         names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
     )]
-    Sdxl { file: PathBuf, names: Vec<String> },
+    WrongFamily {
+        file: PathBuf,
+        lora: LoraFamily,
+        model: LoraFamily,
+        names: Vec<String>,
+    },
 
     /// Modules missing a half, with inconsistent ranks, impossible shapes or non-float data.
     #[error("{file}: {} LoRA module problem(s): {}", problems.len(), problems.join("; "))]

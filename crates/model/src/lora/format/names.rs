@@ -15,8 +15,10 @@
 //!
 //! SDXL kohya files name the UNet with the original sgm paths (`lora_unet_input_blocks_4_1_...`)
 //! and the text encoders `lora_te1_`/`lora_te2_` ([`KohyaNaming::Sgm`], the SDXL family's naming
-//! table). They are read against a model's targets (the map is built forward, so it is exact);
-//! without a model they are reported as needing one rather than mistranslated.
+//! table). Against a model's targets they are looked up in the forward map (exact); without a
+//! model the sgm path is tokenized, converted with the checkpoint loader's own key map in SDXL
+//! base's layout ([`crate::load::ldm_keys::unet`]) and accepted only if converting back gives the
+//! same name — every SDXL-family checkpoint (Pony, Illustrious, …) shares that layout.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -37,10 +39,49 @@ pub const PREFIX_TE2: &str = "lora_te2_";
 /// Why a kohya module name could not be turned into a module path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NameError {
-    /// Not a name of any SD1/SD2 module we know.
+    /// Not a name of any module we know (of the model, or of any SD1/SD2/SDXL model).
     Unknown(String),
-    /// An SDXL-style name (LDM UNet paths, `lora_te1_`/`lora_te2_`).
-    Sdxl(String),
+    /// A name of the other family than the model's (an SDXL name for an SD1/SD2 model or the
+    /// reverse).
+    WrongFamily(String),
+}
+
+/// The model family a LoRA's names belong to: SD1 and SD2 share their naming, SDXL has its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraFamily {
+    /// SD1.x / SD2.x: diffusers module paths, `lora_te_`.
+    Sd,
+    /// SDXL: sgm UNet paths, `lora_te1_` / `lora_te2_`.
+    Sdxl,
+}
+
+impl LoraFamily {
+    /// How this family names kohya modules (SDXL: SDXL base's layout).
+    pub fn kohya_naming(self) -> KohyaNaming {
+        match self {
+            Self::Sd => KohyaNaming::Diffusers,
+            Self::Sdxl => KohyaNaming::Sgm(SgmLayout::sdxl_base()),
+        }
+    }
+
+    /// The family of a kohya module name.
+    pub fn of_kohya_name(name: &str) -> Self {
+        if is_sdxl_name(name) {
+            Self::Sdxl
+        } else {
+            Self::Sd
+        }
+    }
+}
+
+impl std::fmt::Display for LoraFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sd => "SD1/SD2",
+            Self::Sdxl => "SDXL",
+        })
+    }
 }
 
 /// The kohya prefix of `component`. `sdxl` selects `lora_te1_` over `lora_te_` for the first text
@@ -118,6 +159,14 @@ pub enum KohyaNaming {
 }
 
 impl KohyaNaming {
+    /// The family whose naming this is.
+    pub fn family(&self) -> LoraFamily {
+        match self {
+            Self::Diffusers => LoraFamily::Sd,
+            Self::Sgm(_) => LoraFamily::Sdxl,
+        }
+    }
+
     /// The naming of the model whose adaptable layers are `targets`: SDXL's when its UNet
     /// has the added (pooled text + size) embedding or it has a second text encoder.
     pub fn from_targets(targets: &[TargetInfo]) -> Self {
@@ -211,15 +260,29 @@ const SEGMENTS: &[&str] = &[
     "embeddings",
     "token_embedding",
     "position_embedding",
+    "text_projection",
+    // SDXL's UNet in sgm paths
+    "input_blocks",
+    "middle_block",
+    "output_blocks",
+    "in_layers",
+    "emb_layers",
+    "out_layers",
+    "skip_connection",
+    "op",
+    "time_embed",
+    "label_emb",
+    "out",
 ];
 
 /// Longest multi-word segment, in `_`-separated words (`time_emb_proj`).
 const MAX_SEGMENT_WORDS: usize = 3;
 
-/// Every adaptable (2-D or 4-D weight) module path of an SD1/SD2 diffusers UNet.
+/// Every adaptable (2-D or 4-D weight) module path of an SD1/SD2/SDXL diffusers UNet (SDXL's
+/// added-conditioning MLP `add_embedding` included).
 static UNET_PATH: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"^(?:(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.(?:attentions\.\d+\.(?:proj_in|proj_out|transformer_blocks\.\d+\.(?:(?:attn1|attn2)\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2)))|resnets\.\d+\.(?:conv1|conv2|time_emb_proj|conv_shortcut))|down_blocks\.\d+\.downsamplers\.0\.conv|up_blocks\.\d+\.upsamplers\.0\.conv|conv_in|conv_out|time_embedding\.linear_[12])$",
+        r"^(?:(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.(?:attentions\.\d+\.(?:proj_in|proj_out|transformer_blocks\.\d+\.(?:(?:attn1|attn2)\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2)))|resnets\.\d+\.(?:conv1|conv2|time_emb_proj|conv_shortcut))|down_blocks\.\d+\.downsamplers\.0\.conv|up_blocks\.\d+\.upsamplers\.0\.conv|conv_in|conv_out|time_embedding\.linear_[12]|add_embedding\.linear_[12])$",
     )
     .expect("static regex")
 });
@@ -232,39 +295,57 @@ static TEXT_ENCODER_PATH: LazyLock<Regex> = LazyLock::new(|| {
     .expect("static regex")
 });
 
-/// Whether `path` is a module path an SD1/SD2 `component` has (by the grammar, without a model).
+/// Whether `path` is a module path an SD1/SD2/SDXL `component` has (by the grammar, without a
+/// model).
 pub fn is_known_path(component: LoraComponent, path: &str) -> bool {
     match component {
         LoraComponent::Unet => UNET_PATH.is_match(path),
         LoraComponent::TextEncoder => TEXT_ENCODER_PATH.is_match(path),
-        // SD1/SD2 have no second text encoder.
-        LoraComponent::TextEncoder2 => false,
+        // OpenCLIP-bigG also has its pooled-output projection.
+        LoraComponent::TextEncoder2 => {
+            TEXT_ENCODER_PATH.is_match(path) || path == "text_projection"
+        }
     }
 }
 
-/// Whether a kohya module name is SDXL-style: LDM UNet names or `lora_te1_`/`lora_te2_`.
+/// Whether a diffusers module path (optionally `unet.`-prefixed) exists only in SDXL's UNet: the
+/// added-conditioning MLP, or a transformer block after the first (SD1/SD2 have one per
+/// transformer, SDXL two or ten).
+pub fn path_is_sdxl_only(path: &str) -> bool {
+    static SDXL_ONLY: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"(?:^|\.)(?:add_embedding\.|transformer_blocks\.[1-9])").expect("static regex")
+    });
+    SDXL_ONLY.is_match(path)
+}
+
+/// Whether a kohya module name is SDXL-style: sgm UNet names or `lora_te1_`/`lora_te2_`.
 pub fn is_sdxl_name(name: &str) -> bool {
     if name.starts_with(PREFIX_TE1) || name.starts_with(PREFIX_TE2) {
         return true;
     }
     name.strip_prefix(PREFIX_UNET).is_some_and(|rest| {
-        [
-            "input_blocks_",
-            "middle_block_",
-            "output_blocks_",
-            "label_emb_",
-        ]
-        .iter()
-        .any(|p| rest.starts_with(p))
+        rest == "out_2"
+            || [
+                "input_blocks_",
+                "middle_block_",
+                "output_blocks_",
+                "label_emb_",
+                "time_embed_",
+            ]
+            .iter()
+            .any(|p| rest.starts_with(p))
     })
 }
 
-/// The (component, diffusers path) of an SD1/SD2 kohya module name, by grammar (no model needed).
+/// The (component, diffusers path) of a kohya module name, by grammar (no model needed): SD1/SD2
+/// names, and SDXL's in SDXL base's layout.
 ///
-/// `lora_te_text_model_encoder_layers_0_mlp_fc1` → `(TextEncoder, text_model.encoder.layers.0.mlp.fc1)`.
+/// `lora_te_text_model_encoder_layers_0_mlp_fc1` → `(TextEncoder, text_model.encoder.layers.0.mlp.fc1)`;
+/// `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q` →
+/// `(Unet, down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q)`.
 pub fn parse_kohya_name(name: &str) -> Result<(LoraComponent, String), NameError> {
     if is_sdxl_name(name) {
-        return Err(NameError::Sdxl(name.to_string()));
+        return parse_sgm_name(name).ok_or_else(|| NameError::Unknown(name.to_string()));
     }
     let (component, rest) = if let Some(rest) = name.strip_prefix(PREFIX_UNET) {
         (LoraComponent::Unet, rest)
@@ -279,6 +360,35 @@ pub fn parse_kohya_name(name: &str) -> Result<(LoraComponent, String), NameError
     } else {
         Err(NameError::Unknown(name.to_string()))
     }
+}
+
+/// An SDXL kohya name → (component, diffusers path), in SDXL base's layout; `None` unless the
+/// path converts back to exactly `name`.
+fn parse_sgm_name(name: &str) -> Option<(LoraComponent, String)> {
+    for (prefix, component) in [
+        (PREFIX_TE1, LoraComponent::TextEncoder),
+        (PREFIX_TE2, LoraComponent::TextEncoder2),
+    ] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            let path = underscores_to_path(rest)?;
+            return is_known_path(component, &path).then_some((component, path));
+        }
+    }
+    let ldm = underscores_to_path(name.strip_prefix(PREFIX_UNET)?)?;
+    let layout = SgmLayout::sdxl_base();
+    let crate::load::ldm_keys::Rename::To(targets) =
+        crate::load::ldm_keys::unet(&format!("{ldm}.weight"), layout.layers_per_block)
+    else {
+        return None;
+    };
+    let [target] = &targets[..] else {
+        return None;
+    };
+    let path = target.key.strip_suffix(".weight")?.to_string();
+    let naming = KohyaNaming::Sgm(layout);
+    (is_known_path(LoraComponent::Unet, &path)
+        && naming.name(LoraComponent::Unet, &path).as_deref() == Some(name))
+    .then_some((LoraComponent::Unet, path))
 }
 
 /// `down_blocks_0_attentions_1_proj_in` → `down_blocks.0.attentions.1.proj_in`, or `None` when a
@@ -309,6 +419,7 @@ fn underscores_to_path(rest: &str) -> Option<String> {
 #[derive(Debug, Clone, Default)]
 pub struct KohyaNameMap {
     map: HashMap<String, (LoraComponent, String)>,
+    family: Option<LoraFamily>,
 }
 
 impl KohyaNameMap {
@@ -322,7 +433,15 @@ impl KohyaNameMap {
                 Some((name, (t.component, t.path.clone())))
             })
             .collect();
-        Self { map }
+        Self {
+            map,
+            family: Some(naming.family()),
+        }
+    }
+
+    /// The family of the model the map was built from.
+    pub fn family(&self) -> Option<LoraFamily> {
+        self.family
     }
 
     /// The module a kohya name stands for, if the model has it.
@@ -339,7 +458,7 @@ impl KohyaNameMap {
     }
 }
 
-/// Resolves kohya names either exactly against `map` or, without one, by the SD1/SD2 grammar.
+/// Resolves kohya names either exactly against `map` or, without one, by the grammar.
 pub fn resolve_kohya_name(
     name: &str,
     map: Option<&KohyaNameMap>,
@@ -349,8 +468,11 @@ pub fn resolve_kohya_name(
             .lookup(name)
             .map(|(c, p)| (c, p.to_string()))
             .ok_or_else(|| {
-                if is_sdxl_name(name) && !map.map.keys().any(|k| is_sdxl_name(k)) {
-                    NameError::Sdxl(name.to_string())
+                if map
+                    .family
+                    .is_some_and(|f| f != LoraFamily::of_kohya_name(name))
+                {
+                    NameError::WrongFamily(name.to_string())
                 } else {
                     NameError::Unknown(name.to_string())
                 }
@@ -428,14 +550,89 @@ mod tests {
             );
         }
         for name in [
-            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
-            "lora_te1_text_model_encoder_layers_0_mlp_fc1",
-            "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+            // SDXL base's output block 2 has attention: its upsampler is module 2, not 1.
+            "lora_unet_output_blocks_2_1_conv",
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_x",
+            "lora_unet_input_blocks_4_3_proj_in",
+            "lora_te2_text_model_encoder_layers_0_mlp_fc3",
         ] {
             assert_eq!(
                 parse_kohya_name(name),
-                Err(NameError::Sdxl(name.to_string()))
+                Err(NameError::Unknown(name.to_string())),
+                "{name}"
             );
+        }
+    }
+
+    #[test]
+    fn sdxl_grammar_examples() {
+        let cases = [
+            (
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                LoraComponent::Unet,
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            ),
+            (
+                "lora_unet_middle_block_1_transformer_blocks_9_ff_net_0_proj",
+                LoraComponent::Unet,
+                "mid_block.attentions.0.transformer_blocks.9.ff.net.0.proj",
+            ),
+            (
+                "lora_unet_output_blocks_5_1_proj_out",
+                LoraComponent::Unet,
+                "up_blocks.1.attentions.2.proj_out",
+            ),
+            (
+                "lora_unet_output_blocks_2_2_conv",
+                LoraComponent::Unet,
+                "up_blocks.0.upsamplers.0.conv",
+            ),
+            (
+                "lora_unet_input_blocks_3_0_op",
+                LoraComponent::Unet,
+                "down_blocks.0.downsamplers.0.conv",
+            ),
+            (
+                "lora_unet_output_blocks_8_0_skip_connection",
+                LoraComponent::Unet,
+                "up_blocks.2.resnets.2.conv_shortcut",
+            ),
+            (
+                "lora_unet_input_blocks_1_0_emb_layers_1",
+                LoraComponent::Unet,
+                "down_blocks.0.resnets.0.time_emb_proj",
+            ),
+            (
+                "lora_unet_label_emb_0_2",
+                LoraComponent::Unet,
+                "add_embedding.linear_2",
+            ),
+            (
+                "lora_unet_time_embed_0",
+                LoraComponent::Unet,
+                "time_embedding.linear_1",
+            ),
+            ("lora_unet_out_2", LoraComponent::Unet, "conv_out"),
+            (
+                "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+                LoraComponent::TextEncoder,
+                "text_model.encoder.layers.0.mlp.fc1",
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_31_self_attn_out_proj",
+                LoraComponent::TextEncoder2,
+                "text_model.encoder.layers.31.self_attn.out_proj",
+            ),
+        ];
+        let naming = LoraFamily::Sdxl.kohya_naming();
+        for (name, component, path) in cases {
+            assert_eq!(
+                parse_kohya_name(name),
+                Ok((component, path.to_string())),
+                "{name}"
+            );
+            assert_eq!(naming.name(component, path).as_deref(), Some(name));
+            assert_eq!(LoraFamily::of_kohya_name(name), LoraFamily::Sdxl);
         }
     }
 }

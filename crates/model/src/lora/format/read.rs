@@ -5,9 +5,10 @@
 //! it a LoRA file must not have overlapping tensor data and its metadata values must be strings,
 //! as the format requires (the model reader tolerates both, a LoRA reader has no reason to).
 //!
-//! Then every key must be understood: a tensor we cannot place, a module name no SD1/SD2 model
-//! has, a module missing its up or down half, ranks that disagree — each is an error listing
-//! every offending key, never a silently smaller LoRA.
+//! Then every key must be understood: a tensor we cannot place, a module name no SD1/SD2/SDXL
+//! model has (or, given a model, that model lacks), a module missing its up or down half, ranks
+//! that disagree — each is an error listing every offending key, never a silently smaller LoRA.
+//! A LoRA of the other family than the model's (SDXL on SD1.5, …) is refused by name.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
@@ -15,12 +16,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 
-use super::names::{self, KohyaNameMap, NameError};
+use super::names::{self, KohyaNameMap, LoraFamily, NameError};
 use super::{LoraFile, LoraFormat, LoraFormatError};
 use crate::load::safetensors_file::SafetensorsFile;
 use crate::lora::{LoraComponent, LoraModule, LoraWeights, TargetInfo};
 
-/// Reads a LoRA file, resolving module names by the SD1/SD2 grammar.
+/// Reads a LoRA file, resolving module names by the SD1/SD2/SDXL grammar.
 pub fn read_lora(path: &Path) -> Result<LoraFile, LoraFormatError> {
     read(path, None)
 }
@@ -237,8 +238,10 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
     let map = targets.map(KohyaNameMap::from_targets);
     let target_set: Option<HashSet<(LoraComponent, &str)>> =
         targets.map(|t| t.iter().map(|t| (t.component, t.path.as_str())).collect());
+    let model_family = map.as_ref().and_then(KohyaNameMap::family);
+    let name_family = names_family(path, format, modules.keys())?;
     let mut resolved: Vec<(&str, (LoraComponent, String))> = Vec::new();
-    let (mut unknown_names, mut sdxl_names) = (Vec::new(), Vec::new());
+    let (mut unknown_names, mut wrong_family) = (Vec::new(), Vec::new());
     for name in modules.keys() {
         let result = match format {
             LoraFormat::Kohya => names::resolve_kohya_name(name, map.as_ref()),
@@ -246,14 +249,25 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
         };
         match result {
             Ok(r) => resolved.push((name, r)),
-            Err(NameError::Sdxl(n)) => sdxl_names.push(n),
+            Err(NameError::WrongFamily(n)) => wrong_family.push(n),
             Err(NameError::Unknown(n)) => unknown_names.push(n),
         }
     }
-    if !sdxl_names.is_empty() {
-        return Err(LoraFormatError::Sdxl {
+    // A PEFT/diffusers LoRA names modules by diffusers paths, which SD1 and SDXL share in part:
+    // it is of the other family when its paths say so and the model lacks some of them.
+    if let (Some(model), Some(lora)) = (model_family, name_family)
+        && model != lora
+        && !unknown_names.is_empty()
+        && format != LoraFormat::Kohya
+    {
+        wrong_family.append(&mut unknown_names);
+    }
+    if !wrong_family.is_empty() {
+        return Err(LoraFormatError::WrongFamily {
             file: path.to_path_buf(),
-            names: sdxl_names,
+            lora: name_family.unwrap_or(LoraFamily::Sd),
+            model: model_family.unwrap_or(LoraFamily::Sd),
+            names: wrong_family,
         });
     }
     if !unknown_names.is_empty() {
@@ -263,7 +277,7 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
             target: if targets.is_some() {
                 "the model".into()
             } else {
-                "an SD1/SD2 model".into()
+                "an SD1/SD2/SDXL model".into()
             },
         });
     }
@@ -374,9 +388,14 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
         .max_by_key(|(d, n)| (*n, d.as_str()))
         .map(|(d, _)| d)
         .unwrap_or(DType::F32);
+    let family = name_family
+        .or(model_family)
+        .or_else(|| metadata_family(st.metadata()))
+        .unwrap_or(LoraFamily::Sd);
     Ok(LoraFile {
         path: path.to_path_buf(),
         format,
+        family,
         weights,
         metadata: st.metadata().clone(),
         dtype,
@@ -411,17 +430,61 @@ fn resolve_dotted(
     };
     let known = match targets {
         Some(set) => set.contains(&(component, path)),
-        None => {
-            if component == LoraComponent::TextEncoder2 {
-                return Err(NameError::Sdxl(name.to_string()));
-            }
-            names::is_known_path(component, path)
-        }
+        None => names::is_known_path(component, path),
     };
     if known {
         Ok((component, path.to_string()))
     } else {
         Err(NameError::Unknown(name.to_string()))
+    }
+}
+
+/// The family a file's module names show: kohya names always tell (a file mixing both is
+/// refused); PEFT/diffusers paths only when they hold something SD1/SD2 lacks (a second text
+/// encoder, the added-conditioning MLP, a second transformer block).
+fn names_family<'a>(
+    path: &Path,
+    format: LoraFormat,
+    names: impl Iterator<Item = &'a String>,
+) -> Result<Option<LoraFamily>, LoraFormatError> {
+    if format != LoraFormat::Kohya {
+        let sdxl = names
+            .into_iter()
+            .any(|n| n.starts_with("text_encoder_2.") || names::path_is_sdxl_only(n));
+        return Ok(sdxl.then_some(LoraFamily::Sdxl));
+    }
+    let mut examples: BTreeMap<LoraFamily, &str> = BTreeMap::new();
+    for name in names {
+        examples
+            .entry(LoraFamily::of_kohya_name(name))
+            .or_insert(name);
+    }
+    match examples.len() {
+        0 => Ok(None),
+        1 => Ok(examples.keys().next().copied()),
+        _ => Err(LoraFormatError::NotALora {
+            file: path.to_path_buf(),
+            reason: format!(
+                "it mixes SD1/SD2 and SDXL module names (`{}`, `{}`)",
+                examples[&LoraFamily::Sd],
+                examples[&LoraFamily::Sdxl]
+            ),
+        }),
+    }
+}
+
+/// The family the kohya / modelspec metadata names, if any.
+fn metadata_family(metadata: &BTreeMap<String, String>) -> Option<LoraFamily> {
+    let base = metadata.get("ss_base_model_version").map(String::as_str);
+    let arch = metadata.get("modelspec.architecture").map(String::as_str);
+    if base.is_some_and(|b| b.starts_with("sdxl"))
+        || arch.is_some_and(|a| a.starts_with("stable-diffusion-xl"))
+    {
+        Some(LoraFamily::Sdxl)
+    } else if base.is_some_and(|b| b.starts_with("sd_v")) {
+        Some(LoraFamily::Sd)
+    } else {
+        None
     }
 }
 

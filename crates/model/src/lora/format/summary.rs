@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{LoraFile, LoraFormat};
+use super::{LoraFamily, LoraFile, LoraFormat};
 use crate::lora::LoraComponent;
 
 /// Metadata keys holding large JSON blobs, summarised rather than shown.
@@ -19,6 +19,8 @@ const BULKY_KEYS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LoraSummary {
     pub format: LoraFormat,
+    /// The model family it is for (SD1/SD2 or SDXL).
+    pub family: LoraFamily,
     /// `ss_base_model_version`, else `modelspec.architecture`.
     pub base_model_version: Option<String>,
     /// Modules per component.
@@ -88,6 +90,7 @@ impl LoraSummary {
             .collect();
         LoraSummary {
             format: file.format,
+            family: file.family,
             base_model_version: md
                 .get("ss_base_model_version")
                 .or_else(|| md.get("modelspec.architecture"))

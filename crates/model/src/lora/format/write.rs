@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 
 use super::metadata::{BaseModelVersion, Metadata, NETWORK_MODULE_LORA};
-use super::names::{KohyaNaming, SgmLayout};
+use super::names::{self, KohyaNaming, LoraFamily};
 use super::read::{module_problems, read_lora};
 use super::serialize::{RawTensor, serialize, sshs_hashes};
 use super::{LoraFormat, LoraFormatError};
@@ -110,7 +110,8 @@ pub fn write_peft(
 
 /// Writes `weights` in `format` with a raw metadata map. Existing `sshs_*` hashes in `metadata`
 /// are replaced by ones computed for this file. kohya names follow SDXL base's layout when
-/// `ss_base_model_version` says SDXL or a module is on the second text encoder.
+/// `ss_base_model_version` says SDXL or a module exists only in SDXL (second text encoder,
+/// added-conditioning MLP, a second transformer block).
 pub fn write_lora(
     path: &Path,
     weights: &LoraWeights,
@@ -120,15 +121,16 @@ pub fn write_lora(
 ) -> Result<(), LoraFormatError> {
     let sdxl = metadata.get("ss_base_model_version").map(String::as_str)
         == Some(BaseModelVersion::SdxlBase.as_str())
-        || weights
-            .modules
-            .keys()
-            .any(|(c, _)| *c == LoraComponent::TextEncoder2);
+        || weights.modules.keys().any(|(c, p)| {
+            *c == LoraComponent::TextEncoder2
+                || (*c == LoraComponent::Unet && names::path_is_sdxl_only(p))
+        });
     let naming = if sdxl {
-        KohyaNaming::Sgm(SgmLayout::sdxl_base())
+        LoraFamily::Sdxl
     } else {
-        KohyaNaming::Diffusers
-    };
+        LoraFamily::Sd
+    }
+    .kohya_naming();
     write_lora_named(path, weights, format, metadata, dtype, &naming)
 }
 
@@ -319,7 +321,8 @@ pub fn convert(
 ) -> Result<ConvertReport, LoraFormatError> {
     let file = read_lora(input)?;
     let dtype = SaveDtype::for_dtype(file.dtype);
-    write_lora(output, &file.weights, to, &file.metadata, dtype)?;
+    let naming = file.family.kohya_naming();
+    write_lora_named(output, &file.weights, to, &file.metadata, dtype, &naming)?;
     Ok(ConvertReport {
         from: file.format,
         to,
