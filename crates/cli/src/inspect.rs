@@ -30,6 +30,13 @@ pub struct InspectArgs {
     /// Weights variant of a diffusers folder, e.g. `fp16` for `*.fp16.safetensors`.
     #[arg(long, value_name = "NAME")]
     pub variant: Option<String>,
+    /// A diffusers folder whose `COMPONENT/config.json` files replace what is
+    /// inferred from a single file's shapes (as `model.config`).
+    #[arg(long, value_name = "DIR")]
+    pub model_config: Option<PathBuf>,
+    /// A VAE to report instead of the model's own (as `model.vae`).
+    #[arg(long, value_name = "PATH")]
+    pub vae: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -80,6 +87,8 @@ fn load_options(args: &InspectArgs) -> LoadOptions {
             PredictionArg::Epsilon => Prediction::Epsilon,
             PredictionArg::V => Prediction::V,
         }),
+        config_dir: args.model_config.clone(),
+        vae: args.vae.clone(),
         ..Default::default()
     }
 }

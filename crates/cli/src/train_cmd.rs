@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use sd_lora_data::Dataset;
 use sd_lora_data::report::Report;
-use sd_lora_model::load::{Component, LoadOptions, ModelSource};
+use sd_lora_model::load::{Component, ModelSource};
 use sd_lora_model::lora::targets::TargetSpec;
 use sd_lora_model::lora::{LayerKind, LoraComponent, TargetInfo};
 use sd_lora_model::unet::{BlockKind, UNetConfig};
@@ -580,11 +580,7 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
             path.display()
         );
     }
-    let options = LoadOptions {
-        prediction: cfg.model.prediction.to_prediction(),
-        ..Default::default()
-    };
-    let source = ModelSource::open_with(path, options)
+    let source = ModelSource::open_with(path, cfg.model.load_options())
         .with_context(|| format!("model.path = {}: cannot open the model", path.display()))?;
     for c in source.components() {
         let w = source.weights(c)?;

@@ -45,6 +45,28 @@ pub enum PipelineError {
     },
 }
 
+/// The dtype the VAE is stored and run in: `explicit` if given; else f32 for SDXL's VAE under
+/// an f16 model when its config asks for it (`force_upcast`, true unless an fp16-safe VAE's
+/// config says otherwise) — its activations overflow f16 and the latents become NaN, as
+/// diffusers' SDXL pipelines avoid the same way; else the model's `dtype`.
+pub fn vae_storage_dtype(
+    architecture: Architecture,
+    dtype: DType,
+    config: &VaeConfig,
+    explicit: Option<DType>,
+) -> DType {
+    match explicit {
+        Some(d) => d,
+        None if architecture == Architecture::Sdxl
+            && dtype == DType::F16
+            && config.force_upcast =>
+        {
+            DType::F32
+        }
+        None => dtype,
+    }
+}
+
 /// SDXL's second text encoder (OpenCLIP-bigG with its projection) and its tokenizer.
 pub struct SecondTextEncoder {
     /// The tokenizer (`tokenizer_2/`, else the embedded CLIP vocabulary).
@@ -172,11 +194,13 @@ impl StableDiffusion {
 
         let vae_config = VaeConfig::from_json_str(&json(Component::Vae)?)
             .map_err(|e| config_err(Component::Vae, e.to_string()))?;
+        let vae_dtype =
+            vae_storage_dtype(architecture, dtype, &vae_config, source.options().vae_dtype);
         let vae = AutoencoderKL::with_parts(
             source
                 .weights(Component::Vae)?
                 .clone()
-                .into_var_builder(dtype, device),
+                .into_var_builder(vae_dtype, device),
             &vae_config,
             vae,
         )

@@ -348,3 +348,115 @@ fn sdxl_lora_files_use_sgm_names_and_read_back_against_the_model() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `model.config`: the fixture folder's configs replace what the single file's
+/// shapes cannot show (heads, group counts), with no load option at all.
+#[test]
+fn a_config_folder_makes_a_single_file_loadable_without_options() {
+    let single = fixtures().join("sdxl_tiny.safetensors");
+    // Without it, the inferred heads (hidden / 64) do not fit the tiny widths.
+    let plain = ModelSource::open(&single).unwrap();
+    assert!(StableDiffusion::load(&plain, DType::F32, &Device::Cpu).is_err());
+    let options = LoadOptions {
+        config_dir: Some(fixtures().join("sdxl_tiny")),
+        ..LoadOptions::default()
+    };
+    let source = ModelSource::open_with(&single, options).unwrap();
+    assert!(
+        source.notes().iter().any(|n| n.starts_with("configs of")),
+        "{:?}",
+        source.notes()
+    );
+    let sd = StableDiffusion::load(&source, DType::F32, &Device::Cpu).unwrap();
+    check(&sd, &reference(), "single file + model.config");
+
+    let bad = LoadOptions {
+        config_dir: Some(fixtures().join("reference")),
+        ..LoadOptions::default()
+    };
+    let e = ModelSource::open_with(&single, bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("without any COMPONENT/config.json"), "{e}");
+}
+
+/// `model.vae`: a VAE folder, or a VAE file with the original names (with or
+/// without `first_stage_model.`), replaces the model's own VAE; the SDXL VAE
+/// stays f32 under an f16 model unless told otherwise or fp16-safe.
+#[test]
+fn a_separate_vae_replaces_the_models_and_sdxl_vae_stays_f32_in_f16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let single = fixtures().join("sdxl_tiny.safetensors");
+    let all = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    let prefix = "first_stage_model.";
+    let with_prefix: HashMap<String, Tensor> = all
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    let bare: HashMap<String, Tensor> = with_prefix
+        .iter()
+        .map(|(k, t)| (k[prefix.len()..].to_string(), t.clone()))
+        .collect();
+    let (prefixed_file, bare_file) = (
+        tmp.path().join("p.safetensors"),
+        tmp.path().join("b.safetensors"),
+    );
+    candle_core::safetensors::save(&with_prefix, &prefixed_file).unwrap();
+    candle_core::safetensors::save(&bare, &bare_file).unwrap();
+
+    let image = Tensor::randn(0f32, 1.0, (1, 3, 16, 16), &Device::Cpu).unwrap();
+    let encode = |sd: &StableDiffusion| sd.vae.encode(&image).unwrap().mode().clone();
+    let own = encode(&load(&single));
+    let with_vae = |vae: &Path, dtype: DType, vae_dtype: Option<DType>| {
+        let options = LoadOptions {
+            vae: Some(vae.to_path_buf()),
+            vae_dtype,
+            ..tiny_sdxl_options()
+        };
+        let source = ModelSource::open_with(&single, options).unwrap();
+        assert!(source.notes().iter().any(|n| n.starts_with("VAE from")));
+        StableDiffusion::load(&source, dtype, &Device::Cpu).unwrap()
+    };
+    for vae in [
+        &prefixed_file,
+        &bare_file,
+        &fixtures().join("sdxl_tiny/vae"),
+    ] {
+        let sd = with_vae(vae, DType::F32, None);
+        assert!(rel_err(&encode(&sd), &own) < 1e-6, "{}", vae.display());
+    }
+
+    // f16 model: SDXL's VAE is kept in f32 ...
+    assert_eq!(
+        with_vae(&bare_file, DType::F16, None).vae.dtype(),
+        DType::F32
+    );
+    // ... unless asked, or its config says it is fp16-safe.
+    let forced = with_vae(&bare_file, DType::F16, Some(DType::F16));
+    assert_eq!(forced.vae.dtype(), DType::F16);
+    let safe = tmp.path().join("fp16_safe_vae");
+    std::fs::create_dir_all(&safe).unwrap();
+    let src = fixtures().join("sdxl_tiny/vae");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["force_upcast"] = serde_json::json!(false);
+    std::fs::write(safe.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        src.join("diffusion_pytorch_model.safetensors"),
+        safe.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(with_vae(&safe, DType::F16, None).vae.dtype(), DType::F16);
+
+    // Not a VAE: named as such, before any weight is read.
+    let not_vae = fixtures().join("lora/sd1_lora_kohya.safetensors");
+    let options = LoadOptions {
+        vae: Some(not_vae),
+        ..tiny_sdxl_options()
+    };
+    let e = ModelSource::open_with(&single, options)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no VAE in this file"), "{e}");
+}

@@ -17,7 +17,7 @@ use crate::overrides;
 use candle_core::DType;
 use schemars::JsonSchema;
 use sd_lora_data::DatasetConfig;
-use sd_lora_model::load::Prediction;
+use sd_lora_model::load::{LoadOptions, Prediction};
 use sd_lora_model::lora::format::SaveDtype;
 use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
 use sd_lora_model::sampling::SamplerKind;
@@ -51,7 +51,25 @@ pub struct TrainConfig {
     /// it tells defaults that depend on the model from values the user chose).
     #[serde(skip)]
     #[schemars(skip)]
-    pub given: std::collections::BTreeSet<String>,
+    pub given: GivenKeys,
+}
+
+/// The `section.key`s a config document set. Equality ignores them: two
+/// configs with the same values are equal however they were written.
+#[derive(Debug, Clone, Default)]
+pub struct GivenKeys(pub std::collections::BTreeSet<String>);
+
+impl PartialEq for GivenKeys {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl GivenKeys {
+    /// Whether the document set `key` (`section.key`).
+    pub fn contains(&self, key: &str) -> bool {
+        self.0.contains(key)
+    }
 }
 
 /// The base model the LoRA is trained on.
@@ -59,10 +77,26 @@ pub struct TrainConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// The base model: a diffusers folder, a single-file `.safetensors`
-    /// checkpoint (e.g. `v1-5-pruned-emaonly.safetensors`), or `builtin:tiny`,
-    /// a tiny SD1-layout model built in code (for the quickstart and tests; it
-    /// draws nothing useful).
+    /// checkpoint (SD1.x, SD2.x or SDXL, e.g. `v1-5-pruned-emaonly.safetensors`
+    /// or `sd_xl_base_1.0.safetensors`), or a built-in tiny model built in code
+    /// (`builtin:tiny`, SD1's layout; `builtin:tiny-sdxl`, SDXL's), for the
+    /// quickstarts and tests — they draw nothing useful.
     pub path: String,
+    /// A VAE to use instead of the model's own: a VAE folder (`config.json` +
+    /// weights), a diffusers model folder (its `vae/`), or a VAE `.safetensors`
+    /// file as A1111 uses them (e.g. an fp16-safe SDXL VAE). Empty: the model's.
+    pub vae: String,
+    /// Precision of the VAE: `auto` keeps SDXL's VAE in f32 when the model is
+    /// f16 (its activations overflow f16 and give NaN latents) unless the VAE's
+    /// config says `force_upcast = false` (an fp16-safe VAE folder); other VAEs
+    /// take `model.dtype`. `f32`, `f16`, `bf16` force it.
+    pub vae_dtype: VaeDtypeChoice,
+    /// A diffusers folder whose `COMPONENT/config.json` files (and scheduler
+    /// prediction type) replace what is inferred from a single-file
+    /// checkpoint's shapes — for checkpoints whose architecture cannot be
+    /// inferred (e.g. an unusual text-encoder width or head count). Only the
+    /// JSON files are read. Empty: infer.
+    pub config: String,
     /// What the UNet predicts: `auto` takes it from the model (its scheduler
     /// config, or the checkpoint's layout); set `v` for SD2-768 single files
     /// whose prediction cannot be detected.
@@ -84,6 +118,9 @@ impl Default for ModelSection {
     fn default() -> Self {
         ModelSection {
             path: "builtin:tiny".to_string(),
+            vae: String::new(),
+            vae_dtype: VaeDtypeChoice::Auto,
+            config: String::new(),
             prediction: PredictionChoice::Auto,
             dtype: StorageDtype::F32,
             device: "cpu".to_string(),
@@ -117,6 +154,34 @@ pub enum StorageDtype {
     F16,
     /// bfloat16: 2 bytes per weight, f32's range (Ampere and newer GPUs).
     Bf16,
+}
+
+/// Precision of the VAE (`model.vae_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VaeDtypeChoice {
+    /// f32 for SDXL's VAE under an f16 model (unless its config says it is
+    /// fp16-safe), else the model's dtype.
+    #[default]
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// 16-bit float (only for an fp16-safe VAE on SDXL).
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl VaeDtypeChoice {
+    /// The loader's setting: `None` = automatic.
+    pub fn to_dtype(self) -> Option<DType> {
+        match self {
+            VaeDtypeChoice::Auto => None,
+            VaeDtypeChoice::F32 => Some(DType::F32),
+            VaeDtypeChoice::F16 => Some(DType::F16),
+            VaeDtypeChoice::Bf16 => Some(DType::BF16),
+        }
+    }
 }
 
 impl PredictionChoice {
@@ -709,6 +774,8 @@ pub fn resolve_paths(doc: &mut Table, base: &Path) {
         }
     };
     at("model", "path");
+    at("model", "vae");
+    at("model", "config");
     at("output", "dir");
     at("train", "latent_cache_dir");
     if let Some(subsets) = doc
@@ -790,7 +857,7 @@ impl TrainConfig {
                 message: e.inner().message().to_string(),
             }
         })?;
-        cfg.given = given;
+        cfg.given = GivenKeys(given);
         Ok(cfg)
     }
 
@@ -908,6 +975,18 @@ impl ModelSection {
                 ),
             ));
         }
+        if p.starts_with("builtin:") {
+            for (key, value) in [("model.vae", &self.vae), ("model.config", &self.config)] {
+                if !value.trim().is_empty() {
+                    return Err(bad(
+                        key,
+                        format!("{value:?}"),
+                        "a built-in model has its own VAE and configs; use it with a model file \
+                         or folder",
+                    ));
+                }
+            }
+        }
         if DeviceSpec::parse(&self.device).is_none() {
             return Err(bad(
                 "model.device",
@@ -933,6 +1012,18 @@ impl ModelSection {
     /// Whether `path` names a built-in model.
     pub fn is_builtin(&self) -> bool {
         self.path.trim().starts_with("builtin:")
+    }
+
+    /// The model loader's options for this section.
+    pub fn load_options(&self) -> LoadOptions {
+        let path = |s: &str| (!s.trim().is_empty()).then(|| PathBuf::from(s.trim()));
+        LoadOptions {
+            prediction: self.prediction.to_prediction(),
+            vae: path(&self.vae),
+            config_dir: path(&self.config),
+            vae_dtype: self.vae_dtype.to_dtype(),
+            ..LoadOptions::default()
+        }
     }
 }
 

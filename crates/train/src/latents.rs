@@ -136,7 +136,7 @@ impl LatentCache {
                 image_path.display()
             )
         }
-        let latents = encode_latents(vae, scaling, sample, device)?;
+        let latents = encode_image_latents(vae, scaling, sample, image_path, device)?;
         if let Some(path) = &disk_path
             && let Err(e) = write_entry(path, &latents)
         {
@@ -245,6 +245,33 @@ pub fn encode_latents(
     let shift = vae.config.shift_factor.unwrap_or(0.0);
     let latents = ((dist.mode().to_dtype(DType::F32)? - shift)? * scaling)?;
     latents.squeeze(0)
+}
+
+/// [`encode_latents`] for the image at `image_path`, refusing non-finite latents: a VAE that
+/// overflows (SDXL's in f16) gives NaN, and training on NaN latents would only waste the run.
+pub fn encode_image_latents(
+    vae: &AutoencoderKL,
+    scaling: f64,
+    sample: &Sample,
+    image_path: &Path,
+    device: &Device,
+) -> Result<Tensor> {
+    let latents = encode_latents(vae, scaling, sample, device)?;
+    let finite = latents
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|x| x.is_finite());
+    if !finite {
+        candle_core::bail!(
+            "{}: the VAE ({:?}) gave non-finite latents (NaN or infinity); SDXL's VAE overflows \
+             in f16: set model.vae_dtype = \"f32\" (or \"auto\"), or give an fp16-safe VAE \
+             with model.vae",
+            image_path.display(),
+            vae.dtype()
+        );
+    }
+    Ok(latents)
 }
 
 /// `[latent_channels, h / f, w / f]` with `f = 2^(levels − 1)`, the VAE's downsampling.

@@ -185,11 +185,7 @@ pub fn load_model_parts(
         }
         return Ok((sd, None));
     }
-    let options = sd_lora_model::load::LoadOptions {
-        prediction: cfg.model.prediction.to_prediction(),
-        ..Default::default()
-    };
-    let source = ModelSource::open_with(&cfg.model.path, options)?;
+    let source = ModelSource::open_with(&cfg.model.path, cfg.model.load_options())?;
     let sd = StableDiffusion::load_parts(&source, dtype, device, vae)?;
     Ok((sd, Some(source)))
 }
@@ -642,7 +638,7 @@ pub fn train(
             ));
             if consecutive_nonfinite > cfg.train.max_nonfinite_steps {
                 bail!(
-                    "stopping: {consecutive_nonfinite} steps in a row had a non-finite loss or gradient; lower the learning rate, use dtype = \"f32\", or raise train.max_nonfinite_steps"
+                    "stopping: {consecutive_nonfinite} steps in a row had a non-finite (NaN or infinite) loss or gradient; lower the learning rate, use dtype = \"f32\", or raise train.max_nonfinite_steps"
                 );
             }
         } else {
@@ -805,7 +801,7 @@ impl MicroCtx<'_> {
                 self.latents_cache
                     .get_or_encode(&sd.vae, self.scaling, s, path, device)?
             } else {
-                crate::latents::encode_latents(&sd.vae, self.scaling, s, device)?
+                crate::latents::encode_image_latents(&sd.vae, self.scaling, s, path, device)?
             });
         }
         let latents = Tensor::stack(&lat, 0)?;

@@ -275,8 +275,10 @@ fn assemble(
         &parts.unet_config,
     )
     .map_err(build_err(Component::Unet))?;
+    let vae_dtype =
+        crate::pipeline::vae_storage_dtype(parts.architecture, dtype, &parts.vae_config, None);
     let vae = AutoencoderKL::new(
-        VarBuilder::from_tensors(vae, dtype, device),
+        VarBuilder::from_tensors(vae, vae_dtype, device),
         &parts.vae_config,
     )
     .map_err(build_err(Component::Vae))?;

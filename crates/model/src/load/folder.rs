@@ -149,13 +149,23 @@ const BASES: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
 /// The weight files of one component: one file, or the shards of an index with the index's
 /// `weight_map` (key → shard), which is checked against the shards once they are open.
-struct WeightFiles {
+pub(crate) struct WeightFiles {
     files: Vec<PathBuf>,
     index: Option<(PathBuf, BTreeMap<String, PathBuf>)>,
 }
 
+impl WeightFiles {
+    /// One unsharded file.
+    pub(crate) fn single(path: PathBuf) -> Self {
+        Self {
+            files: vec![path],
+            index: None,
+        }
+    }
+}
+
 /// Finds the weight files of one component folder.
-fn find_weight_files(
+pub(crate) fn find_weight_files(
     dir: &Path,
     variant: Option<&str>,
     notes: &mut Vec<String>,
@@ -298,7 +308,10 @@ fn shards(index: &Path) -> Result<WeightFiles, LoadError> {
 }
 
 /// Opens the files and tables their tensors under normalised names.
-fn open_weights(component: Component, found: &WeightFiles) -> Result<ComponentWeights, LoadError> {
+pub(crate) fn open_weights(
+    component: Component,
+    found: &WeightFiles,
+) -> Result<ComponentWeights, LoadError> {
     let mut weights = ComponentWeights::new(component);
     let text = matches!(component, Component::TextEncoder | Component::TextEncoder2);
     for path in &found.files {

@@ -35,6 +35,7 @@ pub mod folder;
 pub mod ldm_config;
 pub mod ldm_keys;
 pub mod safetensors_file;
+mod separate_vae;
 pub mod single_file;
 pub mod weights;
 
@@ -49,6 +50,7 @@ pub use error::LoadError;
 pub use weights::{ComponentWeights, WeightEntry};
 
 use folder::{Folder, PICKLE_EXTENSIONS};
+use separate_vae::SeparateVae;
 use single_file::SingleFile;
 
 /// A component of a Stable Diffusion pipeline, named as its diffusers sub-folder.
@@ -174,6 +176,15 @@ pub struct LoadOptions {
     /// Top-level keys replaced in a component's config after loading or inference, e.g.
     /// `norm_num_groups` or `sample_size` of a small single-file model.
     pub config_overrides: BTreeMap<Component, serde_json::Map<String, Value>>,
+    /// A diffusers folder whose configs replace the model's (`COMPONENT/config.json` for each
+    /// component it has, and `scheduler/scheduler_config.json`'s prediction type): for a single
+    /// file whose architecture cannot be inferred from its shapes. Weights are not read.
+    pub config_dir: Option<PathBuf>,
+    /// A VAE to use instead of the model's own (see [`separate_vae`]).
+    pub vae: Option<PathBuf>,
+    /// The VAE's storage dtype; `None`: SDXL's VAE stays f32 under an f16 model unless its
+    /// config says `force_upcast: false`, other VAEs take the model's dtype.
+    pub vae_dtype: Option<candle_core::DType>,
 }
 
 /// A component ready to build: its config and its weights.
@@ -201,6 +212,10 @@ pub struct ModelSource {
     prediction: Prediction,
     prediction_source: PredictionSource,
     inner: Inner,
+    /// The VAE given apart ([`LoadOptions::vae`]).
+    vae: Option<SeparateVae>,
+    /// Component configs from [`LoadOptions::config_dir`].
+    configs: BTreeMap<Component, Value>,
     notes: Vec<String>,
 }
 
@@ -255,6 +270,11 @@ impl ModelSource {
             let architecture = single.architecture;
             (Inner::Single(single), architecture, None)
         };
+        let (configs, config_prediction) = match &options.config_dir {
+            Some(dir) => read_config_dir(dir, &mut notes)?,
+            None => (BTreeMap::new(), None),
+        };
+        let folder_prediction = config_prediction.or(folder_prediction);
         let (prediction, prediction_source) = match (options.prediction, folder_prediction) {
             (Some(p), folder) => {
                 if let Some(f) = folder.filter(|f| *f != p) {
@@ -274,6 +294,24 @@ impl ModelSource {
                 (Prediction::Epsilon, PredictionSource::AssumedDefault)
             }
         };
+        let vae = match &options.vae {
+            Some(v) => {
+                let groups_overridden = options
+                    .config_overrides
+                    .get(&Component::Vae)
+                    .is_some_and(|m| m.contains_key("norm_num_groups"));
+                let vae = SeparateVae::open(
+                    v,
+                    architecture,
+                    prediction,
+                    options.variant.as_deref(),
+                    groups_overridden,
+                )?;
+                notes.extend(vae.notes.iter().cloned());
+                Some(vae)
+            }
+            None => None,
+        };
         Ok(Self {
             path: root,
             options,
@@ -281,12 +319,19 @@ impl ModelSource {
             prediction,
             prediction_source,
             inner,
+            vae,
+            configs,
             notes,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &LoadOptions {
+        &self.options
     }
 
     pub fn format(&self) -> SourceFormat {
@@ -316,10 +361,14 @@ impl ModelSource {
 
     /// The components present, in [`Component::ALL`] order.
     pub fn components(&self) -> Vec<Component> {
-        match &self.inner {
+        let mut components: BTreeSet<Component> = match &self.inner {
             Inner::Folder(f) => f.components.keys().copied().collect(),
             Inner::Single(s) => s.weights.keys().copied().collect(),
+        };
+        if self.vae.is_some() {
+            components.insert(Component::Vae);
         }
+        components.into_iter().collect()
     }
 
     /// The tokenizer folder for a text encoder (`tokenizer/`, `tokenizer_2/`), when the model
@@ -341,6 +390,9 @@ impl ModelSource {
 
     /// The weights of `component` (converted to diffusers names).
     pub fn weights(&self, component: Component) -> Result<&ComponentWeights, LoadError> {
+        if let (Component::Vae, Some(vae)) = (component, &self.vae) {
+            return Ok(&vae.weights);
+        }
         let found = match &self.inner {
             Inner::Folder(f) => f.components.get(&component).map(|c| &c.weights),
             Inner::Single(s) => {
@@ -356,18 +408,25 @@ impl ModelSource {
     /// The config of `component`: the folder's `config.json`, or inferred from a single file's
     /// shapes; [`LoadOptions::config_overrides`] applied.
     pub fn config(&self, component: Component) -> Result<Value, LoadError> {
-        let mut config = match &self.inner {
-            Inner::Folder(f) => f
-                .components
-                .get(&component)
-                .map(|c| c.config.clone())
-                .ok_or_else(|| self.missing(component))?,
-            Inner::Single(s) => {
-                if s.convertible && !s.weights.contains_key(&component) {
-                    return Err(self.missing(component));
+        let given = match (component, &self.vae) {
+            (Component::Vae, Some(vae)) => Some(vae.config.clone()),
+            _ => self.configs.get(&component).cloned(),
+        };
+        let mut config = match given {
+            Some(config) => config,
+            None => match &self.inner {
+                Inner::Folder(f) => f
+                    .components
+                    .get(&component)
+                    .map(|c| c.config.clone())
+                    .ok_or_else(|| self.missing(component))?,
+                Inner::Single(s) => {
+                    if s.convertible && !s.weights.contains_key(&component) {
+                        return Err(self.missing(component));
+                    }
+                    s.config(component, self.prediction, &self.options)?
                 }
-                s.config(component, self.prediction, &self.options)?
-            }
+            },
         };
         if let (Some(overrides), Value::Object(map)) =
             (self.options.config_overrides.get(&component), &mut config)
@@ -399,6 +458,12 @@ impl ModelSource {
                 .collect(),
             Inner::Single(s) => s.weights.iter().map(|(c, w)| (*c, w)).collect(),
         };
+        let mut per_component = per_component;
+        if let Some(vae) = &self.vae {
+            per_component.retain(|(c, _)| *c != Component::Vae);
+            per_component.push((Component::Vae, &vae.weights));
+            per_component.sort_by_key(|(c, _)| *c);
+        }
         let mut all_dtypes = BTreeSet::new();
         for (component, weights) in per_component {
             let dtypes = weights.dtypes();
@@ -432,6 +497,54 @@ impl ModelSource {
             available: available.join(", "),
         }
     }
+}
+
+/// The component configs of a [`LoadOptions::config_dir`] folder and its scheduler's prediction
+/// type. Needs at least one `COMPONENT/config.json`.
+fn read_config_dir(
+    dir: &Path,
+    notes: &mut Vec<String>,
+) -> Result<(BTreeMap<Component, Value>, Option<Prediction>), LoadError> {
+    if !dir.is_dir() {
+        return Err(LoadError::NotAModel {
+            path: dir.to_path_buf(),
+            reason: "model.config: expected a diffusers folder holding unet/config.json,                      text_encoder/config.json, … (weights are not needed)"
+                .into(),
+        });
+    }
+    let mut configs = BTreeMap::new();
+    for component in Component::ALL {
+        let path = dir.join(component.folder_name()).join("config.json");
+        if path.is_file() {
+            configs.insert(component, folder::read_json(&path)?);
+        }
+    }
+    if configs.is_empty() {
+        return Err(LoadError::MissingFile {
+            file: dir.join("unet").join("config.json"),
+            what: "model.config names a folder without any COMPONENT/config.json".into(),
+        });
+    }
+    let scheduler = dir.join("scheduler").join("scheduler_config.json");
+    let prediction = if scheduler.is_file() {
+        match folder::read_json(&scheduler)?
+            .get("prediction_type")
+            .and_then(Value::as_str)
+        {
+            Some("v_prediction") => Some(Prediction::V),
+            Some("epsilon") => Some(Prediction::Epsilon),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let names: Vec<String> = configs.keys().map(|c| c.to_string()).collect();
+    notes.push(format!(
+        "configs of {} from {}",
+        names.join(", "),
+        dir.display()
+    ));
+    Ok((configs, prediction))
 }
 
 /// Opens `path` and describes it (the `sd-lora inspect MODEL` report).

@@ -331,7 +331,7 @@ impl SingleFile {
 
 /// Converts every key under `prefix` with `rename`. Unrecognised keys are skipped and noted
 /// (real checkpoints carry odd extras), never silently renamed.
-fn convert(
+pub(crate) fn convert(
     file: &Arc<SafetensorsFile>,
     prefix: &str,
     component: Component,
