@@ -203,3 +203,121 @@ fn bad_arguments_are_refused_before_any_work() {
         assert!(!out.exists(), "{extra:?} created the output folder");
     }
 }
+
+/// SDXL through the CLI as a user runs it: the SDXL quickstart trains (both
+/// text encoders), `generate` renders at the model's native size with the LoRA,
+/// `convert` and `inspect` read the SDXL file, and a LoRA of the other family
+/// is refused by name in both directions.
+#[test]
+fn sdxl_quickstart_lora_generates_converts_and_other_families_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let train_out = dir.path().join("train");
+    let r = sd_lora(&[
+        "train",
+        "--config",
+        "configs/quickstart-sdxl.toml",
+        "--steps",
+        "2",
+        "--output",
+        train_out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "train failed: {stderr}");
+    assert!(
+        stderr.contains("dataset.resolution = 64 (the model's native resolution"),
+        "{stderr}"
+    );
+    let lora = train_out.join("quickstart-sdxl.safetensors");
+
+    let images = dir.path().join("images");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "builtin:tiny-sdxl",
+            "--prompt",
+            "ohwx robot",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--output",
+            images.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let r = sd_lora(&args);
+        assert!(
+            r.status.success(),
+            "generate failed: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        PathBuf::from(String::from_utf8(r.stdout).unwrap().trim())
+    };
+    let plain = run(&[]);
+    let spec = format!("{}:1.0", lora.display());
+    let with_lora = run(&["--lora", &spec]);
+    let (a, b) = (pixels(&plain), pixels(&with_lora));
+    assert_eq!(
+        (a.width(), a.height()),
+        (64, 64),
+        "native size of the model"
+    );
+    assert_ne!(
+        a.as_raw(),
+        b.as_raw(),
+        "the SDXL LoRA did not change the image"
+    );
+    let params = read_png_params(&with_lora).unwrap().unwrap();
+    assert_eq!(params.loras[0].name, "quickstart-sdxl");
+
+    // PEFT and back: the same modules, and the file still applies.
+    let peft = dir.path().join("peft.safetensors");
+    let r = sd_lora(&[
+        "convert",
+        lora.to_str().unwrap(),
+        peft.to_str().unwrap(),
+        "--to",
+        "peft",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = sd_lora(&[
+        "inspect",
+        peft.to_str().unwrap(),
+        "--model",
+        "builtin:tiny-sdxl",
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["family"], "sdxl");
+    assert_eq!(v["format"], "peft");
+    assert_eq!(v["modules"]["text_encoder"], 12);
+    assert_eq!(v["modules"]["text_encoder_2"], 12);
+
+    // An SDXL LoRA on an SD1 model, and an SD1 LoRA on an SDXL model.
+    for (model, file) in [
+        ("builtin:tiny", lora.to_str().unwrap()),
+        (
+            "builtin:tiny-sdxl",
+            "tests/fixtures/lora/sd1_lora_kohya.safetensors",
+        ),
+    ] {
+        let r = sd_lora(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--lora",
+            file,
+            "--output",
+            dir.path().join("refused").to_str().unwrap(),
+        ]);
+        assert_eq!(r.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(stderr.contains("LoRA and the model is"), "{stderr}");
+    }
+    assert!(!dir.path().join("refused").exists());
+}

@@ -228,8 +228,6 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
             );
         }
     }
-    check_output(&args.output)?;
-
     let (unet, text_encoders) = sd.lora_parts();
     let targets = model_targets(unet, text_encoders);
     let mut lora_infos = Vec::new();
@@ -263,6 +261,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
         });
     }
 
+    // The output folder is made only once every input has been accepted.
+    check_output(&args.output)?;
     let label = model_label(&args.model)?;
 
     let sampler_cfg = sampler_config_for(&sd, source.as_ref())?;

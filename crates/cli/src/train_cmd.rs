@@ -9,10 +9,11 @@
 
 use crate::check_data::plural;
 use anyhow::{Context, Result, bail};
+use candle_core::DType;
 use clap::Args;
 use sd_lora_data::Dataset;
 use sd_lora_data::report::Report;
-use sd_lora_model::load::{Component, ModelSource};
+use sd_lora_model::load::{Architecture, Component, ModelSource};
 use sd_lora_model::lora::targets::TargetSpec;
 use sd_lora_model::lora::{LayerKind, LoraComponent, TargetInfo};
 use sd_lora_model::unet::{BlockKind, UNetConfig};
@@ -513,6 +514,8 @@ pub struct ModelFacts {
     pub vae_decoder_params: u64,
     /// Channels of the VAE's first level (its widest activations while encoding).
     pub vae_channels: usize,
+    /// SD1, SD2 or SDXL.
+    pub architecture: Architecture,
 }
 
 impl ModelFacts {
@@ -541,9 +544,11 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
         vae_factor: 8,
         vae_decoder_params: 0,
         vae_channels: 128,
+        architecture: Architecture::Sd1,
     };
     if cfg.model.is_builtin() {
         let builtin = sd_lora_model::builtin::BuiltinModel::from_path(cfg.model.path.trim())?;
+        facts.architecture = builtin.architecture();
         let w = builtin
             .weights(sd_lora_model::builtin::TINY_SEED)
             .context("cannot build the built-in model")?;
@@ -582,6 +587,7 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
     }
     let source = ModelSource::open_with(path, cfg.model.load_options())
         .with_context(|| format!("model.path = {}: cannot open the model", path.display()))?;
+    facts.architecture = source.architecture();
     for c in source.components() {
         let w = source.weights(c)?;
         facts.params.push((c, w.parameter_count()));
@@ -679,6 +685,16 @@ fn estimate_memory(
 ) -> MemoryEstimate {
     use sd_lora_train::prepare::{fixed_captions, latents_up_front};
     let wbytes = cfg.model.dtype.size_in_bytes() as u64;
+    // SDXL's VAE stays f32 under an f16 model (model.vae_dtype = "auto").
+    let vae_bytes = match cfg.model.vae_dtype.to_dtype() {
+        Some(d) => d.size_in_bytes() as u64,
+        None if m.architecture == Architecture::Sdxl
+            && cfg.model.dtype.to_dtype() == DType::F16 =>
+        {
+            4
+        }
+        None => wbytes,
+    };
     let params = |c: Component| m.params.iter().find(|(p, _)| *p == c).map_or(0, |p| p.1);
     let previews = !cfg.output.sample_prompts.is_empty();
     let decoder = m.vae_decoder_params;
@@ -686,19 +702,17 @@ fn estimate_memory(
     let text = params(Component::TextEncoder) + params(Component::TextEncoder2);
     let latents_cached = latents_up_front(cfg);
     let text_released = !previews && fixed_captions(cfg, ds).is_some();
-    let loaded =
-        (params(Component::Unet) + text + encoder + if previews { decoder } else { 0 }) * wbytes;
-    let frozen = (params(Component::Unet)
-        + if text_released { 0 } else { text }
-        + if latents_cached { 0 } else { encoder }
-        + if previews { decoder } else { 0 })
-        * wbytes;
+    let loaded = (params(Component::Unet) + text) * wbytes
+        + (encoder + if previews { decoder } else { 0 }) * vae_bytes;
+    let frozen = (params(Component::Unet) + if text_released { 0 } else { text }) * wbytes
+        + (if latents_cached { 0 } else { encoder } + if previews { decoder } else { 0 })
+            * vae_bytes;
     // Encoding one image keeps about five tensors of the VAE's first level
     // alive at once (a ResNet's input, its two halves, the residual, an
     // im2col band): measured for SD1.5 (docs/performance.md).
     let side = u64::from(cfg.dataset.resolution);
     let caching = if latents_cached {
-        5 * m.vae_channels as u64 * side * side * wbytes
+        5 * m.vae_channels as u64 * side * side * vae_bytes
     } else {
         0
     };
@@ -732,8 +746,10 @@ fn estimate_memory(
             // Values held per channel-pixel of each UNet level at the peak of
             // the backward, measured for SD1.5 (docs/performance.md): what
             // the forward keeps plus the backward's working memory. Levels
-            // with transformer blocks hold far more than plain ones.
-            // Attention keeps no probability matrices (it recomputes them).
+            // with transformer blocks hold far more than plain ones, and in
+            // proportion to their depth (SD1.5 has one block per transformer,
+            // SDXL two and ten): the ResNets' share (`plain`) once, the rest
+            // per block. Attention keeps no probability matrices.
             let (with_attn, plain) = if cfg.train.gradient_checkpointing {
                 (36, 3)
             } else {
@@ -748,7 +764,12 @@ fn estimate_memory(
                         .down_block_types
                         .get(l)
                         .is_some_and(|k| *k == BlockKind::CrossAttn);
-                    let per = if has_attn { with_attn } else { plain };
+                    let depth = u.transformer_layers_per_block.get(l).copied().unwrap_or(1) as u64;
+                    let per = if has_attn {
+                        plain + (with_attn - plain) * depth
+                    } else {
+                        plain
+                    };
                     per * *c as u64 * (px >> (2 * l))
                 })
                 .sum();
