@@ -4,7 +4,9 @@
 `--train` (default) runs what `sd-lora train` runs with its defaults, in diffusers + peft, on
 the same model files and images:
 
-1. load the UNet, VAE and text encoder from a diffusers folder (`from_pretrained`, f32);
+1. load the UNet, VAE and text encoder(s) from a diffusers folder (`from_pretrained`, f32; SDXL:
+   both text encoders, captions encoded as StableDiffusionXLPipeline.encode_prompt does, the
+   UNet given the pooled embedding and `add_time_ids`);
 2. scan the images as sd-lora does (a kohya root `N_caption/` with `.txt` captions, or a plain
    folder), resize each to cover `--resolution` (Lanczos) and centre-crop it;
 3. encode every image with the VAE (the mean of the latent distribution × scaling factor, as
@@ -82,7 +84,7 @@ def peak_rss() -> int:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, required=True, help="a diffusers SD1.x/SD2.x folder")
+    p.add_argument("--model", type=Path, required=True, help="a diffusers SD1.x/SD2.x/SDXL folder")
     p.add_argument("--data", type=Path, help="image folder or kohya root (--train)")
     p.add_argument("--vae", action="store_true", help="time VAE encode/decode of one image instead")
     p.add_argument("--train", action="store_true", help="the training run (the default)")
@@ -177,16 +179,25 @@ def vae_bench(a: argparse.Namespace) -> dict:
 def train_bench(a: argparse.Namespace) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    sdxl = (Path(a.model) / "text_encoder_2").is_dir()
     t_start = time.perf_counter()
     unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet", torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(a.model, subfolder="vae", torch_dtype=torch.float32)
     text_encoder = CLIPTextModel.from_pretrained(a.model, subfolder="text_encoder", torch_dtype=torch.float32)
     tokenizer = CLIPTokenizer.from_pretrained(a.model, subfolder="tokenizer")
+    # SDXL: the second encoder (OpenCLIP-bigG with its projection) and tokenizer.
+    text_encoder_2 = tokenizer_2 = None
+    if sdxl:
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            a.model, subfolder="text_encoder_2", torch_dtype=torch.float32
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(a.model, subfolder="tokenizer_2")
     scheduler = DDPMScheduler.from_pretrained(a.model, subfolder="scheduler")
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False)
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        if m is not None:
+            m.requires_grad_(False)
     load_s = time.perf_counter() - t_start
     load_peak = peak_rss()
     log(f"loaded in {load_s:.1f} s, peak RSS {load_peak / 1e9:.2f} GB")
@@ -203,12 +214,22 @@ def train_bench(a: argparse.Namespace) -> dict:
     gc.collect()
     t0 = time.perf_counter()
     embeddings = {}
+    pooled = {}
     with torch.no_grad():
         for caption in sorted({c for _, c, _ in images}):
             ids = tokenizer(caption, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-            embeddings[caption] = text_encoder(ids.input_ids)[0]
+            if not sdxl:
+                embeddings[caption] = text_encoder(ids.input_ids)[0]
+                continue
+            # As StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden
+            # states side by side; the pooled embedding is the second's projected output.
+            ids_2 = tokenizer_2(caption, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            h1 = text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-2]
+            out_2 = text_encoder_2(ids_2.input_ids, output_hidden_states=True)
+            embeddings[caption] = torch.cat([h1, out_2.hidden_states[-2]], dim=-1)
+            pooled[caption] = out_2.text_embeds
     text_s = time.perf_counter() - t0
-    del text_encoder
+    del text_encoder, text_encoder_2
     gc.collect()
     log(f"cached {len(latents)} latents in {latent_s:.1f} s, {len(embeddings)} captions in {text_s:.1f} s")
 
@@ -236,7 +257,15 @@ def train_bench(a: argparse.Namespace) -> dict:
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
         noisy = scheduler.add_noise(lat, noise, t)
-        pred = unet(noisy, t, embeddings[caption]).sample
+        extra = {}
+        if sdxl:
+            # add_time_ids: original size, crop top-left, target size (a centre-cropped square).
+            side = float(a.resolution)
+            extra["added_cond_kwargs"] = {
+                "text_embeds": pooled[caption],
+                "time_ids": torch.tensor([[side, side, 0.0, 0.0, side, side]]),
+            }
+        pred = unet(noisy, t, embeddings[caption], **extra).sample
         loss = F.mse_loss(pred.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora_params, 1.0)

@@ -654,7 +654,9 @@ fn layer_of(component: LoraComponent, key: &str, shape: &[usize]) -> Option<Targ
 pub struct MemoryEstimate {
     /// Weights built when the run starts (every part it uses).
     pub loaded: u64,
-    /// The VAE's working memory while latents are encoded before training.
+    /// The latent-caching phase: the weights still held (the text encoders
+    /// are released first when their outputs are cached) plus the VAE's
+    /// working memory while it encodes.
     pub caching: u64,
     /// Weights kept while training: the encoders are released once their
     /// outputs are cached (see `sd_lora_train::prepare`).
@@ -662,6 +664,8 @@ pub struct MemoryEstimate {
     pub lora_params: u64,
     pub lora_state: u64,
     pub activations: u64,
+    /// Bytes per VAE weight (SDXL's VAE stays f32 under an f16 model).
+    pub vae_bytes: u64,
 }
 
 /// Resident memory of the process before any model is built (code, the
@@ -669,10 +673,14 @@ pub struct MemoryEstimate {
 const PROCESS_BASELINE: u64 = 60 << 20;
 
 impl MemoryEstimate {
-    /// The peak: the caching phase or the training phase, whichever is larger.
+    /// The peak: loading, the latent-caching phase or the training phase,
+    /// whichever is largest.
     pub fn total(&self) -> u64 {
         PROCESS_BASELINE
-            + (self.loaded + self.caching).max(self.frozen + self.lora_state + self.activations)
+            + self
+                .loaded
+                .max(self.caching)
+                .max(self.frozen + self.lora_state + self.activations)
     }
 }
 
@@ -712,7 +720,9 @@ fn estimate_memory(
     // im2col band): measured for SD1.5 (docs/performance.md).
     let side = u64::from(cfg.dataset.resolution);
     let caching = if latents_cached {
-        5 * m.vae_channels as u64 * side * side * vae_bytes
+        (params(Component::Unet) + if text_released { 0 } else { text }) * wbytes
+            + (encoder + if previews { decoder } else { 0 }) * vae_bytes
+            + 5 * m.vae_channels as u64 * side * side * vae_bytes
     } else {
         0
     };
@@ -777,6 +787,7 @@ fn estimate_memory(
         })
         .unwrap_or(0);
     MemoryEstimate {
+        vae_bytes,
         loaded,
         caching,
         frozen,
@@ -918,7 +929,19 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
             .unwrap_or_default(),
         m.params
             .iter()
-            .map(|(c, n)| format!("{c} {}", gib(n * cfg.model.dtype.size_in_bytes() as u64)))
+            .map(|(c, n)| {
+                let bytes = if *c == Component::Vae {
+                    est.vae_bytes
+                } else {
+                    cfg.model.dtype.size_in_bytes() as u64
+                };
+                let note = if bytes != cfg.model.dtype.size_in_bytes() as u64 {
+                    format!(" (in {})", if bytes == 4 { "f32" } else { "16 bits" })
+                } else {
+                    String::new()
+                };
+                format!("{c} {}{note}", gib(n * bytes))
+            })
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -942,16 +965,15 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
             "activations: not estimated (the UNet config could not be read); add them to the total"
         );
     }
-    let _ = writeln!(
-        o,
-        "before training: {} of weights{}",
-        gib(est.loaded),
-        if est.caching > 0 {
-            format!(" + {} while caching latents", gib(est.caching))
-        } else {
-            String::new()
-        }
-    );
+    let _ = writeln!(o, "loading: {} of weights", gib(est.loaded));
+    if est.caching > 0 {
+        let _ = writeln!(
+            o,
+            "caching latents: {} (weights still held, text encoders released first when their \
+             outputs are cached, and the VAE's working memory)",
+            gib(est.caching)
+        );
+    }
     let _ = writeln!(
         o,
         "while training: {} of weights kept (encoders released once their outputs are cached)",
@@ -959,7 +981,7 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
     );
     let _ = writeln!(
         o,
-        "total: about {} (the larger of the two phases)",
+        "total: about {} (the largest of the phases)",
         gib(est.total())
     );
     Ok(o)

@@ -743,6 +743,43 @@ fn files_that_are_not_base_models_say_what_they_are() {
     assert!(err.contains(".safetensors"), "{err}");
     let missing = ModelSource::open(dir.join("nope.safetensors")).unwrap_err();
     assert!(matches!(missing, LoadError::NotFound { .. }), "{missing}");
+
+    // Other model families are named, and what is supported is said.
+    let sd3 = dir.join("sd3.safetensors");
+    write(
+        &sd3,
+        &[k(
+            "model.diffusion_model.",
+            "joint_blocks.0.x_block.attn.qkv.weight",
+            &[12, 4],
+        )],
+    );
+    let flux = dir.join("flux.safetensors");
+    write(
+        &flux,
+        &[
+            k("", "double_blocks.0.img_attn.qkv.weight", &[12, 4]),
+            k("", "single_blocks.0.linear1.weight", &[12, 4]),
+        ],
+    );
+    for (file, name) in [(&sd3, "Stable Diffusion 3"), (&flux, "Flux")] {
+        let err = ModelSource::open(file).unwrap_err().to_string();
+        assert!(
+            err.contains(name) && err.contains("SD1.x, SD2.x and SDXL"),
+            "{err}"
+        );
+    }
+    // An inpainting UNet (9 input channels) is refused before any weight is read.
+    let inpaint = dir.join("inpaint.safetensors");
+    let mut keys = ldm_unet(&[8, 16], 1, &[true, false], 12, false);
+    for (key, shape) in &mut keys {
+        if key.ends_with("input_blocks.0.0.weight") {
+            shape[1] = 9;
+        }
+    }
+    write(&inpaint, &keys);
+    let err = ModelSource::open(&inpaint).unwrap_err().to_string();
+    assert!(err.contains("inpainting UNet (9 input channels"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

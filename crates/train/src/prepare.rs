@@ -16,7 +16,8 @@
 //!   dropout only adds the empty caption): every caption is encoded, then the
 //!   text encoder is released — unless previews need it for their prompts.
 //!
-//! Each pass reports its progress (a bar with an ETA), and Ctrl-C stops it
+//! The text pass runs first, so its encoders are gone before the VAE's
+//! working memory peaks. Each pass reports its progress (a bar with an ETA), and Ctrl-C stops it
 //! between two images: latents already written to the disk cache are reused
 //! by the next run.
 
@@ -87,6 +88,21 @@ pub fn prepare(
     stop: &dyn Fn() -> bool,
 ) -> Result<Prepared> {
     let mut done = Prepared::default();
+    // Text first: releasing the text encoders before the VAE encodes keeps
+    // them out of the VAE's peak (SDXL's two encoders are 0.8 B parameters).
+    if let Some(captions) = fixed_captions(cfg, ds) {
+        let total = captions.len();
+        progress.prepare("caching text embeddings", 0, total);
+        for (n, caption) in captions.iter().enumerate() {
+            text.get_or_encode(sd, caption, cfg.model.clip_skip)?;
+            progress.prepare("caching text embeddings", n + 1, total);
+        }
+        done.captions = total;
+        if !keep_text_encoder {
+            sd.release_text_encoder()?;
+            done.text_encoder_released = true;
+        }
+    }
     if latents_up_front(cfg) {
         let variants: Vec<(usize, bool)> = ds
             .images
@@ -122,19 +138,6 @@ pub fn prepare(
         done.latents_from_disk = latents.disk_hits() - disk_before;
         sd.vae.release_encoder();
         done.vae_encoder_released = true;
-    }
-    if let Some(captions) = fixed_captions(cfg, ds) {
-        let total = captions.len();
-        progress.prepare("caching text embeddings", 0, total);
-        for (n, caption) in captions.iter().enumerate() {
-            text.get_or_encode(sd, caption, cfg.model.clip_skip)?;
-            progress.prepare("caching text embeddings", n + 1, total);
-        }
-        done.captions = total;
-        if !keep_text_encoder {
-            sd.release_text_encoder()?;
-            done.text_encoder_released = true;
-        }
     }
     Ok(done)
 }

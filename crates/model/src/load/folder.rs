@@ -86,9 +86,32 @@ impl Folder {
             components.insert(component, FolderComponent { config, weights });
         }
         if !components.contains_key(&Component::Unet) {
+            let class = model_index
+                .get("_class_name")
+                .and_then(Value::as_str)
+                .unwrap_or("?");
             return Err(LoadError::NotAModel {
                 path: root.to_path_buf(),
-                reason: "model_index.json lists no unet; not a Stable Diffusion pipeline".into(),
+                reason: format!(
+                    "model_index.json ({class}) lists no unet; not a Stable Diffusion 1/2/XL \
+                     pipeline{}",
+                    super::single_file::SUPPORTED
+                ),
+            });
+        }
+        if let Some(channels) = components[&Component::Unet]
+            .config
+            .get("in_channels")
+            .and_then(Value::as_u64)
+            .filter(|&c| c != 4)
+        {
+            return Err(LoadError::Unsupported {
+                path: root.to_path_buf(),
+                what: format!(
+                    "{}{}",
+                    super::single_file::unet_input_kind(channels as usize),
+                    super::single_file::SUPPORTED
+                ),
             });
         }
         let mut tokenizers = BTreeMap::new();

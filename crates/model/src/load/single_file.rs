@@ -42,8 +42,26 @@ impl SingleFile {
         let file = Arc::new(SafetensorsFile::open(path)?);
         let has = |prefix: &str| Keys::new(&file, prefix).any("");
         let unet_keys = Keys::new(&file, ldm_keys::UNET_PREFIX);
+        if let Some(what) = other_family(&file) {
+            return Err(LoadError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("{what}{SUPPORTED}"),
+            });
+        }
         if !has(ldm_keys::UNET_PREFIX) {
             return Err(not_a_checkpoint(&file));
+        }
+        // A UNet that takes more than the 4 latent channels is conditioned on an image too.
+        if let Some(channels) = unet_keys
+            .shape("input_blocks.0.0.weight")
+            .filter(|s| s.len() == 4)
+            .map(|s| s[1])
+            .filter(|&c| c != 4)
+        {
+            return Err(LoadError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("{}{SUPPORTED}", unet_input_kind(channels)),
+            });
         }
         let mut notes = Vec::new();
 
@@ -391,6 +409,33 @@ pub(crate) fn convert(
 }
 
 /// The error for a `.safetensors` without a Stable Diffusion UNet, saying what it looks like.
+/// What the refusals of other model families end with.
+pub(crate) const SUPPORTED: &str =
+    "; sd-lora trains LoRAs for SD1.x, SD2.x and SDXL (text-to-image) checkpoints";
+
+/// A checkpoint of another model family, by the key names only it uses.
+fn other_family(file: &SafetensorsFile) -> Option<&'static str> {
+    let any = |pattern: &str| file.tensors().keys().any(|k| k.contains(pattern));
+    if any("joint_blocks.") {
+        Some("this is a Stable Diffusion 3 / 3.5 checkpoint (MMDiT `joint_blocks`)")
+    } else if any("double_blocks.") && any("single_blocks.") {
+        Some("this is a Flux checkpoint (`double_blocks` / `single_blocks`)")
+    } else {
+        None
+    }
+}
+
+/// What a UNet with `channels` input channels (not 4) is.
+pub(crate) fn unet_input_kind(channels: usize) -> String {
+    match channels {
+        9 => "this is an inpainting UNet (9 input channels: latents, mask, masked image)".into(),
+        8 => "this is an image-conditioned UNet (8 input channels, as instruct-pix2pix)".into(),
+        c => format!(
+            "this UNet takes {c} input channels, not the 4 latent channels of text-to-image"
+        ),
+    }
+}
+
 fn not_a_checkpoint(file: &SafetensorsFile) -> LoadError {
     let keys = file.tensors();
     let any = |pred: &dyn Fn(&str) -> bool| keys.keys().any(|k| pred(k));
