@@ -652,11 +652,12 @@ fn layer_of(component: LoraComponent, key: &str, shape: &[usize]) -> Option<Targ
 
 /// The memory estimate of the dry run, in bytes per part.
 pub struct MemoryEstimate {
-    /// Weights built when the run starts (every part it uses).
+    /// Weights built when the run starts: every part it uses but the UNet,
+    /// which is built once latents and captions are cached.
     pub loaded: u64,
     /// The latent-caching phase: the weights still held (the text encoders
-    /// are released first when their outputs are cached) plus the VAE's
-    /// working memory while it encodes.
+    /// are released first when their outputs are cached; the UNet is built
+    /// after caching) plus the VAE's working memory while it encodes.
     pub caching: u64,
     /// Weights kept while training: the encoders are released once their
     /// outputs are cached (see `sd_lora_train::prepare`).
@@ -710,8 +711,15 @@ fn estimate_memory(
     let text = params(Component::TextEncoder) + params(Component::TextEncoder2);
     let latents_cached = latents_up_front(cfg);
     let text_released = !previews && fixed_captions(cfg, ds).is_some();
-    let loaded = (params(Component::Unet) + text) * wbytes
-        + (encoder + if previews { decoder } else { 0 }) * vae_bytes;
+    // A model file's UNet is built after the caching (a built-in one, tiny,
+    // with the rest).
+    let unet_first = if cfg.model.is_builtin() {
+        params(Component::Unet)
+    } else {
+        0
+    };
+    let loaded =
+        (unet_first + text) * wbytes + (encoder + if previews { decoder } else { 0 }) * vae_bytes;
     let frozen = (params(Component::Unet) + if text_released { 0 } else { text }) * wbytes
         + (if latents_cached { 0 } else { encoder } + if previews { decoder } else { 0 })
             * vae_bytes;
@@ -720,7 +728,7 @@ fn estimate_memory(
     // im2col band): measured for SD1.5 (docs/performance.md).
     let side = u64::from(cfg.dataset.resolution);
     let caching = if latents_cached {
-        (params(Component::Unet) + if text_released { 0 } else { text }) * wbytes
+        (unet_first + if text_released { 0 } else { text }) * wbytes
             + (encoder + if previews { decoder } else { 0 }) * vae_bytes
             + 5 * m.vae_channels as u64 * side * side * vae_bytes
     } else {
@@ -965,12 +973,16 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
             "activations: not estimated (the UNet config could not be read); add them to the total"
         );
     }
-    let _ = writeln!(o, "loading: {} of weights", gib(est.loaded));
+    let _ = writeln!(
+        o,
+        "loading: {} of weights (all but the UNet)",
+        gib(est.loaded)
+    );
     if est.caching > 0 {
         let _ = writeln!(
             o,
-            "caching latents: {} (weights still held, text encoders released first when their \
-             outputs are cached, and the VAE's working memory)",
+            "caching latents: {} (the VAE and its working memory; the text encoders are \
+             released first when their outputs are cached, the UNet is built afterwards)",
             gib(est.caching)
         );
     }

@@ -281,6 +281,9 @@ impl StableDiffusion {
         text: &TextConditioning,
         sizes: &[SizeCond],
     ) -> Result<Tensor> {
+        if self.unet_pending {
+            candle_core::bail!("the UNet's weights are not loaded yet (load_unet)");
+        }
         let added = self.added_cond(text, sizes)?;
         self.unet
             .forward_with_cond(noisy, timesteps, &text.context, added.as_ref())

@@ -7,7 +7,9 @@ use crate::load::{Architecture, Component, LoadError, ModelSource, Prediction};
 use crate::schedule::{NoiseSchedule, ScheduleConfig};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig, VaeParts};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 
 /// Why a model could not be assembled.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,32 @@ pub fn vae_storage_dtype(
     }
 }
 
+/// The weights of a placeholder model: every tensor one zero broadcast to its
+/// shape (no memory), so the model has its structure but no weights.
+struct Placeholder;
+
+impl SimpleBackend for Placeholder {
+    fn get(
+        &self,
+        s: Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::zeros(1, dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("placeholder weights: {name} has no known shape")
+    }
+
+    /// As the built-in models: current attention key names.
+    fn contains_tensor(&self, name: &str) -> bool {
+        !(name.ends_with(".query.weight") || name.ends_with(".proj_attn.weight"))
+    }
+}
+
 /// SDXL's second text encoder (OpenCLIP-bigG with its projection) and its tokenizer.
 pub struct SecondTextEncoder {
     /// The tokenizer (`tokenizer_2/`, else the embedded CLIP vocabulary).
@@ -107,6 +135,9 @@ pub struct StableDiffusion {
     pub schedule: NoiseSchedule,
     /// Things the user may want to know (e.g. a tokenizer/text-encoder vocabulary mismatch).
     pub notes: Vec<String>,
+    /// The UNet is a placeholder without weights until [`Self::load_unet`] (see
+    /// [`Self::load_parts_unet_later`]).
+    pub unet_pending: bool,
 }
 
 impl StableDiffusion {
@@ -131,6 +162,55 @@ impl StableDiffusion {
         dtype: DType,
         device: &Device,
         vae: VaeParts,
+    ) -> Result<Self, PipelineError> {
+        Self::load_inner(source, dtype, device, vae, true)
+    }
+
+    /// [`Self::load_parts`] with the UNet's weights not read yet: it is a
+    /// placeholder of the right structure (every tensor one broadcast zero, no
+    /// memory) until [`Self::load_unet`]. Training caches its latents and text
+    /// conditioning first, so the VAE's working memory and the text encoders
+    /// never share memory with the UNet.
+    pub fn load_parts_unet_later(
+        source: &ModelSource,
+        dtype: DType,
+        device: &Device,
+        vae: VaeParts,
+    ) -> Result<Self, PipelineError> {
+        Self::load_inner(source, dtype, device, vae, false)
+    }
+
+    /// Builds the UNet from `source` in place of the placeholder of
+    /// [`Self::load_parts_unet_later`].
+    pub fn load_unet(
+        &mut self,
+        source: &ModelSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(), PipelineError> {
+        let component = Component::Unet;
+        self.unet = UNet2DConditionModel::new(
+            source
+                .weights(component)?
+                .clone()
+                .into_var_builder(dtype, device),
+            &self.unet_config,
+        )
+        .map_err(|e| PipelineError::Build {
+            path: source.path().display().to_string(),
+            component,
+            source: e,
+        })?;
+        self.unet_pending = false;
+        Ok(())
+    }
+
+    fn load_inner(
+        source: &ModelSource,
+        dtype: DType,
+        device: &Device,
+        vae: VaeParts,
+        unet_now: bool,
     ) -> Result<Self, PipelineError> {
         let path = source.path().display().to_string();
         let architecture = source.architecture();
@@ -183,14 +263,16 @@ impl StableDiffusion {
 
         let unet_config = UNetConfig::from_json_str(&json(Component::Unet)?)
             .map_err(|e| config_err(Component::Unet, e.to_string()))?;
-        let unet = UNet2DConditionModel::new(
+        let unet_vb = if unet_now {
             source
                 .weights(Component::Unet)?
                 .clone()
-                .into_var_builder(dtype, device),
-            &unet_config,
-        )
-        .map_err(build_err(Component::Unet))?;
+                .into_var_builder(dtype, device)
+        } else {
+            VarBuilder::from_backend(Box::new(Placeholder), dtype, device.clone())
+        };
+        let unet =
+            UNet2DConditionModel::new(unet_vb, &unet_config).map_err(build_err(Component::Unet))?;
 
         let vae_config = VaeConfig::from_json_str(&json(Component::Vae)?)
             .map_err(|e| config_err(Component::Vae, e.to_string()))?;
@@ -281,6 +363,7 @@ impl StableDiffusion {
             vae,
             schedule,
             notes,
+            unet_pending: !unet_now,
         })
     }
 

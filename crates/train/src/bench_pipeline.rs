@@ -100,7 +100,9 @@ struct Recorder<'a> {
 
 impl TrainProgress for Recorder<'_> {
     fn loaded(&mut self) {
-        let secs = self.start.elapsed().as_secs_f64();
+        // The caching phases run inside the load (the UNet is built after
+        // them); they are reported on their own.
+        let secs = self.start.elapsed().as_secs_f64() - self.latents.0 - self.text;
         self.load_s = Some(secs);
         self.load_peak = peak_rss_bytes();
         (self.on_event)(&format!("loaded in {secs:.1} s"));

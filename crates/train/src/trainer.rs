@@ -72,7 +72,9 @@ pub trait TrainProgress {
     fn prepare(&mut self, what: &str, done: usize, total: usize) {
         let _ = (what, done, total);
     }
-    /// The model is loaded and the LoRA attached (before any caching).
+    /// The model is loaded and the LoRA attached. Latents and captions are
+    /// cached before (the UNet is built after them), between the `prepare`
+    /// calls.
     fn loaded(&mut self) {}
     /// Training starts at `start` of `total` steps.
     fn begin(&mut self, total: usize, start: usize);
@@ -174,6 +176,25 @@ pub fn load_model_parts(
     device: &Device,
     vae: VaeParts,
 ) -> Result<(StableDiffusion, Option<ModelSource>)> {
+    load_model_inner(cfg, device, vae, true)
+}
+
+/// [`load_model_parts`] with a file model's UNet left as a placeholder until
+/// [`StableDiffusion::load_unet`] (a built-in model is built whole: it is tiny).
+fn load_model_unet_later(
+    cfg: &TrainConfig,
+    device: &Device,
+    vae: VaeParts,
+) -> Result<(StableDiffusion, Option<ModelSource>)> {
+    load_model_inner(cfg, device, vae, false)
+}
+
+fn load_model_inner(
+    cfg: &TrainConfig,
+    device: &Device,
+    vae: VaeParts,
+    unet_now: bool,
+) -> Result<(StableDiffusion, Option<ModelSource>)> {
     let dtype = cfg.model.dtype.to_dtype();
     if cfg.model.is_builtin() {
         let mut sd = sd_lora_model::builtin::load(cfg.model.path.trim(), dtype, device)?;
@@ -186,7 +207,11 @@ pub fn load_model_parts(
         return Ok((sd, None));
     }
     let source = ModelSource::open_with(&cfg.model.path, cfg.model.load_options())?;
-    let sd = StableDiffusion::load_parts(&source, dtype, device, vae)?;
+    let sd = if unet_now {
+        StableDiffusion::load_parts(&source, dtype, device, vae)?
+    } else {
+        StableDiffusion::load_parts_unet_later(&source, dtype, device, vae)?
+    };
     Ok((sd, Some(source)))
 }
 
@@ -395,9 +420,10 @@ pub fn train(
         encoder: true,
         decoder: has_previews,
     };
-    let (mut sd, source) = load_model_parts(cfg, &device, vae_parts)?;
+    // The UNet is built after the latents and captions are cached (below), so
+    // it never shares memory with the VAE's working memory or the encoders.
+    let (mut sd, source) = load_model_unet_later(cfg, &device, vae_parts)?;
     let previews = Previews::new(cfg, sampler_config_for(&sd, source.as_ref())?)?;
-    drop(source);
     // A tokenizer that produces ids the text encoder cannot embed would fail
     // at the first prompt; say why now, before any work.
     if sd.tokenizer.vocab_size() > sd.text_encoder_config.vocab_size {
@@ -411,6 +437,77 @@ pub fn train(
     for n in &sd.notes {
         progress.note(n);
     }
+    let total = cfg.train.steps;
+    let accum = cfg.train.gradient_accumulation.max(1);
+    let batch_size = cfg.train.batch_size.max(1);
+    // With class images, every step pairs an instance batch with a class batch.
+    let batches_class = ds.batches_per_epoch_of(Some(SubsetKind::Class), batch_size);
+    let instance_kind = (batches_class > 0).then_some(SubsetKind::Instance);
+    let batches_instance = ds.batches_per_epoch_of(instance_kind, batch_size);
+    if batches_instance == 0 {
+        bail!("the dataset has class images but no instance images to learn from");
+    }
+    let mut plans: PlanMemo = BTreeMap::new();
+    let model_id = format!("{}:{:?}", cfg.model.path, cfg.model.dtype);
+    let disk_dir = cfg
+        .train
+        .latent_cache_dir
+        .clone()
+        .filter(|_| cfg.train.cache_latents.is_disk())
+        .or_else(|| {
+            cfg.train
+                .cache_latents
+                .is_disk()
+                .then(|| out_dir.join("latent_cache"))
+        });
+    let mut latents_cache = LatentCache::new(disk_dir, &model_id);
+    let mut text_cache = TextEmbeddingCache::new();
+    let scaling = sd.vae_config.scaling_factor;
+    // Every latent and caption conditioning before the first step, then the
+    // encoders that made them are dropped (see prepare.rs).
+    let prepared = crate::prepare::prepare(
+        cfg,
+        ds,
+        &mut sd,
+        &device,
+        &mut latents_cache,
+        &mut text_cache,
+        previews.is_some(),
+        progress,
+        &|| INTERRUPTED.load(Ordering::SeqCst),
+    )?;
+    if prepared.latents > 0 {
+        progress.note(&format!(
+            "{} latent(s) cached ({} from the disk cache){}",
+            prepared.latents,
+            prepared.latents_from_disk,
+            if prepared.vae_encoder_released {
+                "; VAE encoder released"
+            } else {
+                ""
+            }
+        ));
+    }
+    if prepared.captions > 0 {
+        progress.note(&format!(
+            "{} caption(s) encoded{}",
+            prepared.captions,
+            if prepared.text_encoder_released {
+                "; text encoder released"
+            } else {
+                "; text encoder kept for the preview prompts"
+            }
+        ));
+    }
+    for w in latents_cache.warnings() {
+        progress.note(w);
+    }
+    if sd.unet_pending
+        && let Some(source) = &source
+    {
+        sd.load_unet(source, cfg.model.dtype.to_dtype(), &device)?;
+    }
+    drop(source);
     sd.unet
         .set_gradient_checkpointing(cfg.train.gradient_checkpointing);
     let spec = target_spec(cfg)?;
@@ -507,71 +604,6 @@ pub fn train(
         progress.note(&format!("resuming from step {start_step}"));
     }
 
-    let total = cfg.train.steps;
-    let accum = cfg.train.gradient_accumulation.max(1);
-    let batch_size = cfg.train.batch_size.max(1);
-    // With class images, every step pairs an instance batch with a class batch.
-    let batches_class = ds.batches_per_epoch_of(Some(SubsetKind::Class), batch_size);
-    let instance_kind = (batches_class > 0).then_some(SubsetKind::Instance);
-    let batches_instance = ds.batches_per_epoch_of(instance_kind, batch_size);
-    if batches_instance == 0 {
-        bail!("the dataset has class images but no instance images to learn from");
-    }
-    let mut plans: PlanMemo = BTreeMap::new();
-    let model_id = format!("{}:{:?}", cfg.model.path, cfg.model.dtype);
-    let disk_dir = cfg
-        .train
-        .latent_cache_dir
-        .clone()
-        .filter(|_| cfg.train.cache_latents.is_disk())
-        .or_else(|| {
-            cfg.train
-                .cache_latents
-                .is_disk()
-                .then(|| out_dir.join("latent_cache"))
-        });
-    let mut latents_cache = LatentCache::new(disk_dir, &model_id);
-    let mut text_cache = TextEmbeddingCache::new();
-    let scaling = sd.vae_config.scaling_factor;
-    // Every latent and caption conditioning before the first step, then the
-    // encoders that made them are dropped (see prepare.rs).
-    let prepared = crate::prepare::prepare(
-        cfg,
-        ds,
-        &mut sd,
-        &device,
-        &mut latents_cache,
-        &mut text_cache,
-        previews.is_some(),
-        progress,
-        &|| INTERRUPTED.load(Ordering::SeqCst),
-    )?;
-    if prepared.latents > 0 {
-        progress.note(&format!(
-            "{} latent(s) cached ({} from the disk cache){}",
-            prepared.latents,
-            prepared.latents_from_disk,
-            if prepared.vae_encoder_released {
-                "; VAE encoder released"
-            } else {
-                ""
-            }
-        ));
-    }
-    if prepared.captions > 0 {
-        progress.note(&format!(
-            "{} caption(s) encoded{}",
-            prepared.captions,
-            if prepared.text_encoder_released {
-                "; text encoder released"
-            } else {
-                "; text encoder kept for the preview prompts"
-            }
-        ));
-    }
-    for w in latents_cache.warnings() {
-        progress.note(w);
-    }
     let mut loss_log =
         crate::outputs::LossLog::open(&out_dir.join("logs").join("loss.csv"), start_step)?;
     let mut files: Vec<PathBuf> = Vec::new();

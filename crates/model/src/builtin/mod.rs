@@ -299,5 +299,6 @@ fn assemble(
         vae,
         schedule,
         notes: vec![parts.note],
+        unet_pending: false,
     })
 }
