@@ -94,3 +94,22 @@ fn human_report_and_bad_inputs() {
         assert!(!err.contains("panicked"), "{path}: {err}");
     }
 }
+
+#[test]
+fn built_in_models_are_described_and_unknown_ones_listed() {
+    let v = json(&["inspect", "builtin:tiny-sdxl", "--json"]);
+    assert_eq!(v["architecture"], "sdxl");
+    assert_eq!(v["format"], "built_in");
+    let names: Vec<String> = params(&v).into_iter().map(|(c, _)| c).collect();
+    assert_eq!(names, ["unet", "vae", "text_encoder", "text_encoder_2"]);
+    let v = json(&["inspect", "builtin:tiny", "--json"]);
+    assert_eq!(v["architecture"], "sd1");
+    assert_eq!(params(&v).len(), 3);
+    let o = sd_lora(&["inspect", "builtin:huge"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("builtin:tiny, builtin:tiny-sdxl"),
+        "the error should list the built-in models: {err}"
+    );
+}

@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 /// Arguments of `sd-lora generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The base model: a .safetensors checkpoint, a diffusers folder, or builtin:tiny.
+    /// The base model: a .safetensors checkpoint (SD1.x, SD2.x, SDXL), a diffusers folder, or
+    /// a built-in tiny model (builtin:tiny, builtin:tiny-sdxl).
     #[arg(long, value_name = "PATH")]
     pub model: String,
     /// The prompt (A1111 syntax: `(word:1.2)`, any length).

@@ -71,7 +71,12 @@ pub fn run(args: &InspectArgs) -> Result<u8> {
             args.path.display()
         );
     }
-    let info = load::inspect(&args.path, options)?;
+    let shown = args.path.to_string_lossy();
+    let info = if sd_lora_model::builtin::is_builtin(&shown) {
+        sd_lora_model::builtin::BuiltinModel::from_path(&shown)?.info()?
+    } else {
+        load::inspect(&args.path, options)?
+    };
     if args.json {
         crate::emit(&(serde_json::to_string_pretty(&info)? + "\n"))?;
     } else {
@@ -267,6 +272,7 @@ fn render(info: &ModelInfo) -> String {
     let format = match info.format {
         SourceFormat::DiffusersFolder => "diffusers folder",
         SourceFormat::SingleFile => "single-file checkpoint",
+        SourceFormat::BuiltIn => "built-in model, random weights",
     };
     let _ = writeln!(o, "{} ({format})", info.path.display());
     let _ = writeln!(o, "  architecture  {}", info.architecture);
@@ -276,6 +282,7 @@ fn render(info: &ModelInfo) -> String {
         PredictionSource::AssumedDefault => {
             "assumed; single files do not record it: pass --prediction v for SD2-768-v models"
         }
+        PredictionSource::BuiltIn => "the built-in model's",
     };
     let _ = writeln!(o, "  prediction    {} ({from})", info.prediction);
     let _ = writeln!(o, "  dtype         {}", info.dtypes.join(", "));

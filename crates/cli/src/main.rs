@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Train a LoRA: from a config file (see docs/config.md), quick flags, or both.
     #[command(
-        after_help = "Examples:\n  sd-lora train --config configs/quickstart.toml\n  sd-lora train --model v1-5-pruned-emaonly.safetensors --data ./photos --instance-prompt \"a photo of ohwx dog\" --output ./out --name my_dog\n  sd-lora train --config my_dog.toml --dry-run\n  sd-lora train --config my_dog.toml --resume ./out\n\nQuick flags and --set override the config file; see docs/training.md."
+        after_help = "Examples:\n  sd-lora train --config configs/quickstart.toml\n  sd-lora train --config configs/quickstart-sdxl.toml\n  sd-lora train --model v1-5-pruned-emaonly.safetensors --data ./photos --instance-prompt \"a photo of ohwx dog\" --output ./out --name my_dog\n  sd-lora train --config my_dog.toml --dry-run\n  sd-lora train --config my_dog.toml --resume ./out\n\nQuick flags and --set override the config file; see docs/training.md."
     )]
     // Boxed: the train flags make this variant much larger than the others.
     Train(Box<train_cmd::TrainArgs>),
@@ -54,7 +54,7 @@ enum Command {
     /// Generate images from a prompt with a model and any number of LoRAs
     /// (PNGs with A1111 `parameters` metadata).
     #[command(
-        after_help = "Examples:\n  sd-lora generate --model v1-5-pruned-emaonly.safetensors --prompt \"a photo of ohwx dog\" --lora my_dog.safetensors:0.8 --output ./images\n  sd-lora generate --model builtin:tiny --prompt \"ohwx robot\" --width 64 --height 64 --steps 4 --seed 1 --num-images 4 --output ./images"
+        after_help = "Examples:\n  sd-lora generate --model v1-5-pruned-emaonly.safetensors --prompt \"a photo of ohwx dog\" --lora my_dog.safetensors:0.8 --output ./images\n  sd-lora generate --model builtin:tiny --prompt \"ohwx robot\" --width 64 --height 64 --steps 4 --seed 1 --num-images 4 --output ./images\n  sd-lora generate --model sd_xl_base_1.0.safetensors --prompt \"ohwx dog on a beach\" --lora my_dog_xl.safetensors:0.8 --output ./images   # 1024x1024"
     )]
     // Boxed: the generate flags make this variant much larger than the others.
     Generate(Box<generate_cmd::GenerateArgs>),

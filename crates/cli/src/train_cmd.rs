@@ -29,7 +29,8 @@ pub struct TrainArgs {
     /// flags and `--set`s are the whole config.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Base model: a diffusers folder, a `.safetensors` checkpoint or `builtin:tiny` (`model.path`).
+    /// Base model: a diffusers folder, a `.safetensors` checkpoint (SD1.x, SD2.x, SDXL) or a
+    /// built-in tiny model, `builtin:tiny` / `builtin:tiny-sdxl` (`model.path`).
     #[arg(long, value_name = "PATH")]
     pub model: Option<String>,
     /// Folder of training images (`dataset.subsets[0].path`, an instance subset).

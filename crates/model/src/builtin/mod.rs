@@ -133,6 +133,37 @@ impl BuiltinModel {
         }
     }
 
+    /// What `sd-lora inspect` reports about it (f32 weights, exact counts).
+    pub fn info(self) -> candle_core::Result<crate::load::ModelInfo> {
+        let weights = self.weights(TINY_SEED)?;
+        let components: Vec<_> = weights
+            .parameter_counts()
+            .into_iter()
+            .map(
+                |(component, parameters, tensors)| crate::load::ComponentInfo {
+                    component,
+                    parameters,
+                    tensors,
+                    dtypes: vec!["F32".into()],
+                    files: Vec::new(),
+                },
+            )
+            .collect();
+        Ok(crate::load::ModelInfo {
+            path: self.path().into(),
+            format: crate::load::SourceFormat::BuiltIn,
+            architecture: self.architecture(),
+            prediction: Prediction::Epsilon,
+            prediction_source: crate::load::PredictionSource::BuiltIn,
+            dtypes: vec!["F32".into()],
+            total_parameters: components.iter().map(|c| c.parameters).sum(),
+            components,
+            notes: vec![format!(
+                "built in code from seed {TINY_SEED:#x}; its weights are random (its images are noise)"
+            )],
+        })
+    }
+
     /// The model, weights stored as `dtype` on `device`.
     pub fn load(
         self,

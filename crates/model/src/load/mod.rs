@@ -60,6 +60,7 @@ pub enum Component {
     Unet,
     Vae,
     TextEncoder,
+    #[serde(rename = "text_encoder_2")]
     TextEncoder2,
 }
 
@@ -137,6 +138,8 @@ pub enum PredictionSource {
     Option,
     /// Nothing said; epsilon assumed (right for SD1 and SD2-base, wrong for SD2-768-v).
     AssumedDefault,
+    /// A built-in model's definition.
+    BuiltIn,
 }
 
 /// On-disk form of the model.
@@ -145,6 +148,8 @@ pub enum PredictionSource {
 pub enum SourceFormat {
     DiffusersFolder,
     SingleFile,
+    /// A model built in code (`builtin:…`).
+    BuiltIn,
 }
 
 /// UNet attention heads for single files, where they cannot be seen in the weights.
