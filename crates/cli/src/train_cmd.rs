@@ -719,9 +719,13 @@ fn estimate_memory(
     } else {
         0
     };
-    let loaded =
-        (unet_first + text) * wbytes + (encoder + if previews { decoder } else { 0 }) * vae_bytes;
-    let frozen = (params(Component::Unet) + if text_released { 0 } else { text }) * wbytes
+    // fp8: the UNet's Linear/Conv weights (nearly all of it) one byte each.
+    let ubytes = cfg.model.dtype.unet_weight_bytes() as u64;
+    let loaded = unet_first * ubytes
+        + text * wbytes
+        + (encoder + if previews { decoder } else { 0 }) * vae_bytes;
+    let frozen = params(Component::Unet) * ubytes
+        + (if text_released { 0 } else { text }) * wbytes
         + (if latents_cached { 0 } else { encoder } + if previews { decoder } else { 0 })
             * vae_bytes;
     // Encoding one image keeps about five tensors of the VAE's first level
@@ -729,7 +733,8 @@ fn estimate_memory(
     // im2col band): measured for SD1.5 (docs/performance.md).
     let side = u64::from(cfg.dataset.resolution);
     let caching = if latents_cached {
-        (unet_first + if text_released { 0 } else { text }) * wbytes
+        unet_first * ubytes
+            + (if text_released { 0 } else { text }) * wbytes
             + (encoder + if previews { decoder } else { 0 }) * vae_bytes
             + 5 * m.vae_channels as u64 * side * side * vae_bytes
     } else {
@@ -939,13 +944,20 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
         m.params
             .iter()
             .map(|(c, n)| {
-                let bytes = if *c == Component::Vae {
-                    est.vae_bytes
-                } else {
-                    cfg.model.dtype.size_in_bytes() as u64
+                let bytes = match c {
+                    Component::Vae => est.vae_bytes,
+                    Component::Unet => cfg.model.dtype.unet_weight_bytes() as u64,
+                    _ => cfg.model.dtype.size_in_bytes() as u64,
                 };
                 let note = if bytes != cfg.model.dtype.size_in_bytes() as u64 {
-                    format!(" (in {})", if bytes == 4 { "f32" } else { "16 bits" })
+                    format!(
+                        " (in {})",
+                        match bytes {
+                            4 => "f32",
+                            1 => "fp8",
+                            _ => "16 bits",
+                        }
+                    )
                 } else {
                     String::new()
                 };
@@ -976,8 +988,13 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
     }
     let _ = writeln!(
         o,
-        "loading: {} of weights (all but the UNet)",
-        gib(est.loaded)
+        "loading: {} of weights{}",
+        gib(est.loaded),
+        if cfg.model.is_builtin() {
+            ""
+        } else {
+            " (all but the UNet)"
+        }
     );
     if est.caching > 0 {
         let _ = writeln!(

@@ -46,5 +46,6 @@ pub mod pipeline;
 pub mod prompt;
 pub mod sampling;
 pub mod schedule;
+pub mod storage;
 pub mod unet;
 pub mod vae;

@@ -69,6 +69,25 @@ pub fn vae_storage_dtype(
     }
 }
 
+/// The UNet's weights in `dtype`, its Linear/Conv2d weights in fp8 when the source was opened
+/// with [`crate::load::LoadOptions::fp8_unet`].
+fn unet_var_builder(
+    source: &ModelSource,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, PipelineError> {
+    let weights = source.weights(Component::Unet)?.clone();
+    Ok(if source.options().fp8_unet {
+        VarBuilder::from_backend(
+            Box::new(crate::storage::Fp8Weights(weights)),
+            dtype,
+            device.clone(),
+        )
+    } else {
+        weights.into_var_builder(dtype, device)
+    })
+}
+
 /// The weights of a placeholder model: every tensor one zero broadcast to its
 /// shape (no memory), so the model has its structure but no weights.
 struct Placeholder;
@@ -189,18 +208,13 @@ impl StableDiffusion {
         device: &Device,
     ) -> Result<(), PipelineError> {
         let component = Component::Unet;
-        self.unet = UNet2DConditionModel::new(
-            source
-                .weights(component)?
-                .clone()
-                .into_var_builder(dtype, device),
-            &self.unet_config,
-        )
-        .map_err(|e| PipelineError::Build {
-            path: source.path().display().to_string(),
-            component,
-            source: e,
-        })?;
+        self.unet =
+            UNet2DConditionModel::new(unet_var_builder(source, dtype, device)?, &self.unet_config)
+                .map_err(|e| PipelineError::Build {
+                    path: source.path().display().to_string(),
+                    component,
+                    source: e,
+                })?;
         self.unet_pending = false;
         Ok(())
     }
@@ -264,10 +278,7 @@ impl StableDiffusion {
         let unet_config = UNetConfig::from_json_str(&json(Component::Unet)?)
             .map_err(|e| config_err(Component::Unet, e.to_string()))?;
         let unet_vb = if unet_now {
-            source
-                .weights(Component::Unet)?
-                .clone()
-                .into_var_builder(dtype, device)
+            unet_var_builder(source, dtype, device)?
         } else {
             VarBuilder::from_backend(Box::new(Placeholder), dtype, device.clone())
         };

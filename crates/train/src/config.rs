@@ -154,6 +154,12 @@ pub enum StorageDtype {
     F16,
     /// bfloat16: 2 bytes per weight, f32's range (Ampere and newer GPUs).
     Bf16,
+    /// fp8 (e4m3) for the UNet's Linear and Conv2d weights, 1 byte each,
+    /// converted to bf16 layer by layer for the computation (kohya's
+    /// `--fp8_base`); the other weights and all computation in bf16. Halves
+    /// the UNet against f16, at fp8's precision (3 mantissa bits).
+    #[serde(alias = "f8", alias = "fp8_e4m3")]
+    Fp8,
 }
 
 /// Precision of the VAE (`model.vae_dtype`).
@@ -196,12 +202,22 @@ impl PredictionChoice {
 }
 
 impl StorageDtype {
-    /// The candle dtype.
+    /// The candle dtype the model is built and computes in (bf16 for `fp8`,
+    /// whose UNet Linear/Conv weights are stored apart, see
+    /// [`LoadOptions::fp8_unet`]).
     pub fn to_dtype(self) -> DType {
         match self {
             StorageDtype::F32 => DType::F32,
             StorageDtype::F16 => DType::F16,
-            StorageDtype::Bf16 => DType::BF16,
+            StorageDtype::Bf16 | StorageDtype::Fp8 => DType::BF16,
+        }
+    }
+
+    /// Bytes per stored UNet Linear/Conv2d weight element (1 for `fp8`).
+    pub fn unet_weight_bytes(self) -> usize {
+        match self {
+            StorageDtype::Fp8 => 1,
+            other => other.size_in_bytes(),
         }
     }
 
@@ -209,7 +225,7 @@ impl StorageDtype {
     pub fn size_in_bytes(self) -> usize {
         match self {
             StorageDtype::F32 => 4,
-            StorageDtype::F16 | StorageDtype::Bf16 => 2,
+            StorageDtype::F16 | StorageDtype::Bf16 | StorageDtype::Fp8 => 2,
         }
     }
 }
@@ -1022,6 +1038,7 @@ impl ModelSection {
             vae: path(&self.vae),
             config_dir: path(&self.config),
             vae_dtype: self.vae_dtype.to_dtype(),
+            fp8_unet: self.dtype == StorageDtype::Fp8,
             ..LoadOptions::default()
         }
     }

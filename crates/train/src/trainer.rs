@@ -198,6 +198,9 @@ fn load_model_inner(
     let dtype = cfg.model.dtype.to_dtype();
     if cfg.model.is_builtin() {
         let mut sd = sd_lora_model::builtin::load(cfg.model.path.trim(), dtype, device)?;
+        if cfg.model.load_options().fp8_unet {
+            sd_lora_model::storage::unet_to_fp8(&mut sd.unet)?;
+        }
         if !vae.encoder {
             sd.vae.release_encoder();
         }

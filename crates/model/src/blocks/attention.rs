@@ -167,7 +167,7 @@ impl FeedForward {
             let dx = by_row_chunks(rows, chunk, |start, n| {
                 let p = proj.forward(&x.narrow(0, start, n)?)?;
                 let dp = projection_grad(&p, &g.narrow(0, start, n)?, &w2)?;
-                ops::matmul::matmul(&dp, &w1)
+                ops::matmul::matmul(&dp, &w1.to_dtype(dp.dtype())?)
             })?;
             Ok([Some(dx.reshape(dims.as_slice())?)])
         })
@@ -178,6 +178,8 @@ impl FeedForward {
 /// the gradient `grad: (..., dim)` of its output `net_2(geglu(p))`, where `w`
 /// is `net.2`'s frozen weight `[dim, inner]`: through `net.2`, then GEGLU.
 fn projection_grad(p: &Tensor, grad: &Tensor, w: &Tensor) -> Result<Tensor> {
+    // The frozen weight in the gradient's dtype (it may be stored in fp8).
+    let w = &w.to_dtype(grad.dtype())?;
     let (n, k) = w.dims2()?;
     let m = grad.elem_count() / n.max(1);
     let mut dims = p.dims().to_vec();

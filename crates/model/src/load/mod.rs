@@ -190,6 +190,9 @@ pub struct LoadOptions {
     /// The VAE's storage dtype; `None`: SDXL's VAE stays f32 under an f16 model unless its
     /// config says `force_upcast: false`, other VAEs take the model's dtype.
     pub vae_dtype: Option<candle_core::DType>,
+    /// Store the UNet's Linear/Conv2d weights in fp8 (e4m3), computing in the pipeline's dtype
+    /// (see [`crate::storage`]).
+    pub fp8_unet: bool,
 }
 
 /// A component ready to build: its config and its weights.

@@ -344,7 +344,8 @@ impl LoraAdapter {
                     Some(mask) => dl.mul(mask)?,
                     None => dl,
                 };
-                let dx = (matmul(&g, &weight)? + dl.to_dtype(g.dtype())?)?;
+                // The frozen weight in the gradient's dtype (it may be stored in fp8).
+                let dx = (matmul(&g, &weight.to_dtype(g.dtype())?)? + dl.to_dtype(g.dtype())?)?;
                 Some(dx.reshape(x.shape())?)
             } else {
                 None

@@ -109,12 +109,24 @@ impl Module for FrozenLinear {
 }
 
 /// The custom op: forward `x·Wᵀ + b` on the backend storages, backward `g·W`.
+/// The weight and bias are kept as stored; when that is another dtype than the
+/// computation's (fp8 storage), they are converted for each call only, so no
+/// converted copy lives in the graph between the forward and the backward.
 struct LinearOp {
     weight: Tensor,
     bias: Option<Tensor>,
 }
 
 impl LinearOp {
+    /// The weight and bias in `dtype` (the stored tensors when they already are).
+    fn parts(&self, dtype: DType) -> Result<(Tensor, Option<Tensor>)> {
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(dtype)?),
+            None => None,
+        };
+        Ok((self.weight.to_dtype(dtype)?, bias))
+    }
+
     /// The forward on one backend: `x` and `w` are storages of the same backend.
     fn fwd<S: BackendStorage>(
         &self,
@@ -147,12 +159,17 @@ impl LinearOp {
     /// The f32 CPU forward through [`super::matmul::products_f32`] (no
     /// zero-fill of the output before the product writes it), with the bias
     /// added in parallel rows; `None` for other dtypes or layouts.
-    fn cpu_fwd_f32(&self, x: &CpuStorage, x_l: &Layout) -> Result<Option<(CpuStorage, Shape)>> {
+    fn cpu_fwd_f32(
+        x: &CpuStorage,
+        x_l: &Layout,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Option<(CpuStorage, Shape)>> {
         use rayon::prelude::*;
         let (CpuStorage::F32(xs), Some((start, _))) = (x, x_l.contiguous_offsets()) else {
             return Ok(None);
         };
-        let (w, w_l) = self.weight.storage_and_layout();
+        let (w, w_l) = weight.storage_and_layout();
         let (Storage::Cpu(CpuStorage::F32(ws)), Some((w_start, _))) =
             (&*w, w_l.contiguous_offsets())
         else {
@@ -169,7 +186,7 @@ impl LinearOp {
             (1, m, k, n),
         )?;
         drop(w);
-        if let Some(bias) = &self.bias {
+        if let Some(bias) = bias {
             let b = bias.to_dtype(DType::F32)?.contiguous()?.to_vec1::<f32>()?;
             y.par_chunks_mut(n.max(1)).for_each(|row| {
                 for (v, b) in row.iter_mut().zip(&b) {
@@ -187,11 +204,12 @@ impl LinearOp {
 /// fails if they live on another device than the input.
 macro_rules! backend_fwd {
     ($self:ident, $variant:ident, $x:ident, $x_l:ident) => {{
-        let (w, w_l) = $self.weight.storage_and_layout();
+        let (weight, bias) = $self.parts($x.dtype())?;
+        let (w, w_l) = weight.storage_and_layout();
         let Storage::$variant(w) = &*w else {
             bail!("frozen-linear: weight is on another device than the input")
         };
-        match &$self.bias {
+        match &bias {
             None => $self.fwd($x, $x_l, w, w_l, None),
             Some(bias) => {
                 let (b, b_l) = bias.storage_and_layout();
@@ -210,7 +228,9 @@ impl CustomOp1 for LinearOp {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if let Some(out) = self.cpu_fwd_f32(x, x_l)? {
+        if self.weight.dtype() == DType::F32
+            && let Some(out) = Self::cpu_fwd_f32(x, x_l, &self.weight, self.bias.as_ref())?
+        {
             return Ok(out);
         }
         backend_fwd!(self, Cpu, x, x_l)
@@ -227,7 +247,8 @@ impl CustomOp1 for LinearOp {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (n, _) = self.weight.dims2()?;
         let m = grad.elem_count() / n;
-        let dx = super::matmul::matmul(&grad.reshape((m, n))?, &self.weight)?;
+        let weight = self.weight.to_dtype(grad.dtype())?;
+        let dx = super::matmul::matmul(&grad.reshape((m, n))?, &weight)?;
         Ok(Some(dx.reshape(arg.shape())?))
     }
 }

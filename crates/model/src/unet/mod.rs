@@ -108,7 +108,9 @@ impl UNet2DConditionModel {
 
     /// The dtype the model computes in (that of its weights).
     pub fn dtype(&self) -> DType {
-        self.conv_in.base.weight.dtype()
+        // A norm's: the Linear/Conv weights may be stored in fp8 and computed
+        // in this dtype.
+        self.conv_norm_out.weight.dtype()
     }
 
     /// Sets the attention chunk size (queries per chunk; `None` sizes chunks
