@@ -73,6 +73,9 @@ pub struct TrainArgs {
     /// Number of optimizer steps (`train.steps`).
     #[arg(long, value_name = "N")]
     pub steps: Option<usize>,
+    /// adamw, adamw8bit, prodigy, adafactor or lion (`train.optimizer`).
+    #[arg(long, value_name = "NAME")]
+    pub optimizer: Option<String>,
     /// Training resolution (`dataset.resolution`).
     #[arg(long, value_name = "N")]
     pub resolution: Option<u32>,
@@ -176,6 +179,9 @@ impl TrainArgs {
         if self.gradient_checkpointing {
             sets.push("train.gradient_checkpointing=true".to_string());
         }
+        if let Some(o) = &self.optimizer {
+            sets.push(format!("train.optimizer={}", toml_str(o)));
+        }
         if let Some(f) = &self.save_format {
             sets.push(format!("output.save_format={}", toml_str(f)));
         }
@@ -247,7 +253,7 @@ pub fn run(args: &TrainArgs) -> Result<u8> {
         bail!(msg);
     }
 
-    for w in identifier_warnings(&ds) {
+    for w in cfg.warnings().into_iter().chain(identifier_warnings(&ds)) {
         eprintln!("warning: {w}");
     }
     if args.dry_run {
@@ -740,25 +746,30 @@ fn estimate_memory(
     } else {
         0
     };
-    let lora_params: u64 = m
-        .layers
-        .iter()
-        .filter(|t| spec.selects(t))
-        .map(|t| {
-            let k = match t.kind {
-                LayerKind::Conv2d { kernel, .. } => kernel[0] * kernel[1],
-                LayerKind::Linear => 1,
-            };
-            (spec.params(t).rank * (t.in_features * k + t.out_features)) as u64
-        })
-        .sum();
-    // f32 weights + gradient + AdamW m and v (+ the accumulated gradient).
+    // Each LoRA tensor: f32 weight and gradient (+ the accumulated gradient),
+    // and the optimizer's state for its shape.
+    let opt_spec = cfg.train.optimizer_spec();
     let per_param = if cfg.train.gradient_accumulation > 1 {
-        20
+        12
     } else {
-        16
+        8
     };
-    let lora_state = lora_params * per_param;
+    let (mut lora_params, mut lora_state) = (0u64, 0u64);
+    for t in m.layers.iter().filter(|t| spec.selects(t)) {
+        let rank = spec.params(t).rank;
+        let (down, up): (Vec<usize>, Vec<usize>) = match t.kind {
+            LayerKind::Conv2d { kernel, .. } => (
+                vec![rank, t.in_features, kernel[0], kernel[1]],
+                vec![t.out_features, rank, 1, 1],
+            ),
+            LayerKind::Linear => (vec![rank, t.in_features], vec![t.out_features, rank]),
+        };
+        for dims in [down, up] {
+            let n = dims.iter().product::<usize>() as u64;
+            lora_params += n;
+            lora_state += n * per_param + opt_spec.state_bytes(&dims);
+        }
+    }
     let activations = m
         .unet
         .as_ref()
@@ -968,9 +979,10 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
     );
     let _ = writeln!(
         o,
-        "LoRA: {} layers, {} parameters; with gradients and AdamW state: {}",
+        "LoRA: {} layers, {} parameters; with gradients and {} state: {}",
         selected,
         est.lora_params,
+        t.optimizer.as_str(),
         gib(est.lora_state)
     );
     if m.unet.is_some() {

@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use toml::{Table, Value};
 
 pub use crate::lr::LrScheduleKind;
+pub use crate::optim::OptimizerKind;
+use crate::optim::{AdafactorConfig, AdamWConfig, LionConfig, OptimizerSpec, ProdigyConfig};
 
 /// The names of the built-in models `model.path` accepts.
 pub use sd_lora_model::builtin::BUILTIN_MODELS;
@@ -363,14 +365,56 @@ pub struct TrainSection {
     /// Learning rate of the LoRA on SDXL's second text encoder (OpenCLIP-bigG);
     /// unset: `text_encoder_lr`. Ignored by SD1/SD2.
     pub text_encoder_2_lr: Option<f64>,
-    /// AdamW decoupled weight decay (0 = none).
+    /// The optimizer (kohya's `optimizer_type`): `adamw`, `adamw8bit`
+    /// (about 2 bytes of state per parameter instead of 8), `prodigy` (set the
+    /// learning rates to 1.0), `adafactor` or `lion` (3–10× smaller learning
+    /// rates than AdamW).
+    pub optimizer: OptimizerKind,
+    /// Decoupled weight decay of every optimizer (0 = none).
     pub weight_decay: f64,
-    /// AdamW β1 (momentum of the gradient mean).
+    /// β1 (momentum of the gradient mean) of AdamW, AdamW8bit and Prodigy.
     pub adam_beta1: f64,
-    /// AdamW β2 (momentum of the squared gradient).
+    /// β2 (momentum of the squared gradient) of AdamW, AdamW8bit and Prodigy.
     pub adam_beta2: f64,
-    /// AdamW ε (added to the denominator).
+    /// ε (added to the denominator) of AdamW, AdamW8bit and Prodigy.
     pub adam_eps: f64,
+    /// Lion β1: how much of the momentum (against the new gradient) sets
+    /// the update's sign.
+    pub lion_beta1: f64,
+    /// Lion β2: decay of its momentum.
+    pub lion_beta2: f64,
+    /// Prodigy: multiplier of its step-size estimate; the value to tune
+    /// (0.5–2).
+    pub prodigy_d_coef: f64,
+    /// Prodigy: initial step-size estimate (rarely changed).
+    pub prodigy_d0: f64,
+    /// Prodigy: Adam's bias correction in the step size (kohya users often
+    /// turn it on).
+    pub prodigy_use_bias_correction: bool,
+    /// Prodigy: keep the learning rate out of the estimate's denominator
+    /// (recommended with warm-up).
+    pub prodigy_safeguard_warmup: bool,
+    /// Prodigy: largest factor the step size may grow by per step (e.g.
+    /// 1.02); unset = unbounded.
+    pub prodigy_growth_rate: Option<f64>,
+    /// Prodigy: decay of the estimate's statistics; unset = √`adam_beta2`.
+    pub prodigy_beta3: Option<f64>,
+    /// Prodigy: keep the estimate's statistics for every n-th value only
+    /// (11 saves most of their memory; 1 = exact).
+    pub prodigy_slice_p: usize,
+    /// Adafactor: step size `min(1e-2, 1/√step)` instead of the learning
+    /// rates and schedule.
+    pub adafactor_relative_step: bool,
+    /// Adafactor: scale the step by each tensor's RMS.
+    pub adafactor_scale_parameter: bool,
+    /// Adafactor with relative step: start the step size at 1e-6·step.
+    pub adafactor_warmup_init: bool,
+    /// Adafactor first-moment decay; unset = none (its default: least memory).
+    pub adafactor_beta1: Option<f64>,
+    /// Adafactor: updates with an RMS above this are scaled down to it.
+    pub adafactor_clip_threshold: f64,
+    /// Adafactor: exponent of the second moment's decay `1 − step^rate`.
+    pub adafactor_decay_rate: f64,
     /// Learning-rate schedule after warm-up.
     pub lr_scheduler: LrScheduleKind,
     /// Steps of linear warm-up from 0 to the full learning rate (more than
@@ -418,10 +462,26 @@ impl Default for TrainSection {
             unet_lr: 1e-4,
             text_encoder_lr: 5e-5,
             text_encoder_2_lr: None,
+            optimizer: OptimizerKind::Adamw,
             weight_decay: 1e-2,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
+            lion_beta1: 0.9,
+            lion_beta2: 0.99,
+            prodigy_d_coef: 1.0,
+            prodigy_d0: 1e-6,
+            prodigy_use_bias_correction: false,
+            prodigy_safeguard_warmup: false,
+            prodigy_growth_rate: None,
+            prodigy_beta3: None,
+            prodigy_slice_p: 1,
+            adafactor_relative_step: false,
+            adafactor_scale_parameter: false,
+            adafactor_warmup_init: false,
+            adafactor_beta1: None,
+            adafactor_clip_threshold: 1.0,
+            adafactor_decay_rate: -0.8,
             lr_scheduler: LrScheduleKind::Constant,
             warmup_steps: 0,
             lr_cycles: 1,
@@ -913,7 +973,58 @@ impl TrainConfig {
         self.train.validate()?;
         self.output.validate()?;
         self.dataset.validate()?;
+        self.validate_prodigy_lrs()?;
         Ok(())
+    }
+
+    /// Prodigy adapts one step size for all parts, so they must share the
+    /// learning rate that multiplies it (as `prodigyopt` requires).
+    fn validate_prodigy_lrs(&self) -> Result<(), ConfigError> {
+        let t = &self.train;
+        if t.optimizer != OptimizerKind::Prodigy || !self.network.train_text_encoder {
+            return Ok(());
+        }
+        for (key, lr) in [
+            ("train.text_encoder_lr", Some(t.text_encoder_lr)),
+            ("train.text_encoder_2_lr", t.text_encoder_2_lr),
+        ] {
+            if let Some(lr) = lr
+                && lr != t.unet_lr
+            {
+                return Err(bad(
+                    key,
+                    lr,
+                    format!(
+                        "with train.optimizer = \"prodigy\" every trained part needs the learning rate of \
+                         train.unet_lr ({}): Prodigy finds one step size and the learning rate multiplies it; \
+                         set them equal (1.0 is usual)",
+                        t.unet_lr
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings that are allowed but probably not meant, one line each.
+    pub fn warnings(&self) -> Vec<String> {
+        let t = &self.train;
+        let mut out = Vec::new();
+        if t.optimizer == OptimizerKind::Prodigy && t.unet_lr < 0.1 {
+            out.push(format!(
+                "train.optimizer = \"prodigy\" with train.unet_lr = {}: Prodigy's learning rate multiplies \
+                 the step size it finds and is usually 1.0; this run will barely move",
+                t.unet_lr
+            ));
+        }
+        if t.optimizer == OptimizerKind::Adafactor && t.adafactor_relative_step {
+            out.push(
+                "train.adafactor_relative_step = true: the learning rates and train.lr_scheduler are not \
+                 used; Adafactor sets its own step size"
+                    .to_string(),
+            );
+        }
+        out
     }
 }
 
@@ -1113,6 +1224,110 @@ impl NetworkSection {
 }
 
 impl TrainSection {
+    /// The optimizer with its hyper-parameters from these options.
+    pub fn optimizer_spec(&self) -> OptimizerSpec {
+        let adam = AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_eps,
+        };
+        match self.optimizer {
+            OptimizerKind::Adamw => OptimizerSpec::AdamW(adam),
+            OptimizerKind::Adamw8bit => OptimizerSpec::AdamW8bit(adam),
+            OptimizerKind::Prodigy => OptimizerSpec::Prodigy(ProdigyConfig {
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                beta3: self.prodigy_beta3,
+                eps: self.adam_eps,
+                d0: self.prodigy_d0,
+                d_coef: self.prodigy_d_coef,
+                growth_rate: self.prodigy_growth_rate,
+                use_bias_correction: self.prodigy_use_bias_correction,
+                safeguard_warmup: self.prodigy_safeguard_warmup,
+                slice_p: self.prodigy_slice_p,
+            }),
+            OptimizerKind::Adafactor => OptimizerSpec::Adafactor(AdafactorConfig {
+                relative_step: self.adafactor_relative_step,
+                scale_parameter: self.adafactor_scale_parameter,
+                warmup_init: self.adafactor_warmup_init,
+                beta1: self.adafactor_beta1,
+                clip_threshold: self.adafactor_clip_threshold,
+                decay_rate: self.adafactor_decay_rate,
+                ..AdafactorConfig::default()
+            }),
+            OptimizerKind::Lion => OptimizerSpec::Lion(LionConfig {
+                beta1: self.lion_beta1,
+                beta2: self.lion_beta2,
+            }),
+        }
+    }
+
+    /// The options of the optimizers other than AdamW (checked whichever
+    /// optimizer is chosen, so a typo never waits for the day it is used).
+    fn validate_optimizer_options(&self) -> Result<(), ConfigError> {
+        let unit = |key: &str, b: f64, hint: &str| {
+            if b.is_finite() && (0.0..1.0).contains(&b) {
+                Ok(())
+            } else {
+                Err(bad(key, b, format!("must be in [0, 1) ({hint})")))
+            }
+        };
+        unit("train.lion_beta1", self.lion_beta1, "0.9 is usual")?;
+        unit("train.lion_beta2", self.lion_beta2, "0.99 is usual")?;
+        positive(
+            "train.prodigy_d_coef",
+            self.prodigy_d_coef,
+            "0.5–2; 1 is the default",
+        )?;
+        positive("train.prodigy_d0", self.prodigy_d0, "1e-6 is the default")?;
+        if let Some(g) = self.prodigy_growth_rate
+            && !(g.is_finite() && g >= 1.0)
+        {
+            return Err(bad(
+                "train.prodigy_growth_rate",
+                g,
+                "must be ≥ 1 (1.02 is usual; leave it out for no limit)",
+            ));
+        }
+        if let Some(b) = self.prodigy_beta3 {
+            unit("train.prodigy_beta3", b, "leave it out for √adam_beta2")?;
+        }
+        if self.prodigy_slice_p == 0 {
+            return Err(bad(
+                "train.prodigy_slice_p",
+                0,
+                "must be at least 1 (1 = exact, 11 saves memory)",
+            ));
+        }
+        if let Some(b) = self.adafactor_beta1 {
+            unit(
+                "train.adafactor_beta1",
+                b,
+                "leave it out for no first moment",
+            )?;
+        }
+        positive(
+            "train.adafactor_clip_threshold",
+            self.adafactor_clip_threshold,
+            "1.0 is the default",
+        )?;
+        if !(self.adafactor_decay_rate.is_finite() && self.adafactor_decay_rate < 0.0) {
+            return Err(bad(
+                "train.adafactor_decay_rate",
+                self.adafactor_decay_rate,
+                "must be < 0 (−0.8 is the default)",
+            ));
+        }
+        if self.adafactor_warmup_init && !self.adafactor_relative_step {
+            return Err(bad(
+                "train.adafactor_warmup_init",
+                true,
+                "needs train.adafactor_relative_step = true",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let at_least_one = |key: &str, v: usize, hint: &str| {
             if v == 0 {
@@ -1157,6 +1372,7 @@ impl TrainSection {
             }
         }
         positive("train.adam_eps", self.adam_eps, "1e-8 is usual")?;
+        self.validate_optimizer_options()?;
         non_negative(
             "train.max_grad_norm",
             self.max_grad_norm,

@@ -7,7 +7,8 @@
 //! - [`trainer`]: the DreamBooth/LoRA training loop — one step reads top to
 //!   bottom — with checkpoints and [`state`] for exact resume.
 //! - [`loss`], [`noise`]: noising, ε/v targets, min-SNR and prior weights,
-//!   seeded noise; [`optim`], [`lr`]: AdamW with parameter groups,
+//!   seeded noise; [`optim`], [`lr`]: AdamW, AdamW8bit, Prodigy, Adafactor
+//!   and Lion with parameter groups,
 //!   accumulation, clipping, and learning-rate schedules.
 //! - [`latents`]: VAE latent and text-embedding caches (memory or disk),
 //!   filled before the first step by [`prepare`], which then releases the

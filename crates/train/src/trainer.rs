@@ -1,6 +1,6 @@
 //! The training loop: one function, [`train`], whose step reads top to
 //! bottom — latents and text embeddings in, noise and timesteps drawn, UNet
-//! prediction, weighted denoising loss, backward, accumulate, clip, AdamW —
+//! prediction, weighted denoising loss, backward, accumulate, clip, optimizer —
 //! with checkpoints, logs and a resumable state around it.
 //!
 //! Every random draw is derived from `(seed, step, micro-batch)` and the
@@ -12,7 +12,9 @@ use crate::generate::sampler_config_for;
 use crate::latents::{LatentCache, TextEmbeddingCache};
 use crate::loss::{make_noisy_batch, weighted_loss};
 use crate::lr::LrSchedule;
-use crate::optim::{AdamW, AdamWConfig, GradAccumulator, ParamGroup, clip_coefficient, grad_norm};
+use crate::optim::{
+    GradAccumulator, Optimizer, OptimizerKind, ParamGroup, clip_coefficient, grad_norm,
+};
 use crate::previews::{Previews, previews_due};
 use crate::state::{self, StateInfo};
 use anyhow::{Context, Result, bail};
@@ -281,7 +283,7 @@ fn lora_weights(lora: &TrainableLora) -> Result<LoraWeights> {
 
 /// Options that must not change between a run and its resume.
 fn fingerprint(cfg: &TrainConfig) -> String {
-    let key = serde_json::json!({
+    let mut key = serde_json::json!({
         "model": cfg.model.path,
         "network": serde_json::to_value(&cfg.network).unwrap_or_default(),
         "seed": cfg.train.seed,
@@ -289,6 +291,13 @@ fn fingerprint(cfg: &TrainConfig) -> String {
         "gradient_accumulation": cfg.train.gradient_accumulation,
         "dataset": serde_json::to_value(&cfg.dataset).unwrap_or_default(),
     });
+    // Another optimizer's state cannot be continued. AdamW adds nothing, so
+    // states saved before the optimizer was an option still resume.
+    if cfg.train.optimizer != OptimizerKind::Adamw
+        && let serde_json::Value::Object(map) = &mut key
+    {
+        map.insert("optimizer".into(), cfg.train.optimizer.as_str().into());
+    }
     key.to_string()
 }
 
@@ -384,9 +393,60 @@ fn metadata(
         tag_frequency,
         training_started_at: Some(started_at),
         training_finished_at: finished.then(unix_now),
+        extra: [("ss_optimizer".to_string(), optimizer_metadata(cfg))].into(),
         ..Default::default()
     }
     .with_network_of(weights)
+}
+
+/// `ss_optimizer` as kohya writes it: the reference implementation's class
+/// path, with the arguments that differ from its defaults.
+fn optimizer_metadata(cfg: &TrainConfig) -> String {
+    let t = &cfg.train;
+    let mut args: Vec<String> = Vec::new();
+    let class = match t.optimizer {
+        OptimizerKind::Adamw => "torch.optim.adamw.AdamW",
+        OptimizerKind::Adamw8bit => "bitsandbytes.optim.adamw.AdamW8bit",
+        OptimizerKind::Prodigy => {
+            for (k, v, default) in [
+                ("d_coef", t.prodigy_d_coef, 1.0),
+                ("d0", t.prodigy_d0, 1e-6),
+            ] {
+                if v != default {
+                    args.push(format!("{k}={v}"));
+                }
+            }
+            if t.prodigy_use_bias_correction {
+                args.push("use_bias_correction=True".into());
+            }
+            if t.prodigy_safeguard_warmup {
+                args.push("safeguard_warmup=True".into());
+            }
+            if let Some(g) = t.prodigy_growth_rate {
+                args.push(format!("growth_rate={g}"));
+            }
+            if t.prodigy_slice_p != 1 {
+                args.push(format!("slice_p={}", t.prodigy_slice_p));
+            }
+            "prodigyopt.prodigy.Prodigy"
+        }
+        OptimizerKind::Adafactor => {
+            let py = |b: bool| if b { "True" } else { "False" };
+            args.push(format!("relative_step={}", py(t.adafactor_relative_step)));
+            args.push(format!(
+                "scale_parameter={}",
+                py(t.adafactor_scale_parameter)
+            ));
+            args.push(format!("warmup_init={}", py(t.adafactor_warmup_init)));
+            "transformers.optimization.Adafactor"
+        }
+        OptimizerKind::Lion => "lion_pytorch.lion_pytorch.Lion",
+    };
+    if args.is_empty() {
+        class.to_string()
+    } else {
+        format!("{class}({})", args.join(","))
+    }
 }
 
 fn save_lora(
@@ -557,14 +617,7 @@ pub fn train(
             });
         }
     }
-    let mut opt = AdamW::new(
-        groups.clone(),
-        AdamWConfig {
-            beta1: cfg.train.adam_beta1,
-            beta2: cfg.train.adam_beta2,
-            eps: cfg.train.adam_eps,
-        },
-    )?;
+    let mut opt = cfg.train.optimizer_spec().build(groups.clone())?;
     let mut acc = GradAccumulator::new(&groups);
     progress.loaded();
     let schedule_lr = LrSchedule {
@@ -585,7 +638,7 @@ pub fn train(
         let saved = state::load(&from_state, &device)?;
         if saved.info.fingerprint != fp {
             bail!(
-                "{}: the run was started with different model, network, dataset, seed or batch options; resume it with the config it was started with",
+                "{}: the run was started with different model, network, dataset, seed, batch or optimizer options; resume it with the config it was started with",
                 from.display()
             );
         }
@@ -688,7 +741,8 @@ pub fn train(
         let ops = ops0.since();
         let seconds = t0.elapsed().as_secs_f64();
         step_seconds.push(seconds);
-        let lr = cfg.train.unet_lr * lr_factor;
+        // Prodigy's effective step size is its d times the learning rate.
+        let lr = cfg.train.unet_lr * lr_factor * opt.lr_multiplier();
         loss_log.append(step, loss, lr, seconds)?;
         progress.step(&StepReport {
             step,
@@ -709,7 +763,7 @@ pub fn train(
             let path = out_dir.join(format!("{}-step{:06}.safetensors", cfg.output.name, step));
             let counters = (step, skipped_steps, consecutive_nonfinite);
             checkpoint(
-                cfg, ds, &sd, &lora, &opt, &path, counters, started_at, &fp, false,
+                cfg, ds, &sd, &lora, &*opt, &path, counters, started_at, &fp, false,
             )?;
             files.push(path.clone());
             progress.note(&format!("saved {} and the training state", path.display()));
@@ -758,7 +812,7 @@ pub fn train(
             ds,
             &sd,
             &lora,
-            &opt,
+            &*opt,
             &final_path,
             counters,
             started_at,
@@ -910,7 +964,7 @@ fn checkpoint(
     ds: &Dataset,
     sd: &StableDiffusion,
     lora: &TrainableLora,
-    opt: &AdamW,
+    opt: &dyn Optimizer,
     path: &Path,
     counters: (usize, usize, usize),
     started_at: f64,
@@ -938,7 +992,7 @@ fn checkpoint(
 fn save_state(
     dir: &Path,
     lora: &TrainableLora,
-    opt: &AdamW,
+    opt: &dyn Optimizer,
     step: usize,
     skipped_steps: usize,
     consecutive_nonfinite: usize,

@@ -3,8 +3,8 @@
 //! and `--set` overrides win over the file.
 
 use sd_lora_train::config::{
-    ConfigError, LatentCacheMode, LrScheduleKind, PredictionChoice, SaveFormatChoice, StorageDtype,
-    TrainConfig,
+    ConfigError, LatentCacheMode, LrScheduleKind, OptimizerKind, PredictionChoice,
+    SaveFormatChoice, StorageDtype, TrainConfig,
 };
 use std::path::{Path, PathBuf};
 
@@ -262,4 +262,72 @@ fn network_section_maps_onto_the_target_spec() {
         (spec.text_encoder_rank.rank, spec.text_encoder_rank.alpha),
         (8, 1.0)
     );
+}
+
+#[test]
+fn optimizer_options_are_checked_and_explained() {
+    // Unknown names (kohya's capitalised ones too) list the valid ones.
+    for bad in ["sgd", "AdamW8bit"] {
+        let e = err(
+            "opt-name",
+            MINIMAL,
+            &[&format!("train.optimizer=\"{bad}\"")],
+        );
+        assert!(
+            e.contains("`adamw`, `adamw8bit`, `prodigy`, `adafactor`, `lion`"),
+            "{e}"
+        );
+    }
+    let cfg = load_text("opt-ok", MINIMAL, &["train.optimizer=\"adamw8bit\""]).unwrap();
+    assert_eq!(cfg.train.optimizer, OptimizerKind::Adamw8bit);
+    // Prodigy's single step size needs one learning rate for every part.
+    let e = err(
+        "opt-prodigy-lrs",
+        MINIMAL,
+        &[
+            "train.optimizer=\"prodigy\"",
+            "train.unet_lr=1.0",
+            "network.train_text_encoder=true",
+        ],
+    );
+    assert!(
+        e.contains("train.text_encoder_lr") && e.contains("1.0 is usual"),
+        "{e}"
+    );
+    let ok = load_text(
+        "opt-prodigy-ok",
+        MINIMAL,
+        &[
+            "train.optimizer=\"prodigy\"",
+            "train.unet_lr=1.0",
+            "train.text_encoder_lr=1.0",
+            "network.train_text_encoder=true",
+        ],
+    )
+    .unwrap();
+    assert!(ok.warnings().is_empty(), "{:?}", ok.warnings());
+    // A Prodigy run left at AdamW's learning rate is allowed, with a warning.
+    let low = load_text("opt-prodigy-low", MINIMAL, &["train.optimizer=\"prodigy\""]).unwrap();
+    assert!(
+        low.warnings().iter().any(|w| w.contains("usually 1.0")),
+        "{:?}",
+        low.warnings()
+    );
+    for (set, key) in [
+        ("train.lion_beta2=1.0", "train.lion_beta2"),
+        ("train.prodigy_d_coef=0", "train.prodigy_d_coef"),
+        ("train.prodigy_growth_rate=0.5", "train.prodigy_growth_rate"),
+        ("train.prodigy_slice_p=0", "train.prodigy_slice_p"),
+        (
+            "train.adafactor_decay_rate=0.8",
+            "train.adafactor_decay_rate",
+        ),
+        (
+            "train.adafactor_warmup_init=true",
+            "train.adafactor_warmup_init",
+        ),
+    ] {
+        let e = err("opt-range", MINIMAL, &[set]);
+        assert!(e.contains(key), "{set}: {e}");
+    }
 }

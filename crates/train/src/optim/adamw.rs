@@ -1,4 +1,4 @@
-//! AdamW with parameter groups, gradient accumulation and gradient clipping.
+//! AdamW, PyTorch's.
 //!
 //! candle-nn's `AdamW` is not used because it has no parameter groups (the UNet
 //! and text-encoder LoRA train with different learning rates), and because its
@@ -12,26 +12,12 @@
 //! Optimizer state (first and second moments) is kept in f32 whatever the
 //! parameter's dtype, and can be saved and restored for resuming a run.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 
+use super::{Optimizer, ParamGroup, check_grads_layout, check_groups, state_key};
 use crate::adamw_cpu as fused;
-
-/// A set of parameters sharing a learning rate and weight decay.
-#[derive(Debug, Clone)]
-pub struct ParamGroup {
-    /// Name used in error messages and state keys (e.g. `unet`, `text_encoder`);
-    /// unique within an optimizer.
-    pub name: String,
-    /// The trained parameters.
-    pub vars: Vec<Var>,
-    /// Base learning rate (multiplied by the schedule's factor at each step).
-    pub lr: f64,
-    /// Decoupled weight decay coefficient (0 = none).
-    pub weight_decay: f64,
-}
 
 /// Adam's hyper-parameters shared by all groups.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,33 +62,6 @@ pub struct AdamW {
     state: Vec<Vec<ParamState>>,
 }
 
-/// Key prefix of parameter `i` of group `group` in [`AdamW::state_tensors`].
-fn state_key(group: &str, i: usize, what: &str) -> String {
-    format!("{group}.{i}.{what}")
-}
-
-/// Checks that `grads` has one entry per Var of each group.
-fn check_grads_layout(groups: &[ParamGroup], grads: &[Vec<Option<Tensor>>]) -> Result<()> {
-    if grads.len() != groups.len() {
-        candle_core::bail!(
-            "optimizer: got gradients for {} parameter groups, the optimizer has {}",
-            grads.len(),
-            groups.len()
-        );
-    }
-    for (group, g) in groups.iter().zip(grads) {
-        if g.len() != group.vars.len() {
-            candle_core::bail!(
-                "optimizer: parameter group {:?} has {} parameters but {} gradient slots were given",
-                group.name,
-                group.vars.len(),
-                g.len()
-            );
-        }
-    }
-    Ok(())
-}
-
 impl AdamW {
     /// An optimizer over `groups`, with zero moments.
     ///
@@ -120,42 +79,11 @@ impl AdamW {
         if cfg.eps.is_nan() || cfg.eps < 0.0 {
             candle_core::bail!("AdamW: eps must be ≥ 0, got {}", cfg.eps);
         }
-        let mut names = HashSet::new();
-        let mut ids = HashSet::new();
+        check_groups("AdamW", &groups)?;
         let mut state = Vec::with_capacity(groups.len());
         for group in &groups {
-            if !names.insert(group.name.as_str()) {
-                candle_core::bail!("AdamW: parameter group name {:?} is used twice", group.name);
-            }
-            if !group.lr.is_finite() || group.lr < 0.0 {
-                candle_core::bail!(
-                    "AdamW: learning rate of group {:?} must be finite and ≥ 0, got {}",
-                    group.name,
-                    group.lr
-                );
-            }
-            if !group.weight_decay.is_finite() || group.weight_decay < 0.0 {
-                candle_core::bail!(
-                    "AdamW: weight decay of group {:?} must be finite and ≥ 0, got {}",
-                    group.name,
-                    group.weight_decay
-                );
-            }
             let mut gstate = Vec::with_capacity(group.vars.len());
-            for (i, var) in group.vars.iter().enumerate() {
-                if !ids.insert(var.id()) {
-                    candle_core::bail!(
-                        "AdamW: parameter {i} of group {:?} is listed twice; each Var may appear once",
-                        group.name
-                    );
-                }
-                if !var.dtype().is_float() {
-                    candle_core::bail!(
-                        "AdamW: parameter {i} of group {:?} has dtype {:?}; only float parameters can be trained",
-                        group.name,
-                        var.dtype()
-                    );
-                }
+            for var in &group.vars {
                 // Two storages: the CPU step updates each moment in place.
                 let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 gstate.push(ParamState {
@@ -205,20 +133,12 @@ impl AdamW {
         grad_scale: f64,
         fused: bool,
     ) -> Result<()> {
-        check_grads_layout(&self.groups, grads)?;
+        check_grads_layout("AdamW", &self.groups, grads)?;
         let cfg = self.cfg;
         for ((group, gstate), ggrads) in self.groups.iter().zip(&mut self.state).zip(grads) {
             let lr = group.lr * lr_factor;
-            for (i, ((var, st), grad)) in group.vars.iter().zip(gstate).zip(ggrads).enumerate() {
+            for ((var, st), grad) in group.vars.iter().zip(gstate).zip(ggrads) {
                 let Some(grad) = grad else { continue };
-                if grad.dims() != var.dims() {
-                    candle_core::bail!(
-                        "AdamW: gradient of parameter {i} of group {:?} has shape {:?}, the parameter {:?}",
-                        group.name,
-                        grad.dims(),
-                        var.dims()
-                    );
-                }
                 st.step += 1;
                 let hyper = Hyper::new(cfg, lr, group.weight_decay, st.step, grad_scale);
                 if !(fused && fused::update(var, st, grad, &hyper)?) {
@@ -316,6 +236,29 @@ impl AdamW {
     }
 }
 
+impl Optimizer for AdamW {
+    fn step_scaled(
+        &mut self,
+        grads: &[Vec<Option<Tensor>>],
+        lr_factor: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        AdamW::step_scaled(self, grads, lr_factor, grad_scale)
+    }
+
+    fn groups(&self) -> &[ParamGroup] {
+        AdamW::groups(self)
+    }
+
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        AdamW::state_tensors(self)
+    }
+
+    fn load_state_tensors(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
+        AdamW::load_state_tensors(self, t)
+    }
+}
+
 /// The scalars of one parameter's update, each in the f32 form the tensor ops
 /// apply it in (candle multiplies by an f64 scalar cast to f32; `x / s` is
 /// `x · (1/s)`), so that the fused kernel reproduces the generic path bit for
@@ -378,127 +321,4 @@ fn generic_update(var: &Var, st: &mut ParamState, grad: &Tensor, h: &Hyper) -> R
     var.set(&p.to_dtype(var.dtype())?)?;
     sd_lora_model::ops::op_count::add_in_place(1);
     Ok(())
-}
-
-/// The multiplier that brings the global gradient norm `norm` down to
-/// `max_norm` (PyTorch's `clip_grad_norm_`: `max_norm / (norm + 1e-6)`), or 1
-/// when it is already below, clipping is off (`max_norm ≤ 0`) or the norm is
-/// not finite.
-pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm.is_finite() {
-        (max_norm / (norm + 1e-6)).min(1.0)
-    } else {
-        1.0
-    }
-}
-
-/// Gradient accumulation over micro-batches for a list of groups of Vars:
-/// [`add`](Self::add) sums each Var's gradient (cast to f32),
-/// [`take`](Self::take) returns the sums divided by the number of adds (so the
-/// result is the gradient of the mean micro-batch loss) and resets.
-#[derive(Debug)]
-pub struct GradAccumulator {
-    vars: Vec<Vec<Var>>,
-    sums: Vec<Vec<Option<Tensor>>>,
-    count: usize,
-}
-
-impl GradAccumulator {
-    /// An empty accumulator for the Vars of `groups`, in their order.
-    pub fn new(groups: &[ParamGroup]) -> Self {
-        GradAccumulator {
-            vars: groups.iter().map(|g| g.vars.clone()).collect(),
-            sums: groups.iter().map(|g| vec![None; g.vars.len()]).collect(),
-            count: 0,
-        }
-    }
-
-    /// Adds one micro-batch's gradients. A Var absent from `grads` counts as a
-    /// zero gradient for this micro-batch.
-    pub fn add(&mut self, grads: &GradStore) -> Result<()> {
-        for (vars, sums) in self.vars.iter().zip(&mut self.sums) {
-            for (var, sum) in vars.iter().zip(sums.iter_mut()) {
-                let Some(g) = grads.get(var.as_tensor()) else {
-                    continue;
-                };
-                let g = g.to_dtype(DType::F32)?;
-                *sum = Some(match sum.take() {
-                    Some(s) => (s + g)?,
-                    // Detach the first one, so the sum holds no graph.
-                    None => g.detach(),
-                });
-            }
-        }
-        self.count += 1;
-        Ok(())
-    }
-
-    /// Number of micro-batches added since the last [`take`](Self::take).
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
-    /// The mean gradients (`[g][i]` for `groups[g].vars[i]`; None where no
-    /// micro-batch gave one), and resets the accumulator.
-    pub fn take(&mut self) -> Vec<Vec<Option<Tensor>>> {
-        let n = self.count.max(1) as f64;
-        self.count = 0;
-        self.sums
-            .iter_mut()
-            .map(|sums| {
-                sums.iter_mut()
-                    .map(|s| {
-                        s.take().map(|s| {
-                            if n == 1.0 {
-                                s
-                            } else {
-                                // Division by a scalar only fails on a device error,
-                                // which the next op would report anyway; keep the sum
-                                // rather than lose the gradient.
-                                (&s / n).unwrap_or(s)
-                            }
-                        })
-                    })
-                    .collect()
-            })
-            .collect()
-    }
-}
-
-/// Global L2 norm over all gradients (f64). NaN or infinite if any gradient
-/// element is non-finite, so this doubles as the all-finite check.
-pub fn grad_norm(grads: &[Vec<Option<Tensor>>]) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for g in grads.iter().flatten().flatten() {
-        if let Some(s) = fused::sum_squares(g) {
-            sum += s;
-            continue;
-        }
-        // Square and sum in f32 on the device (f64 is missing on some
-        // backends); accumulate the per-tensor sums in f64.
-        let s = g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        sum += s as f64;
-    }
-    Ok(sum.sqrt())
-}
-
-/// Scales the gradients in place so that their global norm is at most
-/// `max_norm`, and returns the norm before clipping. Like PyTorch's
-/// `clip_grad_norm_`, the scale is `max_norm / (norm + 1e-6)`. Gradients are
-/// left alone when the norm is not finite (the caller should skip the step) or
-/// when `max_norm ≤ 0` (clipping off).
-pub fn clip_grad_norm(grads: &mut [Vec<Option<Tensor>>], max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads)?;
-    let coef = clip_coefficient(norm, max_norm);
-    if coef < 1.0 {
-        for t in grads.iter_mut().flatten().flatten() {
-            *t = (&*t * coef)?;
-        }
-    }
-    Ok(norm)
 }
