@@ -119,6 +119,39 @@ impl NoiseSchedule {
         })
     }
 
+    /// The same schedule rescaled to zero terminal SNR (Lin et al. 2023,
+    /// diffusers' `rescale_betas_zero_snr`; kohya's `--zero_terminal_snr`):
+    /// √ᾱ shifted and scaled so that the first step keeps its value and the
+    /// last reaches 0. A schedule already at zero terminal SNR is returned
+    /// unchanged.
+    pub fn with_zero_terminal_snr(&self) -> Self {
+        if self.alphas_cumprod.last().is_some_and(|&a| a == 0.0) {
+            return self.clone();
+        }
+        let mut prev = 1.0;
+        let betas: Vec<f64> = self
+            .alphas_cumprod
+            .iter()
+            .map(|&a| {
+                let b = 1.0 - a / prev;
+                prev = a;
+                b
+            })
+            .collect();
+        let mut acc = 1.0;
+        let alphas_cumprod = rescale_zero_terminal_snr(&betas)
+            .iter()
+            .map(|b| {
+                acc *= 1.0 - b;
+                acc
+            })
+            .collect();
+        NoiseSchedule {
+            alphas_cumprod,
+            prediction: self.prediction,
+        }
+    }
+
     /// Number of training timesteps.
     pub fn len(&self) -> usize {
         self.alphas_cumprod.len()
@@ -187,6 +220,22 @@ fn rescale_zero_terminal_snr(betas: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_terminal_snr_of_a_built_schedule_equals_the_config_option() {
+        let plain = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
+        let direct = NoiseSchedule::new(&ScheduleConfig {
+            rescale_betas_zero_snr: true,
+            ..ScheduleConfig::default()
+        })
+        .unwrap();
+        let later = plain.with_zero_terminal_snr();
+        for (a, b) in later.alphas_cumprod.iter().zip(&direct.alphas_cumprod) {
+            assert!((a - b).abs() <= 1e-12, "{a} vs {b}");
+        }
+        assert_eq!(later.alphas_cumprod[999], 0.0);
+        assert_eq!(later.with_zero_terminal_snr(), later);
+    }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= 2e-6 * b.abs().max(1e-6)

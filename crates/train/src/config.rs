@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
 
+pub use crate::loss::{HuberSchedule, LossType};
+use crate::loss::{LossOptions, NoiseOptions};
 pub use crate::lr::LrScheduleKind;
 pub use crate::optim::OptimizerKind;
 use crate::optim::{AdafactorConfig, AdamWConfig, LionConfig, OptimizerSpec, ProdigyConfig};
@@ -433,6 +435,45 @@ pub struct TrainSection {
     /// Noise offset: adds this much per-channel constant noise, so the model
     /// can learn very dark or bright images (0.05–0.1 is usual; 0 = off).
     pub noise_offset: f64,
+    /// Multi-resolution ("pyramid") noise: levels of coarser noise added to
+    /// ε, for overall brightness and composition (kohya's
+    /// `multires_noise_iterations`; 6–10 usual, 0 = off).
+    pub multires_noise_iterations: usize,
+    /// Weight of each coarser level of multi-resolution noise (`discountⁱ`;
+    /// kohya's `multires_noise_discount`, 0.3 usual).
+    pub multires_noise_discount: f64,
+    /// Input perturbation noise γ (kohya's `ip_noise_gamma`): the UNet sees
+    /// the latents noised with `ε + γ·ε'` while it learns to predict ε — a
+    /// regulariser (0.1 usual, 0 = off).
+    pub ip_noise_gamma: f64,
+    /// Draw the input perturbation's strength uniformly from
+    /// `[0, ip_noise_gamma)` at each step.
+    pub ip_noise_gamma_random_strength: bool,
+    /// Smallest timestep trained (kohya's `min_timestep`; 0 = from the
+    /// start).
+    pub min_timestep: usize,
+    /// Timesteps trained are below this (kohya's `max_timestep`); unset = the
+    /// schedule's length (1000).
+    pub max_timestep: Option<usize>,
+    /// Rescale the training noise schedule to zero terminal SNR (Lin et al.
+    /// 2023; kohya's `zero_terminal_snr`), so the model learns to start from
+    /// pure noise: for v-prediction models. Previews sample as before.
+    pub zero_terminal_snr: bool,
+    /// Debiased estimation loss weighting (kohya's
+    /// `debiased_estimation_loss`): each sample's loss times `1/√SNR` (ε) or
+    /// `1/(SNR + 1)` (v).
+    pub debiased_estimation: bool,
+    /// The per-element loss (kohya's `loss_type`): `l2` (MSE), `l1`, `huber`
+    /// (pseudo-Huber) or `smooth_l1`.
+    pub loss_type: LossType,
+    /// How the Huber threshold follows the timestep (kohya's
+    /// `huber_schedule`): `snr`, `exponential` or `constant`.
+    pub huber_schedule: HuberSchedule,
+    /// The Huber threshold parameter (kohya's `huber_c`).
+    pub huber_c: f64,
+    /// Scale of the `exponential` and `constant` Huber thresholds (kohya's
+    /// `huber_scale`).
+    pub huber_scale: f64,
     /// Stop the run after this many steps in a row with a non-finite loss or
     /// gradient (each such step is skipped and reported).
     pub max_nonfinite_steps: usize,
@@ -489,6 +530,18 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             min_snr_gamma: None,
             noise_offset: 0.0,
+            multires_noise_iterations: 0,
+            multires_noise_discount: 0.3,
+            ip_noise_gamma: 0.0,
+            ip_noise_gamma_random_strength: false,
+            min_timestep: 0,
+            max_timestep: None,
+            zero_terminal_snr: false,
+            debiased_estimation: false,
+            loss_type: LossType::L2,
+            huber_schedule: HuberSchedule::Snr,
+            huber_c: 0.1,
+            huber_scale: 1.0,
             max_nonfinite_steps: 5,
             cache_latents: LatentCacheMode::Memory,
             latent_cache_dir: None,
@@ -1262,6 +1315,80 @@ impl TrainSection {
         }
     }
 
+    /// How the trainer draws noise and timesteps.
+    pub fn noise_options(&self) -> NoiseOptions {
+        NoiseOptions {
+            offset: self.noise_offset,
+            multires_iterations: self.multires_noise_iterations,
+            multires_discount: self.multires_noise_discount,
+            ip_noise_gamma: self.ip_noise_gamma,
+            ip_noise_random_strength: self.ip_noise_gamma_random_strength,
+            min_timestep: self.min_timestep,
+            max_timestep: self.max_timestep,
+        }
+    }
+
+    /// How the trainer computes and weights the loss.
+    pub fn loss_options(&self) -> LossOptions {
+        LossOptions {
+            min_snr_gamma: self.min_snr_gamma,
+            debiased_estimation: self.debiased_estimation,
+            loss_type: self.loss_type,
+            huber_schedule: self.huber_schedule,
+            huber_c: self.huber_c,
+            huber_scale: self.huber_scale,
+        }
+    }
+
+    /// The noise and loss options beyond the basics.
+    fn validate_noise_options(&self) -> Result<(), ConfigError> {
+        if !(self.multires_noise_discount.is_finite()
+            && self.multires_noise_discount > 0.0
+            && self.multires_noise_discount < 1.0)
+        {
+            return Err(bad(
+                "train.multires_noise_discount",
+                self.multires_noise_discount,
+                "must be between 0 and 1 (0.3 is usual)",
+            ));
+        }
+        if self.multires_noise_iterations > 32 {
+            return Err(bad(
+                "train.multires_noise_iterations",
+                self.multires_noise_iterations,
+                "must be at most 32 (6–10 is usual, 0 = off)",
+            ));
+        }
+        if !(self.ip_noise_gamma.is_finite() && (0.0..=1.0).contains(&self.ip_noise_gamma)) {
+            return Err(bad(
+                "train.ip_noise_gamma",
+                self.ip_noise_gamma,
+                "must be between 0 and 1 (0.1 is usual, 0 = off)",
+            ));
+        }
+        if let Some(max) = self.max_timestep
+            && max <= self.min_timestep
+        {
+            return Err(bad(
+                "train.max_timestep",
+                max,
+                format!(
+                    "must be above train.min_timestep ({}); timesteps are drawn from [min, max)",
+                    self.min_timestep
+                ),
+            ));
+        }
+        if !(self.huber_c.is_finite() && self.huber_c > 0.0 && self.huber_c <= 1.0) {
+            return Err(bad(
+                "train.huber_c",
+                self.huber_c,
+                "must be in (0, 1] (0.1 is usual)",
+            ));
+        }
+        positive("train.huber_scale", self.huber_scale, "1.0 is usual")?;
+        Ok(())
+    }
+
     /// The options of the optimizers other than AdamW (checked whichever
     /// optimizer is chosen, so a typo never waits for the day it is used).
     fn validate_optimizer_options(&self) -> Result<(), ConfigError> {
@@ -1373,6 +1500,7 @@ impl TrainSection {
         }
         positive("train.adam_eps", self.adam_eps, "1e-8 is usual")?;
         self.validate_optimizer_options()?;
+        self.validate_noise_options()?;
         non_negative(
             "train.max_grad_norm",
             self.max_grad_norm,

@@ -10,7 +10,7 @@
 use crate::config::TrainConfig;
 use crate::generate::sampler_config_for;
 use crate::latents::{LatentCache, TextEmbeddingCache};
-use crate::loss::{make_noisy_batch, weighted_loss};
+use crate::loss::{NoiseOptions, make_noisy_batch, weighted_loss};
 use crate::lr::LrSchedule;
 use crate::optim::{
     GradAccumulator, Optimizer, OptimizerKind, ParamGroup, clip_coefficient, grad_norm,
@@ -32,6 +32,7 @@ use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
 use sd_lora_model::ops::checkpoint;
 use sd_lora_model::ops::op_count::{self, OpCount};
 use sd_lora_model::pipeline::StableDiffusion;
+use sd_lora_model::schedule::NoiseSchedule;
 use sd_lora_model::vae::VaeParts;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -500,6 +501,30 @@ pub fn train(
     for n in &sd.notes {
         progress.note(n);
     }
+    // The schedule the loss trains on: zero terminal SNR rescales it; the
+    // previews keep sampling with the model's own.
+    let train_schedule = if cfg.train.zero_terminal_snr {
+        if sd.schedule.prediction == Prediction::Epsilon {
+            progress.note(
+                "train.zero_terminal_snr with an ε-prediction model: the last timestep's input is pure                  noise; zero terminal SNR is meant for v-prediction (set model.prediction = \"v\" for a \
+                 v model)",
+            );
+        }
+        sd.schedule.with_zero_terminal_snr()
+    } else {
+        sd.schedule.clone()
+    };
+    let noise_opts = cfg.train.noise_options();
+    if let Some(max) = noise_opts.max_timestep
+        && max > train_schedule.len()
+    {
+        bail!(
+            "train.max_timestep = {max}, but {} has {} timesteps; leave it out or use at most {}",
+            cfg.model.path,
+            train_schedule.len(),
+            train_schedule.len()
+        );
+    }
     let total = cfg.train.steps;
     let accum = cfg.train.gradient_accumulation.max(1);
     let batch_size = cfg.train.batch_size.max(1);
@@ -691,6 +716,8 @@ pub fn train(
                 scaling,
                 train_te,
                 latents_cached: prepared.vae_encoder_released,
+                schedule: &train_schedule,
+                noise: &noise_opts,
                 step,
                 micro,
             };
@@ -859,6 +886,9 @@ struct MicroCtx<'a> {
     train_te: bool,
     /// Every latent the run draws is in `latents_cache` (see prepare.rs).
     latents_cached: bool,
+    /// The noise schedule of the loss.
+    schedule: &'a NoiseSchedule,
+    noise: &'a NoiseOptions,
     step: usize,
     micro: usize,
 }
@@ -921,7 +951,7 @@ impl MicroCtx<'_> {
             self.micro as u64,
             kind_tag,
         ]);
-        let nb = make_noisy_batch(&sd.schedule, &latents, cfg.train.noise_offset, &mut rng)?;
+        let nb = make_noisy_batch(self.schedule, &latents, self.noise, &mut rng)?;
         let t: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
         let t = Tensor::from_vec(t, nb.timesteps.len(), device)?;
         let dtype = cfg.model.dtype.to_dtype();
@@ -932,8 +962,8 @@ impl MicroCtx<'_> {
             &nb.target,
             &nb.timesteps,
             &weights,
-            &sd.schedule,
-            cfg.train.min_snr_gamma,
+            self.schedule,
+            &cfg.train.loss_options(),
         )?)
     }
 }

@@ -3,8 +3,8 @@
 //! and `--set` overrides win over the file.
 
 use sd_lora_train::config::{
-    ConfigError, LatentCacheMode, LrScheduleKind, OptimizerKind, PredictionChoice,
-    SaveFormatChoice, StorageDtype, TrainConfig,
+    ConfigError, HuberSchedule, LatentCacheMode, LossType, LrScheduleKind, OptimizerKind,
+    PredictionChoice, SaveFormatChoice, StorageDtype, TrainConfig,
 };
 use std::path::{Path, PathBuf};
 
@@ -330,4 +330,50 @@ fn optimizer_options_are_checked_and_explained() {
         let e = err("opt-range", MINIMAL, &[set]);
         assert!(e.contains(key), "{set}: {e}");
     }
+}
+
+#[test]
+fn noise_and_loss_options_are_checked() {
+    let e = err("loss-type", MINIMAL, &["train.loss_type=\"mae\""]);
+    assert!(e.contains("`l2`, `l1`, `huber`, `smooth_l1`"), "{e}");
+    let e = err(
+        "huber-schedule",
+        MINIMAL,
+        &["train.huber_schedule=\"linear\""],
+    );
+    assert!(e.contains("`snr`, `exponential`, `constant`"), "{e}");
+    for (sets, key) in [
+        (
+            &["train.multires_noise_discount=1.5"][..],
+            "train.multires_noise_discount",
+        ),
+        (
+            &["train.multires_noise_iterations=100"][..],
+            "train.multires_noise_iterations",
+        ),
+        (&["train.ip_noise_gamma=-0.1"][..], "train.ip_noise_gamma"),
+        (
+            &["train.min_timestep=500", "train.max_timestep=400"][..],
+            "train.max_timestep",
+        ),
+        (&["train.huber_c=0"][..], "train.huber_c"),
+        (&["train.huber_scale=-1"][..], "train.huber_scale"),
+    ] {
+        let e = err("noise-range", MINIMAL, sets);
+        assert!(e.contains(key), "{sets:?}: {e}");
+    }
+    let ok = load_text(
+        "noise-ok",
+        MINIMAL,
+        &[
+            "train.loss_type=\"smooth_l1\"",
+            "train.huber_schedule=\"exponential\"",
+            "train.min_timestep=100",
+            "train.max_timestep=900",
+            "train.zero_terminal_snr=true",
+        ],
+    )
+    .unwrap();
+    assert_eq!(ok.train.loss_type, LossType::SmoothL1);
+    assert_eq!(ok.train.huber_schedule, HuberSchedule::Exponential);
 }

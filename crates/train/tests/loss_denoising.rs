@@ -3,8 +3,11 @@
 use candle_core::{DType, Device, Tensor, Var};
 use sd_lora_data::rng::Rng;
 use sd_lora_model::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
-use sd_lora_train::loss::{make_noisy_batch, weighted_loss};
-use sd_lora_train::noise::{randn, sample_timesteps};
+use sd_lora_train::loss::{
+    HuberSchedule, LossOptions, LossType, NoiseOptions, make_noisy_batch, sample_weights,
+    weighted_loss,
+};
+use sd_lora_train::noise::{randn, sample_timesteps, sample_timesteps_in, upsample_bilinear};
 
 fn schedule(prediction: Prediction) -> NoiseSchedule {
     NoiseSchedule::new(&ScheduleConfig {
@@ -83,7 +86,13 @@ fn check_noisy_batch(prediction: Prediction, offset: f64) -> f64 {
     let sched = schedule(prediction);
     let x0 = vec_f32(&latents());
     let seed = 11;
-    let nb = make_noisy_batch(&sched, &latents(), offset, &mut Rng::new(seed)).unwrap();
+    let nb = make_noisy_batch(
+        &sched,
+        &latents(),
+        &NoiseOptions::with_offset(offset),
+        &mut Rng::new(seed),
+    )
+    .unwrap();
     let (eps, off, t) = replay(seed, offset);
     assert_eq!(nb.timesteps, t);
     assert_ne!(t[0], t[1], "the test wants two different timesteps");
@@ -130,8 +139,20 @@ fn noise_offset_is_constant_per_channel() {
     // between offset and no-offset targets is offset·N(0,1) per (b, c).
     let sched = schedule(Prediction::Epsilon);
     let z = Tensor::zeros((2, 2, 2, 2), DType::F32, &Device::Cpu).unwrap();
-    let a = make_noisy_batch(&sched, &z, 0.0, &mut Rng::new(5)).unwrap();
-    let b = make_noisy_batch(&sched, &z, 0.5, &mut Rng::new(5)).unwrap();
+    let a = make_noisy_batch(
+        &sched,
+        &z,
+        &NoiseOptions::with_offset(0.0),
+        &mut Rng::new(5),
+    )
+    .unwrap();
+    let b = make_noisy_batch(
+        &sched,
+        &z,
+        &NoiseOptions::with_offset(0.5),
+        &mut Rng::new(5),
+    )
+    .unwrap();
     let d = vec_f32(&(b.target - a.target).unwrap());
     for blk in d.chunks(4) {
         assert!(blk.iter().all(|v| (v - blk[0]).abs() < 1e-6), "{blk:?}");
@@ -205,7 +226,7 @@ fn weighted_loss_matches_hand_computation() {
     for prediction in [Prediction::Epsilon, Prediction::V] {
         let sched = schedule(prediction);
         for gamma in [None, Some(5.0)] {
-            let got = weighted_loss(&pred, &target, &ts, &lw, &sched, gamma)
+            let got = weighted_loss(&pred, &target, &ts, &lw, &sched, &LossOptions::mse(gamma))
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap() as f64;
@@ -222,8 +243,16 @@ fn weighted_loss_matches_hand_computation() {
     // min-SNR actually changes the value at t = 10.
     let sched = schedule(Prediction::Epsilon);
     assert!(sched.snr(10) > 5.0 && sched.snr(700) < 5.0);
-    let plain = weighted_loss(&pred, &target, &ts, &lw, &sched, None).unwrap();
-    let snr = weighted_loss(&pred, &target, &ts, &lw, &sched, Some(5.0)).unwrap();
+    let plain = weighted_loss(&pred, &target, &ts, &lw, &sched, &LossOptions::mse(None)).unwrap();
+    let snr = weighted_loss(
+        &pred,
+        &target,
+        &ts,
+        &lw,
+        &sched,
+        &LossOptions::mse(Some(5.0)),
+    )
+    .unwrap();
     assert!(snr.to_scalar::<f32>().unwrap() < plain.to_scalar::<f32>().unwrap());
 }
 
@@ -235,7 +264,15 @@ fn weighted_loss_gradient_matches_finite_differences() {
     let lw = [1.0f32, 0.5];
     let gamma = Some(5.0);
     let var = Var::from_tensor(&pred).unwrap();
-    let loss = weighted_loss(var.as_tensor(), &target, &ts, &lw, &sched, gamma).unwrap();
+    let loss = weighted_loss(
+        var.as_tensor(),
+        &target,
+        &ts,
+        &lw,
+        &sched,
+        &LossOptions::mse(gamma),
+    )
+    .unwrap();
     let grads = loss.backward().unwrap();
     let g: Vec<f64> = grads
         .get(var.as_tensor())
@@ -248,7 +285,7 @@ fn weighted_loss_gradient_matches_finite_differences() {
     let p: Vec<f64> = pred.flatten_all().unwrap().to_vec1().unwrap();
     let f = |p: &[f64]| -> f64 {
         let t = Tensor::from_vec(p.to_vec(), (2, 3, 2, 2), &Device::Cpu).unwrap();
-        weighted_loss(&t, &target, &ts, &lw, &sched, gamma)
+        weighted_loss(&t, &target, &ts, &lw, &sched, &LossOptions::mse(gamma))
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
@@ -274,9 +311,312 @@ fn weighted_loss_gradient_matches_finite_differences() {
 fn weighted_loss_rejects_mismatched_inputs() {
     let sched = schedule(Prediction::Epsilon);
     let (pred, target) = pred_target(DType::F32);
-    let err = weighted_loss(&pred, &target, &[1], &[1.0, 1.0], &sched, None).unwrap_err();
+    let err = weighted_loss(
+        &pred,
+        &target,
+        &[1],
+        &[1.0, 1.0],
+        &sched,
+        &LossOptions::mse(None),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("1 timesteps"), "{err}");
     let t2 = target.narrow(1, 0, 2).unwrap();
-    let err = weighted_loss(&pred, &t2, &[1, 2], &[1.0, 1.0], &sched, None).unwrap_err();
+    let err = weighted_loss(
+        &pred,
+        &t2,
+        &[1, 2],
+        &[1.0, 1.0],
+        &sched,
+        &LossOptions::mse(None),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("[2, 2, 2, 2]"), "{err}");
+}
+
+/// kohya's loss options, computed by hand in f64 from sd-scripts' formulas
+/// (`conditional_loss`, `get_huber_threshold_if_needed`,
+/// `apply_debiased_estimation`).
+fn kohya_loss(
+    pred: &[f64],
+    target: &[f64],
+    per: usize,
+    ts: &[usize],
+    lw: &[f32],
+    sched: &NoiseSchedule,
+    opts: &LossOptions,
+) -> f64 {
+    let n = sched.len() as f64;
+    let mut total = 0.0;
+    for (i, &t) in ts.iter().enumerate() {
+        let a = sched.alphas_cumprod[t];
+        let c = match opts.huber_schedule {
+            HuberSchedule::Constant => opts.huber_c * opts.huber_scale,
+            HuberSchedule::Exponential => {
+                (-(-opts.huber_c.ln() / n) * t as f64).exp() * opts.huber_scale
+            }
+            HuberSchedule::Snr => {
+                let sigma = ((1.0 - a) / a).sqrt();
+                (1.0 - opts.huber_c) / (1.0 + sigma).powi(2) + opts.huber_c
+            }
+        };
+        let mut l = 0.0;
+        for k in i * per..(i + 1) * per {
+            let d = pred[k] - target[k];
+            l += match opts.loss_type {
+                LossType::L2 => d * d,
+                LossType::L1 => d.abs(),
+                LossType::Huber => 2.0 * c * ((d * d + c * c).sqrt() - c),
+                LossType::SmoothL1 => 2.0 * ((d * d + c * c).sqrt() - c),
+            };
+        }
+        l /= per as f64;
+        l *= f64::from(lw[i]);
+        if let Some(g) = opts.min_snr_gamma {
+            l *= sched.min_snr_weight(t, g);
+        }
+        if opts.debiased_estimation {
+            let snr = (a / (1.0 - a)).min(1000.0);
+            l *= match sched.prediction {
+                Prediction::Epsilon => 1.0 / snr.sqrt(),
+                Prediction::V => 1.0 / (snr + 1.0),
+            };
+        }
+        total += l;
+    }
+    total / ts.len() as f64
+}
+
+fn loss_variants() -> Vec<LossOptions> {
+    let mut out = Vec::new();
+    for loss_type in [
+        LossType::L2,
+        LossType::L1,
+        LossType::Huber,
+        LossType::SmoothL1,
+    ] {
+        for huber_schedule in [
+            HuberSchedule::Snr,
+            HuberSchedule::Exponential,
+            HuberSchedule::Constant,
+        ] {
+            for (debiased_estimation, min_snr_gamma) in [(false, None), (true, Some(5.0))] {
+                out.push(LossOptions {
+                    min_snr_gamma,
+                    debiased_estimation,
+                    loss_type,
+                    huber_schedule,
+                    huber_c: 0.3,
+                    huber_scale: 1.7,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn loss_types_schedules_and_debiased_weights_match_kohya() {
+    let (pred, target) = pred_target(DType::F64);
+    let p: Vec<f64> = pred.flatten_all().unwrap().to_vec1().unwrap();
+    let q: Vec<f64> = target.flatten_all().unwrap().to_vec1().unwrap();
+    let ts = [3, 999];
+    let lw = [1.0f32, 0.5];
+    let mut max_rel = 0f64;
+    for prediction in [Prediction::Epsilon, Prediction::V] {
+        let sched = schedule(prediction);
+        for opts in loss_variants() {
+            let got = weighted_loss(&pred, &target, &ts, &lw, &sched, &opts)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let want = kohya_loss(&p, &q, 12, &ts, &lw, &sched, &opts);
+            let rel = (got - want).abs() / want.abs();
+            // The weights and thresholds pass through f32.
+            assert!(rel < 1e-6, "{prediction:?} {opts:?}: {got} vs {want}");
+            max_rel = max_rel.max(rel);
+        }
+    }
+    eprintln!("loss options vs kohya's formulas: max rel error {max_rel:e}");
+    // The thresholds themselves: snr goes from ≈1 (t = 0) down to ≈ c.
+    let sched = schedule(Prediction::Epsilon);
+    let opts = LossOptions {
+        loss_type: LossType::Huber,
+        ..LossOptions::mse(None)
+    };
+    let c = opts.huber_thresholds(&[0, 999], &sched).unwrap();
+    assert!(c[0] > 0.85 && (c[1] - 0.1).abs() < 0.01, "{c:?}");
+    assert!(
+        LossOptions::mse(None)
+            .huber_thresholds(&[0], &sched)
+            .is_none()
+    );
+    // Debiased estimation caps the SNR at 1000 (t = 0).
+    let w = sample_weights(
+        &[0],
+        &[1.0],
+        &sched,
+        &LossOptions {
+            debiased_estimation: true,
+            ..LossOptions::mse(None)
+        },
+    );
+    assert!((w[0] - 1.0 / 1000f64.sqrt()).abs() < 1e-12, "{w:?}");
+}
+
+/// sqrt and abs in the Huber and L1 losses carry their gradients.
+#[test]
+fn huber_and_l1_gradients_match_finite_differences() {
+    let sched = schedule(Prediction::V);
+    let (pred, target) = pred_target(DType::F64);
+    let ts = [10, 700];
+    let lw = [1.0f32, 0.5];
+    for loss_type in [LossType::Huber, LossType::SmoothL1, LossType::L1] {
+        let opts = LossOptions {
+            loss_type,
+            debiased_estimation: true,
+            ..LossOptions::mse(Some(5.0))
+        };
+        let var = Var::from_tensor(&pred).unwrap();
+        let loss = weighted_loss(var.as_tensor(), &target, &ts, &lw, &sched, &opts).unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let p: Vec<f64> = pred.flatten_all().unwrap().to_vec1().unwrap();
+        let f = |p: &[f64]| -> f64 {
+            let t = Tensor::from_vec(p.to_vec(), (2, 3, 2, 2), &Device::Cpu).unwrap();
+            weighted_loss(&t, &target, &ts, &lw, &sched, &opts)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let h = 1e-6;
+        for k in 0..p.len() {
+            let (mut up, mut dn) = (p.clone(), p.clone());
+            up[k] += h;
+            dn[k] -= h;
+            let fd = (f(&up) - f(&dn)) / (2.0 * h);
+            assert!(
+                (fd - g[k]).abs() <= 1e-6 * fd.abs().max(1e-3),
+                "{loss_type:?} element {k}: backward {} vs finite difference {fd}",
+                g[k]
+            );
+            assert!(g[k] != 0.0, "{loss_type:?}: element {k} got no gradient");
+        }
+    }
+}
+
+#[test]
+fn timestep_range_is_respected_and_covered() {
+    let t = sample_timesteps_in(20_000, 200, 300, &mut Rng::new(9));
+    assert!(t.iter().all(|&x| (200..300).contains(&x)));
+    assert_eq!(t.iter().min(), Some(&200));
+    assert_eq!(t.iter().max(), Some(&299));
+    // The full range draws exactly as sample_timesteps.
+    assert_eq!(
+        sample_timesteps_in(50, 0, 1000, &mut Rng::new(4)),
+        sample_timesteps(50, 1000, &mut Rng::new(4))
+    );
+    // make_noisy_batch honours the range and refuses an empty one.
+    let sched = schedule(Prediction::Epsilon);
+    let z = Tensor::zeros((4, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let opts = NoiseOptions {
+        min_timestep: 900,
+        max_timestep: Some(910),
+        ..NoiseOptions::default()
+    };
+    let nb = make_noisy_batch(&sched, &z, &opts, &mut Rng::new(1)).unwrap();
+    assert!(nb.timesteps.iter().all(|&t| (900..910).contains(&t)));
+    let bad = NoiseOptions {
+        min_timestep: 500,
+        max_timestep: Some(500),
+        ..NoiseOptions::default()
+    };
+    let err = make_noisy_batch(&sched, &z, &bad, &mut Rng::new(1)).unwrap_err();
+    assert!(err.to_string().contains("min_timestep"), "{err}");
+}
+
+/// PyTorch 2.15: `nn.Upsample(size=(5, 7), mode="bilinear")` of
+/// `[[0.5, -1, 2], [3, 0.25, -0.75]]`.
+#[test]
+fn bilinear_upsampling_matches_pytorch() {
+    let x = [0.5f32, -1.0, 2.0, 3.0, 0.25, -0.75];
+    let want = [
+        0.5, 0.2857143, -0.3571429, -1.0, 0.2857144, 1.5714288, 2.0, 0.75, 0.5178572, -0.1785714,
+        -0.875, 0.2392858, 1.3535714, 1.7249999, 1.75, 1.4464287, 0.5357143, -0.375, 0.0535715,
+        0.4821429, 0.625, 2.75, 2.375, 1.25, 0.125, -0.1321429, -0.3892858, -0.4750001, 3.0,
+        2.607_143, 1.4285715, 0.25, -0.1785714, -0.6071429, -0.75,
+    ];
+    let got = upsample_bilinear(&x, 1, (2, 3), (5, 7));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() < 1e-6, "{i}: {a} vs {b}");
+    }
+    assert_eq!(upsample_bilinear(&[1.5], 1, (1, 1), (2, 3)), vec![1.5; 6]);
+}
+
+#[test]
+fn multires_noise_and_input_perturbation() {
+    let sched = schedule(Prediction::Epsilon);
+    let dims = (2, 4, 16, 16);
+    let z = randn(&[2, 4, 16, 16], &mut Rng::new(3), &Device::Cpu).unwrap();
+    let plain = make_noisy_batch(&sched, &z, &NoiseOptions::default(), &mut Rng::new(8)).unwrap();
+    let multires = NoiseOptions {
+        multires_iterations: 6,
+        multires_discount: 0.3,
+        ..NoiseOptions::default()
+    };
+    let a = make_noisy_batch(&sched, &z, &multires, &mut Rng::new(8)).unwrap();
+    let b = make_noisy_batch(&sched, &z, &multires, &mut Rng::new(8)).unwrap();
+    // Deterministic, unit variance, not plain noise; ε is still the target.
+    assert_eq!(vec_f32(&a.target), vec_f32(&b.target));
+    let eps = vec_f32(&a.target);
+    let n = eps.len() as f64;
+    let mean = eps.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = eps
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
+    assert!((var - 1.0).abs() < 1e-5, "variance {var}");
+    assert_ne!(eps, vec_f32(&plain.target));
+    // Low frequencies carry more of it: the per-channel means vary more
+    // than plain noise's (whose are ≈ 1/16 of a standard deviation).
+    let channel_means = |v: &[f32]| -> f64 {
+        v.chunks(256)
+            .map(|c| (c.iter().map(|&x| f64::from(x)).sum::<f64>() / 256.0).powi(2))
+            .sum::<f64>()
+            / (v.len() / 256) as f64
+    };
+    assert!(channel_means(&eps) > 2.0 * channel_means(&vec_f32(&plain.target)));
+
+    // Input perturbation: the target is the unperturbed ε; the input moves
+    // by √(1−ᾱ_t)·γ·ε'.
+    let ip = NoiseOptions {
+        ip_noise_gamma: 0.1,
+        ..NoiseOptions::default()
+    };
+    let c = make_noisy_batch(&sched, &z, &ip, &mut Rng::new(8)).unwrap();
+    assert_eq!(vec_f32(&c.target), vec_f32(&plain.target));
+    assert_eq!(c.timesteps, plain.timesteps);
+    let diff: Vec<f32> = vec_f32(&c.noisy)
+        .iter()
+        .zip(vec_f32(&plain.noisy))
+        .map(|(x, y)| x - y)
+        .collect();
+    let per = dims.1 * dims.2 * dims.3;
+    for (i, &t) in c.timesteps.iter().enumerate() {
+        let s = sched.coefficients(t).1 * 0.1;
+        let rms = (diff[i * per..(i + 1) * per]
+            .iter()
+            .map(|&d| f64::from(d).powi(2))
+            .sum::<f64>()
+            / per as f64)
+            .sqrt();
+        assert!((rms / s - 1.0).abs() < 0.1, "sample {i}: {rms} vs {s}");
+    }
 }

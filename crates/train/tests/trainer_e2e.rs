@@ -191,6 +191,86 @@ fn every_optimizer_lowers_the_loss_at_its_usual_learning_rate() {
     }
 }
 
+/// Progress sink that keeps the notes.
+#[derive(Default)]
+struct Notes(Vec<String>);
+
+impl TrainProgress for Notes {
+    fn begin(&mut self, _: usize, _: usize) {}
+    fn step(&mut self, r: &StepReport) {
+        assert!(r.loss.is_finite(), "non-finite loss at step {}", r.step);
+    }
+    fn note(&mut self, n: &str) {
+        self.0.push(n.to_string());
+    }
+    fn end(&mut self) {}
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// kohya's noise and loss options together: the run learns, says that zero
+/// terminal SNR is meant for v models, and a timestep range the schedule
+/// does not have stops it before any work.
+#[test]
+fn noise_and_loss_options_train_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = [
+        "train.loss_type=\"huber\"",
+        "train.huber_schedule=\"snr\"",
+        "train.multires_noise_iterations=6",
+        "train.ip_noise_gamma=0.1",
+        "train.ip_noise_gamma_random_strength=true",
+        "train.min_timestep=50",
+        "train.max_timestep=950",
+        "train.debiased_estimation=true",
+        "train.noise_offset=0.05",
+    ];
+    let mut sets: Vec<String> = options.iter().map(|s| s.to_string()).collect();
+    sets.push("train.steps=120".into());
+    let cfg = config(tmp.path(), &sets);
+    let ds = Dataset::scan(&cfg.dataset).unwrap();
+    let base = load_model(&cfg, &Device::Cpu).unwrap();
+    let before = fixed_noise_loss(&cfg, &ds, &base).unwrap();
+    let outcome = train(&cfg, &ds, None, &mut Notes::default()).unwrap();
+    let file = read_for_model(&cfg, &outcome.lora_file);
+    let mut sd = load_model(&cfg, &Device::Cpu).unwrap();
+    attach(&mut sd.unet, Some(&mut sd.text_encoder), &file.weights, 1.0).unwrap();
+    let after = fixed_noise_loss(&cfg, &ds, &sd).unwrap();
+    eprintln!("all noise and loss options: fixed-noise loss {before:.4} → {after:.4}");
+    assert!(after <= 0.9 * before, "{before} → {after}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        &[
+            "train.steps=2".into(),
+            "train.zero_terminal_snr=true".into(),
+        ],
+    );
+    let mut notes = Notes::default();
+    train(&cfg, &ds, None, &mut notes).unwrap();
+    assert!(
+        notes.0.iter().any(|n| n.contains("zero_terminal_snr")),
+        "{:?}",
+        notes.0
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        &["train.steps=2".into(), "train.max_timestep=1001".into()],
+    );
+    let err = train(&cfg, &ds, None, &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train.max_timestep") && err.contains("1000"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("state").exists());
+}
+
 #[test]
 fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     let extra = [
