@@ -409,8 +409,10 @@ pub fn finish_outputs(
     let dir = &cfg.output.dir;
     let csv = dir.join("logs").join("loss.csv");
     let mut all = files.to_vec();
+    let mut final_validation_loss = None;
     if csv.exists() {
         let rows = outputs::read_loss_csv(&csv)?;
+        final_validation_loss = rows.iter().rev().find_map(|r| r.val_loss);
         let png = dir.join("loss.png");
         outputs::plot_loss_png(&rows, &png)?;
         all.push(csv);
@@ -423,6 +425,7 @@ pub fn finish_outputs(
         median_seconds_per_step: outputs::median(step_seconds),
         peak_memory_bytes: outputs::peak_rss_bytes(),
         final_loss,
+        final_validation_loss,
         skipped_steps,
         interrupted,
         files: all.clone(),
@@ -880,6 +883,28 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
             " (see `sd-lora check-data`)".to_string()
         }
     );
+    let split = sd_lora_train::validation::split(cfg, ds)?;
+    if let Some(v) = &split.validation {
+        let _ = writeln!(
+            o,
+            "  validation: {} image(s){}, not trained on; evaluated {}",
+            v.images.len(),
+            if split.held_out > 0 {
+                format!(
+                    " ({} of the instance images held out by train.validation_split)",
+                    split.held_out
+                )
+            } else {
+                String::new()
+            },
+            match cfg.train.validate_every_n_steps {
+                0 => "at every checkpoint and at the end".to_string(),
+                n => format!("every {n} steps"),
+            }
+        );
+    }
+    // The schedule counts what the run trains on.
+    let ds = &split.train;
 
     let t = &cfg.train;
     let has_class =
@@ -982,7 +1007,7 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
         "LoRA: {} layers, {} parameters; with gradients and {} state: {}",
         selected,
         est.lora_params,
-        t.optimizer.as_str(),
+        t.optimizer.display_name(),
         gib(est.lora_state)
     );
     if m.unet.is_some() {

@@ -486,6 +486,16 @@ pub struct TrainSection {
     pub cache_latents: LatentCacheMode,
     /// Folder of the disk latent cache; defaults to `OUTPUT/latent_cache`.
     pub latent_cache_dir: Option<PathBuf>,
+    /// Fraction of the instance images held out of training as a validation
+    /// set (kohya's `validation_split`; 0.1 is usual, 0 = none). The seed
+    /// picks them.
+    pub validation_split: f64,
+    /// A folder of validation images (captioned like the dataset), instead of
+    /// or besides `validation_split`.
+    pub validation_dir: Option<PathBuf>,
+    /// Evaluate the validation set every this many steps (kohya's
+    /// `validate_every_n_steps`); 0 = at every checkpoint and at the end.
+    pub validate_every_n_steps: usize,
     /// Gradient checkpointing: keep only the inputs of every UNet ResNet,
     /// transformer block and upsampler in the forward pass and recompute them
     /// in the backward pass. Activation memory drops about five-fold (what
@@ -545,6 +555,9 @@ impl Default for TrainSection {
             max_nonfinite_steps: 5,
             cache_latents: LatentCacheMode::Memory,
             latent_cache_dir: None,
+            validation_split: 0.0,
+            validation_dir: None,
+            validate_every_n_steps: 0,
             gradient_checkpointing: false,
         }
     }
@@ -907,6 +920,7 @@ pub fn resolve_paths(doc: &mut Table, base: &Path) {
     at("model", "config");
     at("output", "dir");
     at("train", "latent_cache_dir");
+    at("train", "validation_dir");
     if let Some(subsets) = doc
         .get_mut("dataset")
         .and_then(Value::as_table_mut)
@@ -1386,6 +1400,22 @@ impl TrainSection {
             ));
         }
         positive("train.huber_scale", self.huber_scale, "1.0 is usual")?;
+        if !(self.validation_split.is_finite() && (0.0..0.5).contains(&self.validation_split)) {
+            return Err(bad(
+                "train.validation_split",
+                self.validation_split,
+                "must be in [0, 0.5) (0.1 is usual, 0 = no split)",
+            ));
+        }
+        if let Some(d) = &self.validation_dir
+            && d.as_os_str().is_empty()
+        {
+            return Err(bad(
+                "train.validation_dir",
+                "\"\"",
+                "must name a folder of images (or leave it out)",
+            ));
+        }
         Ok(())
     }
 

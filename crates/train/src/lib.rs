@@ -15,6 +15,7 @@
 //!   frozen encoders; [`rare_token`]: the DreamBooth identifier check.
 //! - [`bench`]: the UNet training step alone against PyTorch;
 //!   [`bench_pipeline`]: the `train` command itself and the VAE, timed.
+//! - [`validation`]: held-out images evaluated at fixed noise during the run.
 //! - [`outputs`], [`progress`]: loss log, plot, summary, progress display;
 //!   [`png_meta`]: PNGs with A1111 `parameters` metadata, preview grids;
 //!   [`generate`]: text-to-image generation (prompts, guidance, samplers).
@@ -42,3 +43,4 @@ pub mod progress;
 pub mod rare_token;
 pub mod state;
 pub mod trainer;
+pub mod validation;

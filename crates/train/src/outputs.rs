@@ -57,10 +57,14 @@ pub struct LossRow {
     pub lr: f64,
     /// Wall-clock seconds the step took.
     pub seconds: f64,
+    /// Validation loss evaluated after this step (None on other steps and
+    /// without a validation set).
+    #[serde(default)]
+    pub val_loss: Option<f64>,
 }
 
 /// The header line of `loss.csv`.
-pub const LOSS_CSV_HEADER: &str = "step,loss,lr,seconds";
+pub const LOSS_CSV_HEADER: &str = "step,loss,lr,seconds,val_loss";
 
 /// Appends per-step rows to `logs/loss.csv`.
 #[derive(Debug)]
@@ -107,13 +111,8 @@ impl LossLog {
 
     /// Appends one row; it reaches the file before this returns (one
     /// unbuffered write per row).
-    pub fn append(&mut self, step: usize, loss: f64, lr: f64, seconds: f64) -> io::Result<()> {
-        let row = format_row(&LossRow {
-            step,
-            loss,
-            lr,
-            seconds,
-        });
+    pub fn append(&mut self, row: &LossRow) -> io::Result<()> {
+        let row = format_row(row);
         self.file
             .write_all(row.as_bytes())
             .and_then(|()| self.file.flush())
@@ -132,11 +131,14 @@ impl LossLog {
 }
 
 fn format_row(r: &LossRow) -> String {
-    // `{}` prints the shortest text that parses back to the same f64.
-    format!("{},{},{},{:.4}\n", r.step, r.loss, r.lr, r.seconds)
+    // `{}` prints the shortest text that parses back to the same f64; the
+    // validation column is empty on steps without an evaluation.
+    let val = r.val_loss.map(|v| v.to_string()).unwrap_or_default();
+    format!("{},{},{},{:.4},{val}\n", r.step, r.loss, r.lr, r.seconds)
 }
 
-/// Reads a `loss.csv` written by [`LossLog`] (the header and malformed lines are skipped).
+/// Reads a `loss.csv` written by [`LossLog`] (the header and malformed lines
+/// are skipped; files from before the validation column read with none).
 pub fn read_loss_csv(path: &Path) -> io::Result<Vec<LossRow>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))?;
@@ -149,6 +151,7 @@ pub fn read_loss_csv(path: &Path) -> io::Result<Vec<LossRow>> {
                 loss: f.next()?.parse().ok()?,
                 lr: f.next()?.parse().ok()?,
                 seconds: f.next()?.parse().ok()?,
+                val_loss: f.next().and_then(|v| v.parse().ok()),
             })
         })
         .collect())
@@ -187,6 +190,8 @@ pub const PLOT_HEIGHT: u32 = 400;
 pub const RAW_COLOUR: Rgb<u8> = Rgb([170, 200, 235]);
 /// Colour of the smoothed loss.
 pub const EMA_COLOUR: Rgb<u8> = Rgb([20, 60, 190]);
+/// Colour of the validation loss.
+pub const VAL_COLOUR: Rgb<u8> = Rgb([220, 90, 20]);
 const AXIS_COLOUR: Rgb<u8> = Rgb([40, 40, 40]);
 const GRID_COLOUR: Rgb<u8> = Rgb([232, 232, 232]);
 const TEXT_COLOUR: Rgb<u8> = Rgb([30, 30, 30]);
@@ -232,10 +237,16 @@ pub fn render_loss_plot(rows: &[LossRow]) -> RgbImage {
         axes(&mut img, x0, x1, y0, y1);
         return img;
     }
+    let val: Vec<(usize, f64)> = rows
+        .iter()
+        .filter_map(|r| r.val_loss.filter(|v| v.is_finite()).map(|v| (r.step, v)))
+        .collect();
     let (lo, hi) = finite
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), r| {
-            (a.min(r.loss), b.max(r.loss))
+        .map(|r| r.loss)
+        .chain(val.iter().map(|v| v.1))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
         });
     let (s_lo, s_hi) = (
         rows.first().map_or(0, |r| r.step) as f64,
@@ -296,6 +307,14 @@ pub fn render_loss_plot(rows: &[LossRow]) -> RgbImage {
         .map(|(r, s)| (px(r.step as f64), py(*s)))
         .collect();
     polyline(&mut img, &sm, EMA_COLOUR, 2);
+    // Validation: a line through its evaluations, a dot at each.
+    let vp: Vec<(i64, i64)> = val.iter().map(|&(s, v)| (px(s as f64), py(v))).collect();
+    polyline(&mut img, &vp, VAL_COLOUR, 2);
+    for &(x, y) in &vp {
+        for d in -2..=2 {
+            line(&mut img, x - 2, y + d, x + 2, y + d, VAL_COLOUR, 1);
+        }
+    }
 
     let last = smoothed
         .iter()
@@ -311,11 +330,15 @@ pub fn render_loss_plot(rows: &[LossRow]) -> RgbImage {
     );
     text(&mut img, x0, 12, &title, 2, TEXT_COLOUR);
     // Legend, top right: a swatch of each colour.
-    let lx = w - RIGHT - 150;
+    let lx = w - RIGHT - if val.is_empty() { 150 } else { 230 };
     line(&mut img, lx, 19, lx + 20, 19, RAW_COLOUR, 2);
     text(&mut img, lx + 26, 12, "raw", 2, TEXT_COLOUR);
     line(&mut img, lx + 80, 19, lx + 100, 19, EMA_COLOUR, 2);
     text(&mut img, lx + 106, 12, "ema", 2, TEXT_COLOUR);
+    if !val.is_empty() {
+        line(&mut img, lx + 160, 19, lx + 180, 19, VAL_COLOUR, 2);
+        text(&mut img, lx + 186, 12, "val", 2, TEXT_COLOUR);
+    }
     text(
         &mut img,
         x1 - text_width("step", 2),
@@ -466,6 +489,9 @@ pub struct TrainSummary {
     pub peak_memory_bytes: Option<u64>,
     /// Loss of the last completed step.
     pub final_loss: Option<f64>,
+    /// Validation loss of the last evaluation (None without a validation set).
+    #[serde(default)]
+    pub final_validation_loss: Option<f64>,
     /// Steps skipped for a non-finite loss or gradient.
     pub skipped_steps: usize,
     /// The run was stopped early (Ctrl-C); `--resume` continues it.

@@ -65,6 +65,8 @@ pub struct StepReport {
     /// Nodes of the first micro-batch's autograd graph (outside checkpointed
     /// blocks, whose inner graphs are rebuilt in the backward).
     pub graph_nodes: usize,
+    /// The validation loss evaluated after this step, if one was.
+    pub val_loss: Option<f64>,
 }
 
 /// Receives progress from [`train`].
@@ -474,6 +476,9 @@ pub fn train(
     progress: &mut dyn TrainProgress,
 ) -> Result<TrainOutcome> {
     let device = device_from_name(&cfg.model.device)?;
+    // Held-out images never reach the training batches.
+    let split = crate::validation::split(cfg, ds)?;
+    let ds = &split.train;
     let out_dir = cfg.output.dir.clone();
     std::fs::create_dir_all(out_dir.join("logs"))
         .with_context(|| format!("cannot create the output folder {}", out_dir.display()))?;
@@ -551,6 +556,34 @@ pub fn train(
     let mut latents_cache = LatentCache::new(disk_dir, &model_id);
     let mut text_cache = TextEmbeddingCache::new();
     let scaling = sd.vae_config.scaling_factor;
+    // The validation images are encoded while the encoders are still here.
+    let validation = match &split.validation {
+        Some(v) => {
+            let set = crate::validation::ValidationSet::encode(
+                cfg,
+                v,
+                &sd,
+                &device,
+                cfg.network.train_text_encoder,
+                &size_cond,
+            )?;
+            progress.note(&format!(
+                "validation: {} image(s){}, evaluated {}",
+                set.len(),
+                if split.held_out > 0 {
+                    format!(" ({} held out of training)", split.held_out)
+                } else {
+                    String::new()
+                },
+                match cfg.train.validate_every_n_steps {
+                    0 => "at every checkpoint and at the end".to_string(),
+                    n => format!("every {n} steps"),
+                }
+            ));
+            Some(set)
+        }
+        None => None,
+    };
     // Every latent and caption conditioning before the first step, then the
     // encoders that made them are dropped (see prepare.rs).
     let prepared = crate::prepare::prepare(
@@ -770,7 +803,24 @@ pub fn train(
         step_seconds.push(seconds);
         // Prodigy's effective step size is its d times the learning rate.
         let lr = cfg.train.unet_lr * lr_factor * opt.lr_multiplier();
-        loss_log.append(step, loss, lr, seconds)?;
+        let val_loss = match &validation {
+            Some(v) if validation_due(cfg, step, total) => {
+                lora.dropout.set_training(false);
+                let l = v.loss(cfg, &sd, &device);
+                lora.dropout.set_training(true);
+                let l = l?;
+                progress.note(&format!("step {step}: validation loss {l:.4}"));
+                Some(l)
+            }
+            _ => None,
+        };
+        loss_log.append(&crate::outputs::LossRow {
+            step,
+            loss,
+            lr,
+            seconds,
+            val_loss,
+        })?;
         progress.step(&StepReport {
             step,
             total,
@@ -781,6 +831,7 @@ pub fn train(
             grad_norm: norm,
             ops,
             graph_nodes,
+            val_loss,
         });
 
         interrupted = INTERRUPTED.load(Ordering::SeqCst) || progress.should_stop();
@@ -984,6 +1035,16 @@ fn size_cond(ds: &Dataset, s: &sd_lora_data::Sample) -> SizeCond {
         crop_top_left: [c.offset[1], left],
         target: [c.size[1], c.size[0]],
     }
+}
+
+/// Whether the validation set is evaluated after `step` (1-based): every
+/// `validate_every_n_steps`, or at each checkpoint, and always at the end.
+fn validation_due(cfg: &TrainConfig, step: usize, total: usize) -> bool {
+    let every = match cfg.train.validate_every_n_steps {
+        0 => cfg.output.save_every,
+        n => n,
+    };
+    step == total || (every > 0 && step.is_multiple_of(every))
 }
 
 /// Writes the LoRA file `path` (metadata as of `counters.0` steps) and the

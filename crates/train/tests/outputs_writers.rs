@@ -2,8 +2,8 @@
 //! loss.png (decodes, has both curves), train_summary.json, atomic writes.
 
 use sd_lora_train::outputs::{
-    EMA_COLOUR, LossLog, LossRow, PLOT_HEIGHT, PLOT_WIDTH, RAW_COLOUR, TrainSummary, ema, fmt_num,
-    median, parse_vm_hwm, plot_loss_png, read_loss_csv, write_atomic,
+    EMA_COLOUR, LossLog, LossRow, PLOT_HEIGHT, PLOT_WIDTH, RAW_COLOUR, TrainSummary, VAL_COLOUR,
+    ema, fmt_num, median, parse_vm_hwm, plot_loss_png, read_loss_csv, write_atomic,
 };
 use std::path::PathBuf;
 
@@ -24,28 +24,59 @@ impl Drop for TempDir {
     }
 }
 
+fn row(step: usize, loss: f64, lr: f64, seconds: f64) -> LossRow {
+    LossRow {
+        step,
+        loss,
+        lr,
+        seconds,
+        val_loss: None,
+    }
+}
+
 #[test]
 fn loss_log_appends_flushed_rows_and_truncates_on_resume() {
     let dir = TempDir::new("csv");
     let path = dir.0.join("logs").join("loss.csv");
     let mut log = LossLog::open(&path, 0).unwrap();
     for step in 1..=10 {
-        log.append(step, 0.5 / step as f64, 1e-4, 0.25).unwrap();
+        log.append(&row(step, 0.5 / step as f64, 1e-4, 0.25))
+            .unwrap();
         // Flushed per row: readable while the log is still open.
         assert_eq!(read_loss_csv(&path).unwrap().len(), step);
     }
-    log.append(11, f64::NAN, 1e-4, 0.25).unwrap();
+    log.append(&row(11, f64::NAN, 1e-4, 0.25)).unwrap();
     drop(log);
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.starts_with("step,loss,lr,seconds\n"), "{text}");
+    assert!(
+        text.starts_with("step,loss,lr,seconds,val_loss\n"),
+        "{text}"
+    );
     let rows = read_loss_csv(&path).unwrap();
     assert_eq!(rows.len(), 11);
     assert_eq!(rows[2].loss, 0.5 / 3.0, "loss round-trips exactly");
     assert!(rows[10].loss.is_nan());
 
+    // A validation loss round-trips; other rows read as None.
+    assert!(rows.iter().all(|r| r.val_loss.is_none()));
+    let mut log = LossLog::open(&path, 11).unwrap();
+    log.append(&LossRow {
+        val_loss: Some(0.375),
+        ..row(12, 0.3, 1e-4, 0.25)
+    })
+    .unwrap();
+    drop(log);
+    let rows = read_loss_csv(&path).unwrap();
+    assert_eq!(rows[11].val_loss, Some(0.375));
+    assert_eq!(rows[10].val_loss, None);
+    // A log written before the validation column still reads.
+    let old = dir.0.join("old.csv");
+    std::fs::write(&old, "step,loss,lr,seconds\n1,0.5,0.0001,0.2500\n").unwrap();
+    assert_eq!(read_loss_csv(&old).unwrap(), vec![row(1, 0.5, 1e-4, 0.25)]);
+
     // Resuming at step 6 drops the rows written after that state.
     let mut log = LossLog::open(&path, 6).unwrap();
-    log.append(7, 0.1, 1e-4, 0.3).unwrap();
+    log.append(&row(7, 0.1, 1e-4, 0.3)).unwrap();
     let rows = read_loss_csv(&path).unwrap();
     assert_eq!(
         rows.iter().map(|r| r.step).collect::<Vec<_>>(),
@@ -74,6 +105,8 @@ fn loss_plot_is_a_png_with_both_curves() {
             },
             lr: 1e-4,
             seconds: 0.2,
+            // An evaluation every 50 steps.
+            val_loss: (s % 50 == 0).then_some(0.2 + 0.1 / (1.0 + s as f64 / 50.0)),
         })
         .collect();
     let path = dir.0.join("loss.png");
@@ -83,6 +116,8 @@ fn loss_plot_is_a_png_with_both_curves() {
     let (raw, smooth) = (count(&img, RAW_COLOUR), count(&img, EMA_COLOUR));
     assert!(raw > 500, "raw curve pixels: {raw}");
     assert!(smooth > 800, "smoothed curve pixels: {smooth}");
+    let val = count(&img, VAL_COLOUR);
+    assert!(val > 300, "validation line pixels: {val}");
     // The smoothed curve decays: its pixels in the left tenth of the plot
     // are higher (smaller y) than in the right tenth.
     let mean_y = |x_range: std::ops::Range<u32>| {
@@ -104,18 +139,8 @@ fn loss_plot_is_a_png_with_both_curves() {
     // Degenerate inputs still give a valid image.
     for rows in [
         vec![],
-        vec![LossRow {
-            step: 1,
-            loss: 0.2,
-            lr: 1e-4,
-            seconds: 1.0,
-        }],
-        vec![LossRow {
-            step: 1,
-            loss: f64::NAN,
-            lr: 1e-4,
-            seconds: 1.0,
-        }],
+        vec![row(1, 0.2, 1e-4, 1.0)],
+        vec![row(1, f64::NAN, 1e-4, 1.0)],
     ] {
         plot_loss_png(&rows, &path).unwrap();
         assert_eq!(image::open(&path).unwrap().width(), PLOT_WIDTH);
@@ -130,6 +155,7 @@ fn summary_round_trips_and_helpers() {
         median_seconds_per_step: median(&[0.3, 0.1, 0.2, f64::NAN]),
         peak_memory_bytes: parse_vm_hwm("Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t1 kB\n"),
         final_loss: Some(0.125),
+        final_validation_loss: Some(0.25),
         skipped_steps: 1,
         interrupted: false,
         files: vec![dir.0.join("lora.safetensors")],

@@ -271,6 +271,81 @@ fn noise_and_loss_options_train_together() {
     assert!(!tmp.path().join("state").exists());
 }
 
+/// A held-out fraction and a validation folder: the split is disjoint and
+/// seeded, the run trains on the rest only, and `loss.csv` carries the
+/// validation loss at the steps it was evaluated.
+#[test]
+fn validation_set_is_held_out_and_evaluated() {
+    use sd_lora_train::outputs::read_loss_csv;
+    use sd_lora_train::validation::split;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        &[
+            "train.steps=10".into(),
+            "train.validation_split=0.25".into(),
+            "train.validate_every_n_steps=4".into(),
+        ],
+    );
+    let ds = Dataset::scan(&cfg.dataset).unwrap();
+    let s = split(&cfg, &ds).unwrap();
+    let val = s.validation.as_ref().unwrap();
+    assert_eq!(s.held_out, 2);
+    assert_eq!(val.images.len(), 2);
+    assert_eq!(s.train.images.len() + 2, ds.images.len());
+    for v in &val.images {
+        assert!(s.train.images.iter().all(|t| t.path != v.path));
+    }
+    // The seed picks the same images; another seed may pick others.
+    let again = split(&cfg, &ds).unwrap();
+    let paths = |d: &Dataset| d.images.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+    assert_eq!(paths(again.validation.as_ref().unwrap()), paths(val));
+
+    let outcome = train(&cfg, &ds, None, &mut quiet()).unwrap();
+    let rows = read_loss_csv(&tmp.path().join("logs").join("loss.csv")).unwrap();
+    let evaluated: Vec<usize> = rows
+        .iter()
+        .filter(|r| r.val_loss.is_some())
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(evaluated, vec![4, 8, 10]);
+    assert!(rows.iter().filter_map(|r| r.val_loss).all(f64::is_finite));
+    let file = read_for_model(&cfg, &outcome.lora_file);
+    assert_eq!(
+        file.metadata.get("ss_num_train_images").map(String::as_str),
+        Some("6")
+    );
+
+    // A folder instead: every image of it, none taken from training.
+    let folder = common::example_dataset().join("10_ohwx robot");
+    let cfg = config(
+        tmp.path(),
+        &[
+            "train.steps=2".into(),
+            format!("train.validation_dir={:?}", folder.to_string_lossy()),
+        ],
+    );
+    let s = split(&cfg, &ds).unwrap();
+    assert_eq!(s.held_out, 0);
+    assert_eq!(s.train.images.len(), ds.images.len());
+    assert_eq!(s.validation.unwrap().images.len(), 8);
+    // Too few images to hold one out, or an empty folder: stopped with a reason.
+    let empty = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        &[format!(
+            "train.validation_dir={:?}",
+            empty.path().to_string_lossy()
+        )],
+    );
+    let err = split(&cfg, &ds).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("train.validation_dir"),
+        "{err:#}"
+    );
+}
+
 #[test]
 fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     let extra = [

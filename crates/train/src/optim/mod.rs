@@ -70,6 +70,17 @@ pub enum OptimizerKind {
 }
 
 impl OptimizerKind {
+    /// The name people write in prose: `AdamW`, `AdamW8bit`, `Prodigy`, …
+    pub fn display_name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adamw => "AdamW",
+            OptimizerKind::Adamw8bit => "AdamW8bit",
+            OptimizerKind::Prodigy => "Prodigy",
+            OptimizerKind::Adafactor => "Adafactor",
+            OptimizerKind::Lion => "Lion",
+        }
+    }
+
     /// The name as written in configs and metadata.
     pub fn as_str(self) -> &'static str {
         match self {
