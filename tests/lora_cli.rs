@@ -109,3 +109,81 @@ fn convert_round_trips_between_kohya_and_peft() {
     ]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn resize_writes_a_smaller_lora_and_refuses_what_it_should() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r2.safetensors");
+    let o = sd_lora(&["resize", KOHYA, out.to_str().unwrap(), "--rank", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("210 modules") && text.contains("rank 4 → 2") && text.contains("Frobenius"),
+        "{text}"
+    );
+    let v = ok_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(v["format"], "kohya");
+    assert_eq!(v["ranks"], serde_json::json!([2]));
+    // alpha/rank is kept: 2/4 → 1/2.
+    assert_eq!(v["scales"], serde_json::json!([0.5]));
+
+    // Dynamic rules, kohya's names, per-module lines with --verbose.
+    let dynamic = tmp.path().join("d.safetensors");
+    let o = sd_lora(&[
+        "resize",
+        PEFT,
+        dynamic.to_str().unwrap(),
+        "--dynamic",
+        "sv_fro",
+        "--param",
+        "0.9",
+        "--verbose",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.lines().count() > 200, "{text}");
+    assert_eq!(
+        ok_json(&["inspect", dynamic.to_str().unwrap(), "--json"])["format"],
+        "peft"
+    );
+
+    for (args, needle) in [
+        (
+            vec!["resize", KOHYA, out.to_str().unwrap(), "--rank", "2"],
+            "already exists",
+        ),
+        (
+            vec!["resize", KOHYA, KOHYA, "--rank", "2", "--force"],
+            "the output is the input",
+        ),
+        (vec!["resize", KOHYA, "x.safetensors"], "give --rank N"),
+        (
+            vec!["resize", KOHYA, "x.safetensors", "--rank", "0"],
+            "at least 1",
+        ),
+        (
+            vec![
+                "resize",
+                KOHYA,
+                "x.safetensors",
+                "--dynamic",
+                "sv_ratio",
+                "--param",
+                "0.5",
+            ],
+            "ratio above 1",
+        ),
+        (
+            vec!["resize", "README.md", "x.safetensors", "--rank", "2"],
+            "README.md",
+        ),
+    ] {
+        let o = sd_lora(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(
+        !std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../x.safetensors")).exists()
+    );
+}

@@ -12,6 +12,7 @@ mod config_file;
 mod convert;
 mod generate_cmd;
 mod inspect;
+mod resize;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +52,12 @@ enum Command {
         after_help = "Examples:\n  sd-lora convert my_dog.safetensors my_dog_peft.safetensors --to peft\n  sd-lora convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya"
     )]
     Convert(convert::ConvertArgs),
+    /// Change a LoRA's rank by SVD, to a fixed rank or per module by kohya's
+    /// dynamic rules (sv_ratio, sv_fro, sv_cumulative).
+    #[command(
+        after_help = "Examples:\n  sd-lora resize my_dog.safetensors my_dog_r8.safetensors --rank 8\n  sd-lora resize style.safetensors style_small.safetensors --dynamic sv_fro --param 0.9 --rank 64 --verbose"
+    )]
+    Resize(resize::ResizeArgs),
     /// Generate images from a prompt with a model and any number of LoRAs
     /// (PNGs with A1111 `parameters` metadata).
     #[command(
@@ -155,6 +162,7 @@ fn main() -> ExitCode {
         Command::CheckData(a) => check_data::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Resize(a) => resize::run(a),
         Command::Generate(a) => generate_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
         Command::ConfigDocs => {

@@ -27,6 +27,7 @@ pub mod attach;
 pub mod encoders;
 pub mod layer;
 pub(crate) mod linear_cpu;
+pub mod resize;
 pub mod targets;
 pub mod visit;
 
