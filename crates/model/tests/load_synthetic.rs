@@ -780,6 +780,29 @@ fn files_that_are_not_base_models_say_what_they_are() {
     write(&inpaint, &keys);
     let err = ModelSource::open(&inpaint).unwrap_err().to_string();
     assert!(err.contains("inpainting UNet (9 input channels"), "{err}");
+    // An SDXL refiner opens for `inspect`; asking for its weights (what
+    // train and generate do first) names it and what is supported.
+    let refiner = dir.join("refiner.safetensors");
+    write(
+        &refiner,
+        &[
+            k(
+                "model.diffusion_model.",
+                "input_blocks.0.0.weight",
+                &[8, 4, 3, 3],
+            ),
+            k("conditioner.embedders.0.model.", "ln_final.weight", &[4]),
+        ],
+    );
+    let src = ModelSource::open(&refiner).unwrap();
+    let err = src
+        .weights(sd_lora_model::load::Component::Unet)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("SDXL refiner") && err.contains("SD1.x, SD2.x and SDXL base"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ pub struct ProgressReporter {
     ema_n: i32,
     lr: f64,
     skipped: usize,
+    /// The last validation loss, once there is one.
+    val: Option<f64>,
 }
 
 impl ProgressReporter {
@@ -65,6 +67,7 @@ impl ProgressReporter {
             ema_n: 0,
             lr: 0.0,
             skipped: 0,
+            val: None,
         }
     }
 
@@ -156,6 +159,11 @@ impl ProgressReporter {
         (self.ema_n > 0).then(|| self.ema / (1.0 - LOSS_BETA.powi(self.ema_n)))
     }
 
+    /// A validation loss was evaluated: shown with the loss from now on.
+    pub fn validation(&mut self, loss: f64) {
+        self.val = Some(loss);
+    }
+
     /// Steps per second of this run's steps.
     fn rate(&self) -> f64 {
         let done = self.step.saturating_sub(self.start) as f64;
@@ -170,6 +178,9 @@ impl ProgressReporter {
                 .map_or("-".to_string(), |l| format!("{l:.4}")),
             self.lr
         );
+        if let Some(v) = self.val {
+            s.push_str(&format!(" val {v:.4}"));
+        }
         if self.skipped > 0 {
             s.push_str(&format!(" skipped {}", self.skipped));
         }
@@ -273,6 +284,9 @@ impl crate::trainer::TrainProgress for ProgressReporter {
         ProgressReporter::begin(self, total, start);
     }
     fn step(&mut self, r: &crate::trainer::StepReport) {
+        if let Some(v) = r.val_loss {
+            self.validation(v);
+        }
         ProgressReporter::step(self, r.step, r.loss, r.lr, r.skipped);
     }
     fn note(&mut self, m: &str) {

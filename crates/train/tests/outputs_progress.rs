@@ -29,6 +29,9 @@ fn log_mode_prints_a_line_every_n_steps_and_at_the_end() {
         } else {
             1.0 / step as f64
         };
+        if step == 8 {
+            p.validation(0.25);
+        }
         p.step(step, loss, 1e-4, step == 3);
         if step == 6 {
             p.note("saved checkpoint");
@@ -50,6 +53,9 @@ fn log_mode_prints_a_line_every_n_steps_and_at_the_end() {
         assert!(l.contains("ETA"), "{l}");
     }
     assert!(lines[3].contains("skipped 1"), "{text}");
+    // The validation loss shows from its first evaluation on.
+    assert!(!lines[0].contains("val"), "{text}");
+    assert!(lines[2].contains("val 0.2500"), "{text}");
     assert!(!text.contains('\r') && !text.contains('\x1b'), "{text:?}");
     let s = p.smoothed_loss().unwrap();
     assert!(s > 1.0 / 12.0 && s < 1.0, "{s}");

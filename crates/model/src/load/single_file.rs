@@ -336,13 +336,23 @@ impl SingleFile {
     }
 
     pub(crate) fn unsupported(&self) -> LoadError {
+        // The refiner is the only recognised kind that cannot be converted.
+        let what = if self.architecture == Architecture::Sdxl {
+            "this is an SDXL refiner (one OpenCLIP-bigG text encoder, aesthetic-score \
+             conditioning): `sd-lora inspect` reads it, but it cannot be trained or run; \
+             sd-lora trains LoRAs for SD1.x, SD2.x and SDXL base checkpoints (SDXL base and its \
+             fine-tunes such as Pony or Illustrious)"
+                .to_string()
+        } else {
+            format!(
+                "{} single-file checkpoints of this kind are recognised (inspect works) but \
+                 cannot be converted{SUPPORTED}",
+                self.architecture
+            )
+        };
         LoadError::Unsupported {
             path: self.file.path().to_path_buf(),
-            what: format!(
-                "{} single-file checkpoints of this kind are recognised (inspect works) but \
-                 cannot be converted",
-                self.architecture
-            ),
+            what,
         }
     }
 }
