@@ -241,22 +241,28 @@ pub fn render_loss_plot(rows: &[LossRow]) -> RgbImage {
         .iter()
         .filter_map(|r| r.val_loss.filter(|v| v.is_finite()).map(|v| (r.step, v)))
         .collect();
-    let (lo, hi) = finite
-        .iter()
-        .map(|r| r.loss)
-        .chain(val.iter().map(|v| v.1))
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+    let range = |it: &mut dyn Iterator<Item = f64>| {
+        it.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
             (a.min(v), b.max(v))
-        });
+        })
+    };
+    // The title reports the training loss; the axis also spans the
+    // validation points.
+    let (lo, hi) = range(&mut finite.iter().map(|r| r.loss));
+    let (axis_lo, axis_hi) =
+        range(&mut finite.iter().map(|r| r.loss).chain(val.iter().map(|v| v.1)));
     let (s_lo, s_hi) = (
         rows.first().map_or(0, |r| r.step) as f64,
         rows.last().map_or(1, |r| r.step) as f64,
     );
     // Degenerate ranges (one row, a constant loss) still get a visible span.
-    let (y_lo, y_hi) = if hi > lo {
-        (lo, hi)
+    let (y_lo, y_hi) = if axis_hi > axis_lo {
+        (axis_lo, axis_hi)
     } else {
-        (lo - 0.5 * lo.abs().max(1e-3), hi + 0.5 * hi.abs().max(1e-3))
+        (
+            axis_lo - 0.5 * axis_lo.abs().max(1e-3),
+            axis_hi + 0.5 * axis_hi.abs().max(1e-3),
+        )
     };
     let (x_lo, x_hi) = if s_hi > s_lo {
         (s_lo, s_hi)

@@ -201,7 +201,9 @@ impl ProgressReporter {
             "step {}/{} ({pct}%)  {}  {:.2} it/s  ETA {eta}",
             self.step,
             self.total,
-            self.status().replace(" lr ", "  lr "),
+            self.status()
+                .replace(" lr ", "  lr ")
+                .replace(" val ", "  val "),
             rate
         )
     }

@@ -55,7 +55,7 @@ fn log_mode_prints_a_line_every_n_steps_and_at_the_end() {
     assert!(lines[3].contains("skipped 1"), "{text}");
     // The validation loss shows from its first evaluation on.
     assert!(!lines[0].contains("val"), "{text}");
-    assert!(lines[2].contains("val 0.2500"), "{text}");
+    assert!(lines[2].contains("  val 0.2500"), "{text}");
     assert!(!text.contains('\r') && !text.contains('\x1b'), "{text:?}");
     let s = p.smoothed_loss().unwrap();
     assert!(s > 1.0 / 12.0 && s < 1.0, "{s}");
