@@ -41,9 +41,15 @@ fn bad_resolution_is_refused() {
 
 #[test]
 fn unknown_precision_is_refused() {
+    let e = refused(&["--precision", "fp4"]);
+    assert!(
+        e.contains("\"fp4\"") && e.contains("f32, f16 or bf16"),
+        "{e}"
+    );
+    // fp8 storage belongs to the train path: said so.
     let e = refused(&["--precision", "fp8"]);
     assert!(
-        e.contains("\"fp8\"") && e.contains("f32, f16 or bf16"),
+        e.contains("--train") && e.contains("f32, f16 or bf16"),
         "{e}"
     );
 }

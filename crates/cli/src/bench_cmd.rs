@@ -55,7 +55,7 @@ pub struct BenchArgs {
     repeat: usize,
     /// Storage dtype of the frozen UNet weights: f32, f16 or bf16 (LoRA and
     /// optimizer stay f32). On the CPU, f16/bf16 save memory, not time.
-    /// With `--train`, the config's `model.dtype` unless given.
+    /// With `--train`, the config's `model.dtype` unless given, and also fp8.
     #[arg(long)]
     precision: Option<String>,
     /// Recompute each ResNet, transformer block and upsampler in the backward
@@ -101,6 +101,16 @@ fn device_name(device: &str) -> Result<String> {
 
 /// The options and device name, or a one-line error; nothing is built yet.
 fn parse(args: &BenchArgs) -> Result<(BenchOptions, String)> {
+    if args
+        .precision
+        .as_deref()
+        .is_some_and(|p| p.eq_ignore_ascii_case("fp8"))
+    {
+        bail!(
+            "--precision fp8 applies to `--train` (the train path stores the UNet in fp8); the \
+             UNet-only bench takes f32, f16 or bf16"
+        );
+    }
     let precision = Precision::parse(args.precision.as_deref().unwrap_or("f32"))?;
     let opts = BenchOptions {
         resolution: args.resolution.unwrap_or(256),
@@ -174,8 +184,13 @@ fn run_train(args: &BenchArgs) -> Result<u8> {
     }
     let mut sets = Vec::new();
     if let Some(p) = &args.precision {
-        Precision::parse(p)?;
-        sets.push(format!("model.dtype=\"{}\"", p.to_ascii_lowercase()));
+        // fp8 storage exists on the `train` path only.
+        let name = if p.eq_ignore_ascii_case("fp8") {
+            "fp8"
+        } else {
+            Precision::parse(p)?.name()
+        };
+        sets.push(format!("model.dtype=\"{name}\""));
     }
     sets.extend(args.sets.iter().cloned());
     let train_args = TrainArgs {
