@@ -1112,9 +1112,6 @@ fn save_state(
     state::save(dir, &info, &tensors, &opt.state_tensors()?)?;
     Ok(())
 }
-
-/// Timesteps at which [`fixed_noise_loss`] measures every image.
-const EVAL_TIMESTEPS: [usize; 5] = [100, 300, 500, 700, 900];
 /// Stream tag of the evaluation noise.
 const EVAL_STREAM: u64 = 0x6576_616C;
 
@@ -1141,24 +1138,16 @@ fn fixed_noise_loss_inner(cfg: &TrainConfig, ds: &Dataset, sd: &StableDiffusion)
         let latents = crate::latents::encode_latents(&sd.vae, scaling, &sample, &device)?;
         let text = crate::latents::encode_caption(sd, &sample.caption, cfg.model.clip_skip)?
             .to_dtype(dtype)?;
-        let sizes = [size_cond(ds, &sample)];
-        for &t in &EVAL_TIMESTEPS {
-            let eps = crate::noise::randn(latents.dims(), &mut rng, &device)?;
-            let (a, b) = sd.schedule.coefficients(t);
-            let noisy = ((&latents * a)? + (&eps * b)?)?;
-            let target = match sd.schedule.prediction {
-                Prediction::Epsilon => eps.clone(),
-                Prediction::V => ((&eps * a)? - (&latents * b)?)?,
-            };
-            let tt = Tensor::from_vec(vec![t as f32], 1, &device)?;
-            let pred = sd.predict(&noisy.unsqueeze(0)?, &tt, &text, &sizes)?;
-            let mse = (pred.to_dtype(DType::F32)?.squeeze(0)? - &target)?
-                .sqr()?
-                .mean_all()?
-                .to_scalar::<f32>()?;
-            total += f64::from(mse);
-            count += 1;
-        }
+        total += crate::validation::denoising_mse(
+            sd,
+            &latents,
+            &text,
+            &size_cond(ds, &sample),
+            &crate::validation::VALIDATION_TIMESTEPS,
+            &mut rng,
+            &device,
+        )?;
+        count += crate::validation::VALIDATION_TIMESTEPS.len();
     }
     if count == 0 {
         bail!("no images to evaluate");

@@ -20,7 +20,8 @@ use sd_lora_model::schedule::Prediction;
 
 use crate::config::TrainConfig;
 
-/// Timesteps every validation image is evaluated at.
+/// Timesteps of the fixed-noise evaluations: every validation image, and
+/// [`crate::trainer::fixed_noise_loss`].
 pub const VALIDATION_TIMESTEPS: [usize; 5] = [100, 300, 500, 700, 900];
 
 /// Stream tags: which images are held out, and each image's crop and noise.
@@ -122,6 +123,39 @@ pub fn split(cfg: &TrainConfig, ds: &Dataset) -> Result<Split> {
     })
 }
 
+/// The summed denoising MSE of `sd` on one image's `latents` (`[c, h, w]`)
+/// at each of `timesteps`, with noise drawn from `rng` in that order: the
+/// plain objective against the model's own target (ε or v), no weights.
+pub(crate) fn denoising_mse(
+    sd: &StableDiffusion,
+    latents: &Tensor,
+    text: &TextConditioning,
+    size: &SizeCond,
+    timesteps: &[usize],
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<f64> {
+    let mut total = 0.0;
+    for &t in timesteps {
+        let t = t.min(sd.schedule.len() - 1);
+        let eps = crate::noise::randn(latents.dims(), rng, device)?;
+        let (a, b) = sd.schedule.coefficients(t);
+        let noisy = ((latents * a)? + (&eps * b)?)?;
+        let target = match sd.schedule.prediction {
+            Prediction::Epsilon => eps,
+            Prediction::V => ((&eps * a)? - (latents * b)?)?,
+        };
+        let tt = Tensor::from_vec(vec![t as f32], 1, device)?;
+        let pred = sd.predict(&noisy.unsqueeze(0)?, &tt, text, std::slice::from_ref(size))?;
+        let mse = (pred.to_dtype(DType::F32)?.squeeze(0)? - &target)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        total += f64::from(mse);
+    }
+    Ok(total)
+}
+
 /// One validation image, ready to evaluate.
 #[derive(Debug)]
 struct Item {
@@ -205,29 +239,16 @@ impl ValidationSet {
                 }
                 .to_dtype(dtype)?;
                 let mut rng = Rng::derive(&[cfg.train.seed, EVAL_STREAM, i as u64, 1]);
-                for &t in &VALIDATION_TIMESTEPS {
-                    let t = t.min(sd.schedule.len() - 1);
-                    let eps = crate::noise::randn(item.latents.dims(), &mut rng, device)?;
-                    let (a, b) = sd.schedule.coefficients(t);
-                    let noisy = ((&item.latents * a)? + (&eps * b)?)?;
-                    let target = match sd.schedule.prediction {
-                        Prediction::Epsilon => eps,
-                        Prediction::V => ((&eps * a)? - (&item.latents * b)?)?,
-                    };
-                    let tt = Tensor::from_vec(vec![t as f32], 1, device)?;
-                    let pred = sd.predict(
-                        &noisy.unsqueeze(0)?,
-                        &tt,
-                        &text,
-                        std::slice::from_ref(&item.size),
-                    )?;
-                    let mse = (pred.to_dtype(DType::F32)?.squeeze(0)? - &target)?
-                        .sqr()?
-                        .mean_all()?
-                        .to_scalar::<f32>()?;
-                    total += f64::from(mse);
-                    count += 1;
-                }
+                total += denoising_mse(
+                    sd,
+                    &item.latents,
+                    &text,
+                    &item.size,
+                    &VALIDATION_TIMESTEPS,
+                    &mut rng,
+                    device,
+                )?;
+                count += VALIDATION_TIMESTEPS.len();
             }
             if count == 0 {
                 bail!("the validation set has no images");

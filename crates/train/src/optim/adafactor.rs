@@ -26,7 +26,7 @@ use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
 
-use super::host::{StateIn, StateOut, grad_values, param_values, set_param};
+use super::host::{StateIn, StateOut, load_each, save_each, update_each};
 use super::{Optimizer, ParamGroup, check_grads_layout, check_groups, state_key};
 
 /// Adafactor's hyper-parameters.
@@ -220,11 +220,12 @@ impl Optimizer for Adafactor {
     ) -> Result<()> {
         check_grads_layout("Adafactor", &self.groups, grads)?;
         let cfg = self.cfg;
-        for ((group, gstate), ggrads) in self.groups.iter().zip(&mut self.state).zip(grads) {
-            for ((var, st), grad) in group.vars.iter().zip(gstate).zip(ggrads) {
-                let Some(grad) = grad else { continue };
-                let g = grad_values(grad, grad_scale)?;
-                let mut p = param_values(var)?;
+        update_each(
+            &self.groups,
+            &mut self.state,
+            grads,
+            grad_scale,
+            |group, var, st, g, p| {
                 st.step += 1;
                 let t = st.step as f64;
                 let base = if cfg.relative_step {
@@ -234,7 +235,7 @@ impl Optimizer for Adafactor {
                     group.lr * lr_factor
                 };
                 let lr = if cfg.scale_parameter {
-                    cfg.eps2.max(rms(&p)) * base
+                    cfg.eps2.max(rms(p)) * base
                 } else {
                     base
                 };
@@ -242,16 +243,12 @@ impl Optimizer for Adafactor {
                 let (b2, omb2) = (beta2t as f32, (1.0 - beta2t) as f32);
                 let eps1 = cfg.eps1 as f32;
                 let mut u = match factors(var.dims()) {
-                    Some(f) => factored_update(f, &g, st, eps1, b2, omb2),
+                    Some(f) => factored_update(f, g, st, eps1, b2, omb2),
                     None => {
-                        for (v, &x) in st.full.iter_mut().zip(&g) {
+                        for (v, &x) in st.full.iter_mut().zip(g) {
                             *v = *v * b2 + (x * x + eps1) * omb2;
                         }
-                        st.full
-                            .iter()
-                            .zip(&g)
-                            .map(|(&v, &x)| x / v.sqrt())
-                            .collect()
+                        st.full.iter().zip(g).map(|(&v, &x)| x / v.sqrt()).collect()
                     }
                 };
                 let clip = (rms(&u) / cfg.clip_threshold).max(1.0) as f32;
@@ -271,10 +268,9 @@ impl Optimizer for Adafactor {
                     }
                     *p -= *x;
                 }
-                set_param(var, p)?;
-            }
-        }
-        Ok(())
+                Ok(())
+            },
+        )
     }
 
     fn groups(&self) -> &[ParamGroup] {
@@ -283,9 +279,12 @@ impl Optimizer for Adafactor {
 
     fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
-        for (group, gstate) in self.groups.iter().zip(&self.state) {
-            for (i, (var, st)) in group.vars.iter().zip(gstate).enumerate() {
-                let name = &group.name;
+        let first_moment = self.cfg.beta1.is_some();
+        save_each(
+            &mut out,
+            &self.groups,
+            &self.state,
+            |out, name, i, var, st| {
                 out.count(state_key(name, i, "step"), st.step)?;
                 match factors(var.dims()) {
                     Some((b, r, c)) => {
@@ -294,11 +293,12 @@ impl Optimizer for Adafactor {
                     }
                     None => out.f32(name, i, "exp_avg_sq", &st.full, var.shape())?,
                 }
-                if self.cfg.beta1.is_some() {
+                if first_moment {
                     out.f32(name, i, "exp_avg", &st.exp_avg, var.shape())?;
                 }
-            }
-        }
+                Ok(())
+            },
+        )?;
         Ok(out.0)
     }
 
@@ -307,28 +307,22 @@ impl Optimizer for Adafactor {
             who: "Adafactor",
             t,
         };
-        let mut state = Vec::with_capacity(self.groups.len());
-        for group in &self.groups {
-            let mut gs = Vec::with_capacity(group.vars.len());
-            for (i, var) in group.vars.iter().enumerate() {
-                let name = &group.name;
-                let mut st = Self::fresh(&self.cfg, var.dims());
-                st.step = input.count(&state_key(name, i, "step"))?;
-                match factors(var.dims()) {
-                    Some((b, r, c)) => {
-                        st.row = input.f32(name, i, "exp_avg_sq_row", b * r)?;
-                        st.col = input.f32(name, i, "exp_avg_sq_col", b * c)?;
-                    }
-                    None => st.full = input.f32(name, i, "exp_avg_sq", var.elem_count())?,
+        let cfg = self.cfg;
+        self.state = load_each(&self.groups, |name, i, var| {
+            let mut st = Self::fresh(&cfg, var.dims());
+            st.step = input.count(&state_key(name, i, "step"))?;
+            match factors(var.dims()) {
+                Some((b, r, c)) => {
+                    st.row = input.f32(name, i, "exp_avg_sq_row", b * r)?;
+                    st.col = input.f32(name, i, "exp_avg_sq_col", b * c)?;
                 }
-                if self.cfg.beta1.is_some() {
-                    st.exp_avg = input.f32(name, i, "exp_avg", var.elem_count())?;
-                }
-                gs.push(st);
+                None => st.full = input.f32(name, i, "exp_avg_sq", var.elem_count())?,
             }
-            state.push(gs);
-        }
-        self.state = state;
+            if cfg.beta1.is_some() {
+                st.exp_avg = input.f32(name, i, "exp_avg", var.elem_count())?;
+            }
+            Ok(st)
+        })?;
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use candle_core::{Result, Tensor};
 
 use super::adamw::AdamWConfig;
-use super::host::{StateIn, StateOut, grad_values, param_values, set_param};
+use super::host::{StateIn, StateOut, load_each, save_each, update_each};
 use super::quant8::{self, Codebook};
 use super::{Optimizer, ParamGroup, check_grads_layout, check_groups, state_key};
 
@@ -115,14 +115,16 @@ impl Optimizer for AdamW8bit {
         let c = self.cfg;
         let (b1, omb1) = (c.beta1 as f32, (1.0 - c.beta1) as f32);
         let (b2, omb2) = (c.beta2 as f32, (1.0 - c.beta2) as f32);
-        for ((group, gstate), ggrads) in self.groups.iter().zip(&mut self.state).zip(grads) {
-            let lr = group.lr * lr_factor;
-            let decay =
-                (group.weight_decay > 0.0).then_some((1.0 - lr * group.weight_decay) as f32);
-            for ((var, st), grad) in group.vars.iter().zip(gstate).zip(ggrads) {
-                let Some(grad) = grad else { continue };
-                let g = grad_values(grad, grad_scale)?;
-                let mut p = param_values(var)?;
+        let (signed, unsigned) = (&self.signed, &self.unsigned);
+        update_each(
+            &self.groups,
+            &mut self.state,
+            grads,
+            grad_scale,
+            |group, _, st, g, p| {
+                let lr = group.lr * lr_factor;
+                let decay =
+                    (group.weight_decay > 0.0).then_some((1.0 - lr * group.weight_decay) as f32);
                 st.step += 1;
                 let t = st.step.min(i32::MAX as u64) as i32;
                 let c1 = 1.0 - c.beta1.powi(t);
@@ -132,7 +134,7 @@ impl Optimizer for AdamW8bit {
                         // bitsandbytes' 32-bit path: ε scaled by the correction.
                         let step_size = (-lr * c2 / c1) as f32;
                         let eps = (c.eps * c2) as f32;
-                        for (((p, m), v), &x) in p.iter_mut().zip(m).zip(v).zip(&g) {
+                        for (((p, m), v), &x) in p.iter_mut().zip(m).zip(v).zip(g) {
                             *m = *m * b1 + x * omb1;
                             *v = *v * b2 + x * x * omb2;
                             if let Some(d) = decay {
@@ -150,11 +152,11 @@ impl Optimizer for AdamW8bit {
                         let n = p.len();
                         let mut mf = vec![0.0f32; n];
                         let mut vf = vec![0.0f32; n];
-                        self.signed.dequantize(m, m_absmax, &mut mf);
-                        self.unsigned.dequantize(v, v_absmax, &mut vf);
+                        signed.dequantize(m, m_absmax, &mut mf);
+                        unsigned.dequantize(v, v_absmax, &mut vf);
                         let (c2f, eps) = (c2 as f32, c.eps as f32);
                         let step_size = (-lr / c1) as f32;
-                        for (((p, mv), vv), &x) in p.iter_mut().zip(&mut mf).zip(&mut vf).zip(&g) {
+                        for (((p, mv), vv), &x) in p.iter_mut().zip(&mut mf).zip(&mut vf).zip(g) {
                             *mv = *mv * b1 + x * omb1;
                             *vv = *vv * b2 + x * x * omb2;
                             let denom = vv.sqrt() / c2f + eps;
@@ -163,14 +165,13 @@ impl Optimizer for AdamW8bit {
                             }
                             *p += step_size * (*mv / denom);
                         }
-                        self.signed.quantize(&mf, m, m_absmax);
-                        self.unsigned.quantize(&vf, v, v_absmax);
+                        signed.quantize(&mf, m, m_absmax);
+                        unsigned.quantize(&vf, v, v_absmax);
                     }
                 }
-                set_param(var, p)?;
-            }
-        }
-        Ok(())
+                Ok(())
+            },
+        )
     }
 
     fn groups(&self) -> &[ParamGroup] {
@@ -179,14 +180,16 @@ impl Optimizer for AdamW8bit {
 
     fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
-        for (group, gstate) in self.groups.iter().zip(&self.state) {
-            for (i, (var, st)) in group.vars.iter().zip(gstate).enumerate() {
-                let name = &group.name;
+        save_each(
+            &mut out,
+            &self.groups,
+            &self.state,
+            |out, name, i, var, st| {
                 out.count(state_key(name, i, "step"), st.step)?;
                 match &st.moments {
                     Moments::Full { m, v } => {
                         out.f32(name, i, "exp_avg", m, var.shape())?;
-                        out.f32(name, i, "exp_avg_sq", v, var.shape())?;
+                        out.f32(name, i, "exp_avg_sq", v, var.shape())
                     }
                     Moments::Quantized {
                         m,
@@ -197,11 +200,11 @@ impl Optimizer for AdamW8bit {
                         out.u8(name, i, "exp_avg_q8", m)?;
                         out.f32(name, i, "exp_avg_absmax", m_absmax, m_absmax.len())?;
                         out.u8(name, i, "exp_avg_sq_q8", v)?;
-                        out.f32(name, i, "exp_avg_sq_absmax", v_absmax, v_absmax.len())?;
+                        out.f32(name, i, "exp_avg_sq_absmax", v_absmax, v_absmax.len())
                     }
                 }
-            }
-        }
+            },
+        )?;
         Ok(out.0)
     }
 
@@ -210,32 +213,25 @@ impl Optimizer for AdamW8bit {
             who: "AdamW8bit",
             t,
         };
-        let mut state = Vec::with_capacity(self.groups.len());
-        for group in &self.groups {
-            let mut gs = Vec::with_capacity(group.vars.len());
-            for (i, var) in group.vars.iter().enumerate() {
-                let name = &group.name;
-                let n = var.elem_count();
-                let step = input.count(&state_key(name, i, "step"))?;
-                let moments = if n < MIN_8BIT_SIZE {
-                    Moments::Full {
-                        m: input.f32(name, i, "exp_avg", n)?,
-                        v: input.f32(name, i, "exp_avg_sq", n)?,
-                    }
-                } else {
-                    let b = quant8::blocks(n);
-                    Moments::Quantized {
-                        m: input.u8(name, i, "exp_avg_q8", n)?,
-                        m_absmax: input.f32(name, i, "exp_avg_absmax", b)?,
-                        v: input.u8(name, i, "exp_avg_sq_q8", n)?,
-                        v_absmax: input.f32(name, i, "exp_avg_sq_absmax", b)?,
-                    }
-                };
-                gs.push(ParamState { step, moments });
-            }
-            state.push(gs);
-        }
-        self.state = state;
+        self.state = load_each(&self.groups, |name, i, var| {
+            let n = var.elem_count();
+            let step = input.count(&state_key(name, i, "step"))?;
+            let moments = if n < MIN_8BIT_SIZE {
+                Moments::Full {
+                    m: input.f32(name, i, "exp_avg", n)?,
+                    v: input.f32(name, i, "exp_avg_sq", n)?,
+                }
+            } else {
+                let b = quant8::blocks(n);
+                Moments::Quantized {
+                    m: input.u8(name, i, "exp_avg_q8", n)?,
+                    m_absmax: input.f32(name, i, "exp_avg_absmax", b)?,
+                    v: input.u8(name, i, "exp_avg_sq_q8", n)?,
+                    v_absmax: input.f32(name, i, "exp_avg_sq_absmax", b)?,
+                }
+            };
+            Ok(ParamState { step, moments })
+        })?;
         Ok(())
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 
-use super::state_key;
+use super::{ParamGroup, state_key};
 
 /// The gradient's values (row-major, f32) times `scale`. Scaling in f32, as
 /// the tensor paths do (`grad * scale` with the scale cast to f32).
@@ -168,4 +168,61 @@ impl StateIn<'_> {
             ),
         }
     }
+}
+
+/// Saves every parameter's state with `f(out, group name, index, var,
+/// state)`, in group then parameter order.
+pub(crate) fn save_each<S>(
+    out: &mut StateOut,
+    groups: &[ParamGroup],
+    state: &[Vec<S>],
+    mut f: impl FnMut(&mut StateOut, &str, usize, &Var, &S) -> Result<()>,
+) -> Result<()> {
+    for (group, gstate) in groups.iter().zip(state) {
+        for (i, (var, st)) in group.vars.iter().zip(gstate).enumerate() {
+            f(out, &group.name, i, var, st)?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds every parameter's state with `f(group name, index, var)`; the
+/// first error stops it (nothing is replaced by the caller then).
+pub(crate) fn load_each<S>(
+    groups: &[ParamGroup],
+    mut f: impl FnMut(&str, usize, &Var) -> Result<S>,
+) -> Result<Vec<Vec<S>>> {
+    groups
+        .iter()
+        .map(|g| {
+            g.vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| f(&g.name, i, v))
+                .collect()
+        })
+        .collect()
+}
+
+/// The update loop of a host optimizer: for every parameter with a
+/// gradient, `f(group, state, gradient, values)` updates the values (f32,
+/// row-major; the gradient already times `grad_scale`), which are then
+/// written back.
+pub(crate) fn update_each<S>(
+    groups: &[ParamGroup],
+    state: &mut [Vec<S>],
+    grads: &[Vec<Option<Tensor>>],
+    grad_scale: f64,
+    mut f: impl FnMut(&ParamGroup, &Var, &mut S, &[f32], &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    for ((group, gstate), ggrads) in groups.iter().zip(state).zip(grads) {
+        for ((var, st), grad) in group.vars.iter().zip(gstate).zip(ggrads) {
+            let Some(grad) = grad else { continue };
+            let g = grad_values(grad, grad_scale)?;
+            let mut p = param_values(var)?;
+            f(group, var, st, &g, &mut p)?;
+            set_param(var, p)?;
+        }
+    }
+    Ok(())
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
 
-use super::host::{StateIn, StateOut, grad_values, param_values, set_param};
+use super::host::{StateIn, StateOut, load_each, save_each, update_each};
 use super::{Optimizer, ParamGroup, check_grads_layout, check_groups};
 
 /// Lion's hyper-parameters.
@@ -89,23 +89,23 @@ impl Optimizer for Lion {
         let (b1, b2) = (self.cfg.beta1 as f32, self.cfg.beta2 as f32);
         // 1 − β in f64 then cast, as PyTorch passes `alpha = 1 - beta`.
         let (c1, c2) = ((1.0 - self.cfg.beta1) as f32, (1.0 - self.cfg.beta2) as f32);
-        for ((group, moments), ggrads) in self.groups.iter().zip(&mut self.exp_avg).zip(grads) {
-            let lr = group.lr * lr_factor;
-            let decay = (1.0 - lr * group.weight_decay) as f32;
-            let lr = lr as f32;
-            for ((var, m), grad) in group.vars.iter().zip(moments).zip(ggrads) {
-                let Some(grad) = grad else { continue };
-                let g = grad_values(grad, grad_scale)?;
-                let mut p = param_values(var)?;
-                for ((p, m), g) in p.iter_mut().zip(m.iter_mut()).zip(&g) {
+        update_each(
+            &self.groups,
+            &mut self.exp_avg,
+            grads,
+            grad_scale,
+            |group, _, m, g, p| {
+                let lr = group.lr * lr_factor;
+                let decay = (1.0 - lr * group.weight_decay) as f32;
+                let lr = lr as f32;
+                for ((p, m), g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
                     let update = sign(*m * b1 + *g * c1);
                     *p = *p * decay - lr * update;
                     *m = *m * b2 + *g * c2;
                 }
-                set_param(var, p)?;
-            }
-        }
-        Ok(())
+                Ok(())
+            },
+        )
     }
 
     fn groups(&self) -> &[ParamGroup] {
@@ -114,25 +114,20 @@ impl Optimizer for Lion {
 
     fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
-        for (group, moments) in self.groups.iter().zip(&self.exp_avg) {
-            for (i, (var, m)) in group.vars.iter().zip(moments).enumerate() {
-                out.f32(&group.name, i, "exp_avg", m, var.shape())?;
-            }
-        }
+        save_each(
+            &mut out,
+            &self.groups,
+            &self.exp_avg,
+            |out, name, i, var, m| out.f32(name, i, "exp_avg", m, var.shape()),
+        )?;
         Ok(out.0)
     }
 
     fn load_state_tensors(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
         let input = StateIn { who: "Lion", t };
-        let mut exp_avg = Vec::with_capacity(self.groups.len());
-        for group in &self.groups {
-            let mut g = Vec::with_capacity(group.vars.len());
-            for (i, var) in group.vars.iter().enumerate() {
-                g.push(input.f32(&group.name, i, "exp_avg", var.elem_count())?);
-            }
-            exp_avg.push(g);
-        }
-        self.exp_avg = exp_avg;
+        self.exp_avg = load_each(&self.groups, |name, i, var| {
+            input.f32(name, i, "exp_avg", var.elem_count())
+        })?;
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
 
-use super::host::{StateIn, StateOut, grad_values, param_values, set_param};
+use super::host::{StateIn, StateOut, grad_values, load_each, param_values, save_each, set_param};
 use super::{Optimizer, ParamGroup, check_grads_layout, check_groups, state_key};
 
 /// Prodigy's hyper-parameters.
@@ -322,12 +322,14 @@ impl Optimizer for Prodigy {
         out.scalar(global_key("d_max"), self.d_max)?;
         out.scalar(global_key("d_numerator"), self.d_numerator)?;
         out.count(global_key("k"), self.k)?;
-        for (group, gstate) in self.groups.iter().zip(&self.state) {
-            for (i, (var, st)) in group.vars.iter().zip(gstate).enumerate() {
-                let name = &group.name;
+        save_each(
+            &mut out,
+            &self.groups,
+            &self.state,
+            |out, name, i, var, st| {
                 out.count(state_key(name, i, "initialised"), st.initialised.into())?;
                 if !st.initialised {
-                    continue;
+                    return Ok(());
                 }
                 out.count(state_key(name, i, "step"), st.step)?;
                 out.f32(name, i, "s", &st.s, st.s.len())?;
@@ -337,9 +339,9 @@ impl Optimizer for Prodigy {
                 if !st.exp_avg.is_empty() {
                     out.f32(name, i, "exp_avg", &st.exp_avg, var.shape())?;
                 }
-                out.f32(name, i, "exp_avg_sq", &st.exp_avg_sq, var.shape())?;
-            }
-        }
+                out.f32(name, i, "exp_avg_sq", &st.exp_avg_sq, var.shape())
+            },
+        )?;
         Ok(out.0)
     }
 
@@ -349,32 +351,26 @@ impl Optimizer for Prodigy {
         let d_max = input.scalar(&global_key("d_max"))?;
         let d_numerator = input.scalar(&global_key("d_numerator"))?;
         let k = input.count(&global_key("k"))?;
-        let slice_p = self.cfg.slice_p;
-        let mut state = Vec::with_capacity(self.groups.len());
-        for group in &self.groups {
-            let mut gs = Vec::with_capacity(group.vars.len());
-            for (i, var) in group.vars.iter().enumerate() {
-                let name = &group.name;
-                let mut st = ParamState::default();
-                if input.count(&state_key(name, i, "initialised"))? == 1 {
-                    let n = var.elem_count();
-                    st.initialised = true;
-                    st.step = input.count(&state_key(name, i, "step"))?;
-                    st.s = input.f32(name, i, "s", n.div_ceil(slice_p))?;
-                    st.p0 = if input.has(name, i, "p0") {
-                        Some(input.f32(name, i, "p0", n.div_ceil(slice_p))?)
-                    } else {
-                        None
-                    };
-                    if self.cfg.beta1 > 0.0 {
-                        st.exp_avg = input.f32(name, i, "exp_avg", n)?;
-                    }
-                    st.exp_avg_sq = input.f32(name, i, "exp_avg_sq", n)?;
+        let (slice_p, first_moment) = (self.cfg.slice_p, self.cfg.beta1 > 0.0);
+        let state = load_each(&self.groups, |name, i, var| {
+            let mut st = ParamState::default();
+            if input.count(&state_key(name, i, "initialised"))? == 1 {
+                let n = var.elem_count();
+                st.initialised = true;
+                st.step = input.count(&state_key(name, i, "step"))?;
+                st.s = input.f32(name, i, "s", n.div_ceil(slice_p))?;
+                st.p0 = if input.has(name, i, "p0") {
+                    Some(input.f32(name, i, "p0", n.div_ceil(slice_p))?)
+                } else {
+                    None
+                };
+                if first_moment {
+                    st.exp_avg = input.f32(name, i, "exp_avg", n)?;
                 }
-                gs.push(st);
+                st.exp_avg_sq = input.f32(name, i, "exp_avg_sq", n)?;
             }
-            state.push(gs);
-        }
+            Ok(st)
+        })?;
         self.state = state;
         self.d = d;
         self.d_max = d_max;
