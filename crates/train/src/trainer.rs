@@ -511,7 +511,8 @@ pub fn train(
     let train_schedule = if cfg.train.zero_terminal_snr {
         if sd.schedule.prediction == Prediction::Epsilon {
             progress.note(
-                "train.zero_terminal_snr with an ε-prediction model: the last timestep's input is pure                  noise; zero terminal SNR is meant for v-prediction (set model.prediction = \"v\" for a \
+                "train.zero_terminal_snr with an ε-prediction model: the last timestep's input is pure \
+                 noise; zero terminal SNR is meant for v-prediction (set model.prediction = \"v\" for a \
                  v model)",
             );
         }
