@@ -134,6 +134,29 @@ fn a_rank_deficient_module_resizes_without_nan() {
     assert!(err < 0.05, "{err}");
 }
 
+/// A dynamic rule gives modules different ranks but one alpha (the
+/// input's), the scale folded into `up`: the update is unchanged and
+/// diffusers, which misreads per-module alphas of kohya SD1 files, loads it.
+#[test]
+fn dynamic_resize_keeps_one_alpha() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora");
+    let tmp = tempfile::tempdir().unwrap();
+    let input = root.join("sd1_lora_kohya.safetensors");
+    let output = tmp.path().join("dyn.safetensors");
+    let report = resize_file(&input, &output, RankRule::SvFro(0.9), None).unwrap();
+    let before = read_lora(&input).unwrap();
+    let after = read_lora(&output).unwrap();
+    let ranks: std::collections::BTreeSet<usize> =
+        after.weights.modules.values().map(|m| m.rank()).collect();
+    assert!(ranks.len() > 1, "{ranks:?}");
+    for (key, m) in &after.weights.modules {
+        assert_eq!(m.alpha, 2.0, "{key:?}");
+        let stats = &report.modules.iter().find(|(k, _)| k == key).unwrap().1;
+        let kept = fro(&delta(m)) / fro(&delta(&before.weights.modules[key]));
+        assert!((kept - stats.fro_kept).abs() < 1e-3, "{key:?}");
+    }
+}
+
 #[test]
 fn files_keep_their_format_names_and_precision() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora");

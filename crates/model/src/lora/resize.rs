@@ -338,6 +338,32 @@ pub enum ResizeError {
     },
 }
 
+/// The same update as `m` with alpha `alpha`: the change of scale goes into
+/// `up`.
+pub fn with_alpha(m: &LoraModule, alpha: f32) -> Result<LoraModule> {
+    if !(alpha.is_finite() && alpha > 0.0) {
+        candle_core::bail!("alpha must be a positive number, got {alpha}");
+    }
+    let factor = f64::from(m.alpha) / f64::from(alpha);
+    Ok(LoraModule {
+        down: m.down.clone(),
+        up: (m.up.to_dtype(DType::F64)? * factor)?.to_dtype(m.up.dtype())?,
+        alpha,
+    })
+}
+
+/// The alpha most modules of `w` have (None for an empty LoRA).
+fn most_common_alpha(w: &LoraWeights) -> Option<f32> {
+    let mut counts: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+    for m in w.modules.values() {
+        *counts.entry(m.alpha.to_bits()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(_, n)| n)
+        .map(|(bits, _)| f32::from_bits(bits))
+}
+
 /// What [`resize_file`] did, module by module.
 #[derive(Debug, Clone)]
 pub struct ResizeReport {
@@ -351,6 +377,8 @@ pub struct ResizeReport {
 /// Resizes every module of the LoRA file `input` and writes `output` in the
 /// same format and precision, with kohya's `ss_network_dim` /
 /// `ss_network_alpha` updated and `ss_training_comment` saying what was done.
+/// A fixed rank keeps each module's alpha/rank (alpha = rank·scale, as
+/// kohya); a dynamic rule keeps one alpha for all modules (see below).
 pub fn resize_file(
     input: &Path,
     output: &Path,
@@ -361,6 +389,14 @@ pub fn resize_file(
     let save = SaveDtype::for_dtype(file.dtype);
     let mut weights = LoraWeights::default();
     let mut modules = Vec::with_capacity(file.weights.modules.len());
+    // With per-module ranks, every module keeps one alpha (the input's most
+    // common) and the scale goes into `up`: kohya's resize gives each module
+    // alpha = rank·scale instead, which diffusers (0.42) misreads for SD1
+    // attention modules (its alpha_pattern keys match no module, so they get
+    // the default alpha). One alpha loads the same everywhere.
+    let uniform_alpha = (!matches!(rule, RankRule::Fixed(_)))
+        .then(|| most_common_alpha(&file.weights))
+        .flatten();
     for (key, m) in &file.weights.modules {
         let (new, stats) =
             resize_module(m, rule, max_rank, DType::F32).map_err(|source| ResizeError::Module {
@@ -368,6 +404,16 @@ pub fn resize_file(
                 module: key.1.clone(),
                 source: Box::new(source),
             })?;
+        let new = match uniform_alpha {
+            Some(a) if a != new.alpha => {
+                with_alpha(&new, a).map_err(|source| ResizeError::Module {
+                    file: input.to_path_buf(),
+                    module: key.1.clone(),
+                    source: Box::new(source),
+                })?
+            }
+            _ => new,
+        };
         weights.modules.insert(key.clone(), new);
         modules.push((key.clone(), stats));
     }
