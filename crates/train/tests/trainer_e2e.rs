@@ -2,18 +2,18 @@
 //! dataset: it learns, it resumes exactly, it reproduces, and what it writes
 //! maps onto the model.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use common::example_dataset;
 use sd_lora_data::{Dataset, SubsetKind};
+use sd_lora_model::lora::LoraComponent;
 use sd_lora_model::lora::attach::attach;
-use sd_lora_model::lora::format::{LoraFile, read_lora_for_model};
-use sd_lora_model::lora::targets::model_targets;
-use sd_lora_model::lora::{LoraComponent, LoraWeights};
 use sd_lora_train::config::TrainConfig;
 use sd_lora_train::trainer::{StepReport, TrainProgress, fixed_noise_loss, load_model, train};
 use std::path::Path;
 
 mod common;
+
+use common::{Quiet, bits, quiet, read_for_model};
 
 /// A quickstart-like config writing to `out`, with extra `--set`s.
 fn config(out: &Path, extra: &[String]) -> TrainConfig {
@@ -34,63 +34,6 @@ fn config(out: &Path, extra: &[String]) -> TrainConfig {
     );
     sets.extend(extra.iter().cloned());
     TrainConfig::load(None, &sets).unwrap()
-}
-
-/// Progress sink that can stop the run after a given step.
-struct Quiet {
-    stop_after: Option<usize>,
-    last: usize,
-}
-
-impl TrainProgress for Quiet {
-    fn begin(&mut self, _: usize, _: usize) {}
-    fn step(&mut self, r: &StepReport) {
-        self.last = r.step;
-        assert!(r.loss.is_finite(), "non-finite loss at step {}", r.step);
-    }
-    fn note(&mut self, _: &str) {}
-    fn end(&mut self) {}
-    fn should_stop(&self) -> bool {
-        self.stop_after.is_some_and(|s| self.last >= s)
-    }
-}
-
-fn quiet() -> Quiet {
-    Quiet {
-        stop_after: None,
-        last: 0,
-    }
-}
-
-fn read_for_model(cfg: &TrainConfig, path: &Path) -> LoraFile {
-    let sd = load_model(cfg, &Device::Cpu).unwrap();
-    let targets = model_targets(&sd.unet, Some(&sd.text_encoder));
-    read_lora_for_model(path, &targets).unwrap()
-}
-
-fn bits(w: &LoraWeights) -> Vec<(String, Vec<u32>, Vec<u32>, u32)> {
-    w.modules
-        .iter()
-        .map(|((c, p), m)| {
-            let b = |t: &candle_core::Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .into_iter()
-                    .map(f32::to_bits)
-                    .collect::<Vec<_>>()
-            };
-            (
-                format!("{c:?}:{p}"),
-                b(&m.down),
-                b(&m.up),
-                m.alpha.to_bits(),
-            )
-        })
-        .collect()
 }
 
 #[test]

@@ -4,18 +4,19 @@
 //! LoRA (sgm UNet names, `lora_te1_`/`lora_te2_`, SDXL metadata) that maps onto
 //! the model.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use sd_lora_data::{Dataset, SubsetKind};
 use sd_lora_model::builtin::BUILTIN_TINY_SDXL;
 use sd_lora_model::lora::attach::attach;
-use sd_lora_model::lora::format::{LoraFamily, LoraFile, read_lora, read_lora_for_model};
-use sd_lora_model::lora::targets::model_targets;
+use sd_lora_model::lora::format::{LoraFamily, read_lora};
 use sd_lora_model::lora::{LoraComponent, LoraWeights};
 use sd_lora_train::config::TrainConfig;
-use sd_lora_train::trainer::{StepReport, TrainProgress, fixed_noise_loss, load_model, train};
+use sd_lora_train::trainer::{fixed_noise_loss, load_model, train};
 use std::path::Path;
 
 mod common;
+
+use common::{Quiet, bits, quiet, read_for_model};
 
 /// A run of the tiny SDXL model on the example dataset with both text
 /// encoders trained, writing to `out`, with extra `--set`s.
@@ -40,62 +41,6 @@ fn config(out: &Path, extra: &[String]) -> TrainConfig {
     );
     sets.extend(extra.iter().cloned());
     TrainConfig::load(None, &sets).unwrap()
-}
-
-struct Quiet {
-    stop_after: Option<usize>,
-    last: usize,
-}
-
-impl TrainProgress for Quiet {
-    fn begin(&mut self, _: usize, _: usize) {}
-    fn step(&mut self, r: &StepReport) {
-        self.last = r.step;
-        assert!(r.loss.is_finite(), "non-finite loss at step {}", r.step);
-    }
-    fn note(&mut self, _: &str) {}
-    fn end(&mut self) {}
-    fn should_stop(&self) -> bool {
-        self.stop_after.is_some_and(|s| self.last >= s)
-    }
-}
-
-fn quiet() -> Quiet {
-    Quiet {
-        stop_after: None,
-        last: 0,
-    }
-}
-
-fn read_for_model(cfg: &TrainConfig, path: &Path) -> LoraFile {
-    let sd = load_model(cfg, &Device::Cpu).unwrap();
-    let (unet, encoders) = sd.lora_parts();
-    read_lora_for_model(path, &model_targets(unet, encoders)).unwrap()
-}
-
-fn bits(w: &LoraWeights) -> Vec<(String, Vec<u32>, Vec<u32>, u32)> {
-    let b = |t: &candle_core::Tensor| {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect::<Vec<_>>()
-    };
-    w.modules
-        .iter()
-        .map(|((c, p), m)| {
-            (
-                format!("{c:?}:{p}"),
-                b(&m.down),
-                b(&m.up),
-                m.alpha.to_bits(),
-            )
-        })
-        .collect()
 }
 
 fn up_norm(w: &LoraWeights, component: LoraComponent) -> f32 {

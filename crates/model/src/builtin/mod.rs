@@ -244,16 +244,19 @@ fn vae_unchecked_shapes(vae: &VaeConfig) -> HashMap<String, Shape> {
         .collect()
 }
 
-/// What [`assemble`] builds a built-in model from.
+/// What [`assemble`] builds a built-in model from: its configs and weights
+/// as their builders returned them (errors are turned into
+/// [`PipelineError`]s naming the model in one place).
 struct Parts {
     path: &'static str,
     architecture: Architecture,
+    /// Its layout in the note users see (`SD1`, `SDXL`).
+    layout: &'static str,
     text_encoder_config: ClipTextConfig,
     text_encoder_2_config: Option<ClipTextConfig>,
-    unet_config: UNetConfig,
-    vae_config: VaeConfig,
-    weights: TinyWeights,
-    note: String,
+    unet_config: std::result::Result<UNetConfig, String>,
+    vae_config: std::result::Result<VaeConfig, String>,
+    weights: candle_core::Result<TinyWeights>,
 }
 
 /// Builds the pipeline of a built-in model from its configs and weights.
@@ -263,6 +266,26 @@ fn assemble(
     device: &Device,
 ) -> std::result::Result<StableDiffusion, PipelineError> {
     let path = parts.path.to_string();
+    let config_err = |component, message| PipelineError::Config {
+        path: path.clone(),
+        component,
+        message,
+    };
+    let unet_config = parts
+        .unet_config
+        .map_err(|e| config_err(Component::Unet, e))?;
+    let vae_config = parts
+        .vae_config
+        .map_err(|e| config_err(Component::Vae, e))?;
+    let weights = parts.weights.map_err(|e| PipelineError::Unsupported {
+        path: path.clone(),
+        message: format!("drawing the built-in weights: {e}"),
+    })?;
+    let note = format!(
+        "{} is a tiny {}-layout model with random weights (seed {TINY_SEED:#x}), for trying the \
+         tools out; its images are noise",
+        parts.path, parts.layout
+    );
     let build_err = |component: Component| {
         let path = path.clone();
         move |source: candle_core::Error| PipelineError::Build {
@@ -280,7 +303,7 @@ fn assemble(
         text_encoder_2,
         unet,
         vae,
-    } = parts.weights;
+    } = weights;
     let text_encoder = ClipTextTransformer::new(
         VarBuilder::from_tensors(text_encoder, dtype, device),
         &parts.text_encoder_config,
@@ -301,16 +324,14 @@ fn assemble(
         }),
         _ => None,
     };
-    let unet = UNet2DConditionModel::new(
-        VarBuilder::from_tensors(unet, dtype, device),
-        &parts.unet_config,
-    )
-    .map_err(build_err(Component::Unet))?;
+    let unet =
+        UNet2DConditionModel::new(VarBuilder::from_tensors(unet, dtype, device), &unet_config)
+            .map_err(build_err(Component::Unet))?;
     let vae_dtype =
-        crate::pipeline::vae_storage_dtype(parts.architecture, dtype, &parts.vae_config, None);
+        crate::pipeline::vae_storage_dtype(parts.architecture, dtype, &vae_config, None);
     let vae = AutoencoderKL::new(
         VarBuilder::from_tensors(vae, vae_dtype, device),
-        &parts.vae_config,
+        &vae_config,
     )
     .map_err(build_err(Component::Vae))?;
     let schedule =
@@ -324,12 +345,12 @@ fn assemble(
         text_encoder_config: parts.text_encoder_config,
         text_encoder,
         text_encoder_2,
-        unet_config: parts.unet_config,
+        unet_config,
         unet,
-        vae_config: parts.vae_config,
+        vae_config,
         vae,
         schedule,
-        notes: vec![parts.note],
+        notes: vec![note],
         unet_pending: false,
     })
 }

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Result};
 use super::seeded::{RecordOptions, record};
 use super::{BUILTIN_TINY, Parts, TINY_SEED, TinyWeights, assemble, vae_unchecked_shapes};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, HiddenAct};
-use crate::load::{Architecture, Component};
+use crate::load::Architecture;
 use crate::pipeline::{PipelineError, StableDiffusion};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
@@ -127,29 +127,15 @@ pub fn tiny_sd1(
     dtype: DType,
     device: &Device,
 ) -> std::result::Result<StableDiffusion, PipelineError> {
-    let config_err = |component, message| PipelineError::Config {
-        path: BUILTIN_TINY.to_string(),
-        component,
-        message,
-    };
-    let unet_config = tiny_unet_config().map_err(|e| config_err(Component::Unet, e))?;
-    let vae_config = tiny_vae_config().map_err(|e| config_err(Component::Vae, e))?;
-    let weights = tiny_sd1_weights(TINY_SEED).map_err(|e| PipelineError::Unsupported {
-        path: BUILTIN_TINY.to_string(),
-        message: format!("drawing the built-in weights: {e}"),
-    })?;
     let parts = Parts {
         path: BUILTIN_TINY,
         architecture: Architecture::Sd1,
+        layout: "SD1",
         text_encoder_config: tiny_text_encoder_config(),
         text_encoder_2_config: None,
-        unet_config,
-        vae_config,
-        weights,
-        note: format!(
-            "{BUILTIN_TINY} is a tiny SD1-layout model with random weights (seed {TINY_SEED:#x}), \
-             for trying the tools out; its images are noise"
-        ),
+        unet_config: tiny_unet_config(),
+        vae_config: tiny_vae_config(),
+        weights: tiny_sd1_weights(TINY_SEED),
     };
     assemble(parts, dtype, device)
 }

@@ -16,7 +16,7 @@ use super::{
     vae_unchecked_shapes,
 };
 use crate::clip::{ClipTextConfig, ClipTextTransformer, HiddenAct};
-use crate::load::{Architecture, Component};
+use crate::load::Architecture;
 use crate::pipeline::{PipelineError, StableDiffusion};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
@@ -150,29 +150,15 @@ pub fn tiny_sdxl(
     dtype: DType,
     device: &Device,
 ) -> std::result::Result<StableDiffusion, PipelineError> {
-    let config_err = |component, message| PipelineError::Config {
-        path: BUILTIN_TINY_SDXL.to_string(),
-        component,
-        message,
-    };
-    let unet_config = tiny_sdxl_unet_config().map_err(|e| config_err(Component::Unet, e))?;
-    let vae_config = tiny_sdxl_vae_config().map_err(|e| config_err(Component::Vae, e))?;
-    let weights = tiny_sdxl_weights(TINY_SEED).map_err(|e| PipelineError::Unsupported {
-        path: BUILTIN_TINY_SDXL.to_string(),
-        message: format!("drawing the built-in weights: {e}"),
-    })?;
     let parts = Parts {
         path: BUILTIN_TINY_SDXL,
         architecture: Architecture::Sdxl,
+        layout: "SDXL",
         text_encoder_config: tiny_text_encoder_config(),
         text_encoder_2_config: Some(tiny_sdxl_text_encoder_2_config()),
-        unet_config,
-        vae_config,
-        weights,
-        note: format!(
-            "{BUILTIN_TINY_SDXL} is a tiny SDXL-layout model with random weights (seed \
-             {TINY_SEED:#x}), for trying the tools out; its images are noise"
-        ),
+        unet_config: tiny_sdxl_unet_config(),
+        vae_config: tiny_sdxl_vae_config(),
+        weights: tiny_sdxl_weights(TINY_SEED),
     };
     assemble(parts, dtype, device)
 }
