@@ -19,12 +19,12 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// A fresh, empty scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sd-lora-format-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty scratch folder for one test, removed when the returned guard drops.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("sd-lora-format-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Deterministic pseudo-random values (xorshift), in [-1, 1).
@@ -218,7 +218,8 @@ fn grammar_reverses_every_fixture_module_path() {
 
 #[test]
 fn kohya_f32_round_trip_is_bit_identical() {
-    let dir = scratch("f32");
+    let scratch_dir = scratch("f32");
+    let dir = scratch_dir.path();
     let targets = fixture_targets("sd1_tiny"); // every layer, convs included (LoCon)
     let lora = random_lora(&targets, 4, 2.0, 7);
     let path = dir.join("lora.safetensors");
@@ -241,7 +242,8 @@ fn kohya_f32_round_trip_is_bit_identical() {
 
 #[test]
 fn kohya_f16_and_bf16_round_trips_equal_the_rounded_values() {
-    let dir = scratch("f16");
+    let scratch_dir = scratch("f16");
+    let dir = scratch_dir.path();
     let targets = default_targets("sd1_tiny");
     let lora = random_lora(&targets, 4, 3.0, 11);
     for (save, dtype) in [(SaveDtype::F16, DType::F16), (SaveDtype::BF16, DType::BF16)] {
@@ -270,7 +272,8 @@ fn kohya_f16_and_bf16_round_trips_equal_the_rounded_values() {
 
 #[test]
 fn metadata_is_all_strings_with_kohya_and_modelspec_keys() {
-    let dir = scratch("meta");
+    let scratch_dir = scratch("meta");
+    let dir = scratch_dir.path();
     let lora = random_lora(&default_targets("sd1_tiny"), 4, 2.0, 3);
     let path = dir.join("lora.safetensors");
     write_kohya(&path, &lora, &metadata(), SaveDtype::F16).unwrap();
@@ -390,7 +393,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 #[test]
 fn hashes_are_deterministic_and_match_an_independent_computation() {
-    let dir = scratch("hash");
+    let scratch_dir = scratch("hash");
+    let dir = scratch_dir.path();
     // Big enough (> 1.06 MiB) that the legacy hash window lies inside the data.
     let targets = fixture_targets("sd1_tiny");
     let lora = random_lora(&targets, 16, 8.0, 5);
@@ -449,7 +453,8 @@ fn product(m: &LoraModule) -> Vec<f32> {
 
 #[test]
 fn kohya_to_peft_to_kohya_keeps_the_product() {
-    let dir = scratch("convert");
+    let scratch_dir = scratch("convert");
+    let dir = scratch_dir.path();
     let targets = fixture_targets("sd1_tiny");
     // alpha/rank = 1/4 is a power of two: folding is exact; 2/3 is not: within f32 rounding.
     for (rank, alpha, exact) in [(4usize, 1.0f32, true), (3, 2.0, false)] {
@@ -505,7 +510,8 @@ fn kohya_to_peft_to_kohya_keeps_the_product() {
 
 #[test]
 fn write_peft_folds_alpha_into_up() {
-    let dir = scratch("peft");
+    let scratch_dir = scratch("peft");
+    let dir = scratch_dir.path();
     let targets = default_targets("sd2_tiny");
     let lora = random_lora(&targets, 8, 4.0, 17);
     let path = dir.join("peft.safetensors");
@@ -520,7 +526,8 @@ fn write_peft_folds_alpha_into_up() {
 
 #[test]
 fn reads_old_diffusers_formats() {
-    let dir = scratch("diffusers");
+    let scratch_dir = scratch("diffusers");
+    let dir = scratch_dir.path();
     let mut rng = Rng(99);
     let attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1";
     let raw = |name: &str, shape: &[usize], rng: &mut Rng| RawTensor {
@@ -646,7 +653,8 @@ fn validation_lists_every_offending_module() {
 
 #[test]
 fn read_for_model_refuses_modules_the_model_lacks() {
-    let dir = scratch("for_model");
+    let scratch_dir = scratch("for_model");
+    let dir = scratch_dir.path();
     // An SD1 LoRA on the full SD1 fixture, checked against a model without the text encoder.
     let targets = default_targets("sd1_tiny");
     let lora = random_lora(&targets, 2, 1.0, 8);
@@ -695,7 +703,8 @@ const Q: &str = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1
 
 #[test]
 fn unknown_and_sdxl_names_are_errors_listing_them() {
-    let dir = scratch("names");
+    let scratch_dir = scratch("names");
+    let dir = scratch_dir.path();
     let p = dir.join("unknown.safetensors");
     write_raw(
         &p,
@@ -777,7 +786,8 @@ fn unknown_and_sdxl_names_are_errors_listing_them() {
 
 #[test]
 fn inconsistent_modules_are_errors_listing_them() {
-    let dir = scratch("modules");
+    let scratch_dir = scratch("modules");
+    let dir = scratch_dir.path();
     let k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k";
     let v = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v";
     let p = dir.join("bad.safetensors");
@@ -804,7 +814,8 @@ fn inconsistent_modules_are_errors_listing_them() {
 
 #[test]
 fn files_that_are_not_loras_are_named_as_such() {
-    let dir = scratch("not_lora");
+    let scratch_dir = scratch("not_lora");
+    let dir = scratch_dir.path();
     let e = err(&fixtures().join("sd1_tiny/unet/diffusion_pytorch_model.safetensors"));
     assert!(
         e.contains("not a LoRA file") && e.contains("a model's weights"),
@@ -854,7 +865,8 @@ fn valid_bytes() -> Vec<u8> {
             alpha: 1.0,
         },
     );
-    let dir = scratch("valid");
+    let scratch_dir = scratch("valid");
+    let dir = scratch_dir.path();
     let p = dir.join("v.safetensors");
     write_kohya(&p, &lora, &metadata(), SaveDtype::F32).unwrap();
     std::fs::read(&p).unwrap()
@@ -874,7 +886,8 @@ fn with_header(bytes: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u
 
 #[test]
 fn malformed_files_give_clear_errors() {
-    let dir = scratch("malformed");
+    let scratch_dir = scratch("malformed");
+    let dir = scratch_dir.path();
     let good = valid_bytes();
     let down = format!("{Q}.lora_down.weight");
     let up = format!("{Q}.lora_up.weight");
@@ -1010,7 +1023,8 @@ fn reads_the_reference_kohya_and_peft_files() {
     assert_eq!(LoraSummary::from_file(&kohya).scales, vec![0.5]);
     assert_eq!(LoraSummary::from_file(&peft).alphas, vec![4.0]);
     // Our PEFT conversion of the kohya file equals the reference PEFT file, bit for bit.
-    let out = scratch("reference");
+    let scratch_dir = scratch("reference");
+    let out = scratch_dir.path();
     let ours = out.join("peft.safetensors");
     format::convert(
         &dir.join("sd1_lora_kohya.safetensors"),
