@@ -237,7 +237,7 @@ fn kohya_f32_round_trip_is_bit_identical() {
     }
     assert_eq!(file.file_size, std::fs::metadata(&path).unwrap().len());
     // No temporary file is left behind.
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1);
 }
 
 #[test]
