@@ -187,3 +187,176 @@ fn resize_writes_a_smaller_lora_and_refuses_what_it_should() {
         !std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../x.safetensors")).exists()
     );
 }
+
+/// `merge` into a checkpoint and into one LoRA, `extract` back, and every
+/// refusal before anything is written.
+#[test]
+fn merge_and_extract_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
+    let run_ok = |args: &[&str]| {
+        let o = sd_lora(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    const BASE: &str = "tests/fixtures/sd1_tiny.safetensors";
+    let merged = p("merged.safetensors");
+    let kohya_08 = format!("{KOHYA}:0.8");
+    let text = run_ok(&[
+        "merge", "--model", BASE, "--lora", &kohya_08, "--output", &merged,
+    ]);
+    assert!(text.contains("into 210 layers"), "{text}");
+    // The merged file is a checkpoint of the same model.
+    let v = ok_json(&["inspect", &merged, "--json"]);
+    assert_eq!(v["architecture"], "sd1");
+
+    // Extract it back at the LoRA's rank: the same modules.
+    let extracted = p("extracted.safetensors");
+    let text = run_ok(&[
+        "extract",
+        "--base",
+        BASE,
+        "--tuned",
+        &merged,
+        "--rank",
+        "4",
+        "--output",
+        &extracted,
+        "--min-diff",
+        "0",
+    ]);
+    assert!(text.contains("210 modules"), "{text}");
+    let v = ok_json(&[
+        "inspect",
+        &extracted,
+        "--model",
+        "tests/fixtures/sd1_tiny",
+        "--json",
+    ]);
+    assert_eq!(v["modules"]["unet"], 192);
+    assert_eq!(v["modules"]["text_encoder"], 18);
+    assert_eq!(v["ranks"], serde_json::json!([4]));
+
+    // Two LoRAs into one, concatenated, in PEFT format.
+    let both = p("both.safetensors");
+    let peft_neg = format!("{PEFT}:-0.5");
+    let text = run_ok(&[
+        "merge", "--lora", KOHYA, "--lora", &peft_neg, "--output", &both, "--format", "peft",
+    ]);
+    assert!(
+        text.contains("210 modules (210 in more than one file)"),
+        "{text}"
+    );
+    let v = ok_json(&["inspect", &both, "--json"]);
+    assert_eq!(v["format"], "peft");
+    assert_eq!(v["ranks"], serde_json::json!([8]));
+
+    let folder_out = p("folder.safetensors");
+    let nested = format!("{}/nested.safetensors", "tests/fixtures/sd1_tiny");
+    for (args, needle) in [
+        (
+            vec![
+                "merge", "--model", BASE, "--lora", KOHYA, "--output", BASE, "--force",
+            ],
+            "the output is the input",
+        ),
+        (
+            vec![
+                "merge", "--model", BASE, "--lora", KOHYA, "--output", &merged,
+            ],
+            "already exists",
+        ),
+        (
+            vec![
+                "merge",
+                "--model",
+                "tests/fixtures/sdxl_tiny.safetensors",
+                "--lora",
+                KOHYA,
+                "--output",
+                &folder_out,
+            ],
+            "the model is SDXL",
+        ),
+        (
+            vec![
+                "merge",
+                "--model",
+                "tests/fixtures/sd1_tiny",
+                "--lora",
+                KOHYA,
+                "--output",
+                &folder_out,
+            ],
+            "give --output a folder name",
+        ),
+        (
+            vec![
+                "merge",
+                "--model",
+                "tests/fixtures/sd1_tiny",
+                "--lora",
+                KOHYA,
+                "--output",
+                &nested,
+            ],
+            "inside the input folder",
+        ),
+        (
+            vec![
+                "merge",
+                "--model",
+                BASE,
+                "--lora",
+                KOHYA,
+                "--rank",
+                "2",
+                "--output",
+                &folder_out,
+            ],
+            "--rank is for merging LoRAs",
+        ),
+        (
+            vec!["merge", "--lora", "README.md", "--output", &folder_out],
+            "README.md",
+        ),
+        (
+            vec![
+                "extract",
+                "--base",
+                BASE,
+                "--tuned",
+                "tests/fixtures/sd2_tiny.safetensors",
+                "--rank",
+                "4",
+                "--output",
+                &folder_out,
+            ],
+            "same architecture",
+        ),
+        (
+            vec![
+                "extract",
+                "--base",
+                BASE,
+                "--tuned",
+                BASE,
+                "--rank",
+                "4",
+                "--output",
+                &folder_out,
+            ],
+            "no difference to extract",
+        ),
+    ] {
+        let o = sd_lora(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!std::path::Path::new(&folder_out).exists());
+}

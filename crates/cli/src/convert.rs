@@ -1,6 +1,6 @@
 //! `sd-lora convert IN OUT --to kohya|peft`: rewrite a LoRA in another format.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use sd_lora_model::lora::format::{WriteFormat, convert};
 use std::path::PathBuf;
@@ -31,24 +31,21 @@ pub enum FormatArg {
     Peft,
 }
 
+impl FormatArg {
+    /// The writer's format.
+    pub fn write_format(self) -> WriteFormat {
+        match self {
+            FormatArg::Kohya => WriteFormat::Kohya,
+            FormatArg::Peft => WriteFormat::Peft,
+        }
+    }
+}
+
 /// Runs the command; returns the process exit code.
 pub fn run(args: &ConvertArgs) -> Result<u8> {
-    if args.output.exists() && !args.force {
-        bail!(
-            "{} already exists; pass --force to replace it",
-            args.output.display()
-        );
-    }
-    if args.output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-        bail!(
-            "{}: the output must be a .safetensors file",
-            args.output.display()
-        );
-    }
-    let to = match args.to {
-        FormatArg::Kohya => WriteFormat::Kohya,
-        FormatArg::Peft => WriteFormat::Peft,
-    };
+    crate::output_guard::require_safetensors(&args.output)?;
+    crate::output_guard::check_output(&args.output, &[&args.input], args.force)?;
+    let to = args.to.write_format();
     let report = convert(&args.input, &args.output, to)?;
     crate::emit(&format!(
         "wrote {} ({} modules, {:?}) from a {} file\n",

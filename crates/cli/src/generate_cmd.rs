@@ -77,15 +77,15 @@ pub struct GenerateArgs {
 
 /// A `--lora FILE[:SCALE]` argument.
 #[derive(Debug, Clone, PartialEq)]
-struct LoraArg {
-    path: PathBuf,
+pub(crate) struct LoraArg {
+    pub path: PathBuf,
     /// Kept as typed (f64) so the PNG metadata shows `0.8`, not `0.800000011920929`.
-    scale: f64,
+    pub scale: f64,
 }
 
 /// Splits `FILE[:SCALE]`. A suffix after the last `:` that holds a path
 /// separator (or an empty file part, as in `C:`) belongs to the file name.
-fn parse_lora_arg(arg: &str) -> anyhow::Result<LoraArg> {
+pub(crate) fn parse_lora_arg(arg: &str) -> anyhow::Result<LoraArg> {
     let (file, scale) = match arg.rsplit_once(':') {
         Some((file, scale)) if !file.is_empty() && !scale.contains(['/', '\\']) => {
             let value: f64 = scale.trim().parse().map_err(|_| {

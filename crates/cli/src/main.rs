@@ -10,8 +10,11 @@ mod check_data;
 mod config_docs;
 mod config_file;
 mod convert;
+mod extract;
 mod generate_cmd;
 mod inspect;
+mod merge;
+mod output_guard;
 mod resize;
 mod train_cmd;
 
@@ -58,6 +61,18 @@ enum Command {
         after_help = "Examples:\n  sd-lora resize my_dog.safetensors my_dog_r8.safetensors --rank 8\n  sd-lora resize style.safetensors style_small.safetensors --dynamic sv_fro --param 0.9 --rank 64 --verbose"
     )]
     Resize(resize::ResizeArgs),
+    /// Merge LoRAs into a checkpoint (written in its own layout and dtype), or
+    /// several LoRAs into one.
+    #[command(
+        after_help = "Examples:\n  sd-lora merge --model v1-5-pruned-emaonly.safetensors --lora my_dog.safetensors:0.8 --output v15_my_dog.safetensors\n  sd-lora merge --model ./sd15-folder --lora style.safetensors --lora detail.safetensors:0.5 --output ./sd15-merged\n  sd-lora merge --lora dog.safetensors:1 --lora style.safetensors:0.6 --output dog_style.safetensors\n  sd-lora merge --lora dog.safetensors --lora style.safetensors --rank 32 --output dog_style_r32.safetensors"
+    )]
+    Merge(merge::MergeArgs),
+    /// Extract a LoRA from the difference of two checkpoints (a fine-tune and
+    /// its base), by SVD.
+    #[command(
+        after_help = "Examples:\n  sd-lora extract --base v1-5-pruned-emaonly.safetensors --tuned my_finetune.safetensors --rank 32 --output my_finetune_lora.safetensors\n  sd-lora extract --base sd_xl_base_1.0.safetensors --tuned juggernaut.safetensors --rank 64 --conv-rank 16 --output jugg_locon.safetensors --verbose"
+    )]
+    Extract(extract::ExtractArgs),
     /// Generate images from a prompt with a model and any number of LoRAs
     /// (PNGs with A1111 `parameters` metadata).
     #[command(
@@ -163,6 +178,8 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Resize(a) => resize::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Extract(a) => extract::run(a),
         Command::Generate(a) => generate_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
         Command::ConfigDocs => {

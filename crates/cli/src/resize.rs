@@ -75,28 +75,8 @@ pub fn run(args: &ResizeArgs) -> Result<u8> {
         }
         (Some(_), None, _) => bail!("--dynamic needs --param X"),
     };
-    if args.output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-        bail!(
-            "{}: the output must be a .safetensors file",
-            args.output.display()
-        );
-    }
-    let same = match (args.input.canonicalize(), args.output.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
-        bail!(
-            "{}: the output is the input; write the resized LoRA to another file",
-            args.output.display()
-        );
-    }
-    if args.output.exists() && !args.force {
-        bail!(
-            "{} already exists; pass --force to replace it",
-            args.output.display()
-        );
-    }
+    crate::output_guard::require_safetensors(&args.output)?;
+    crate::output_guard::check_output(&args.output, &[&args.input], args.force)?;
     let max_rank = args.dynamic.and(args.rank);
     let report = resize_file(&args.input, &args.output, rule, max_rank)?;
     let mut out = String::new();

@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use sd_lora_data::rng::Rng;
 use sd_lora_data::{Dataset, SubsetKind};
 use sd_lora_model::conditioning::{SizeCond, TextConditioning};
-use sd_lora_model::load::{Architecture, ModelSource, Prediction};
+use sd_lora_model::load::{ModelSource, Prediction};
 use sd_lora_model::lora::attach::{TrainOptions, TrainableLora, create_trainable};
 use sd_lora_model::lora::format::{
     BaseModelVersion, DatasetDirInfo, Metadata, SaveDtype, write_kohya_named, write_peft,
@@ -342,12 +342,7 @@ fn metadata(
     started_at: f64,
     finished: bool,
 ) -> Metadata {
-    let base_model = match (sd.architecture, sd.prediction) {
-        (Architecture::Sd1, _) => Some(BaseModelVersion::SdV1),
-        (Architecture::Sd2, Prediction::V) => Some(BaseModelVersion::SdV2V),
-        (Architecture::Sd2, _) => Some(BaseModelVersion::SdV2),
-        (Architecture::Sdxl, _) => Some(BaseModelVersion::SdxlBase),
-    };
+    let base_model = Some(BaseModelVersion::of_model(sd.architecture, sd.prediction));
     let mut dataset_dirs = BTreeMap::new();
     let mut tag_frequency: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for (i, s) in ds.subsets.iter().enumerate() {

@@ -132,6 +132,17 @@ impl SafetensorsFile {
         &self.metadata
     }
 
+    /// The file's bytes `start..end` as mapped (`None` outside the file). Callers that copy
+    /// them out should [`release`](Self::release) the range afterwards.
+    pub(crate) fn bytes(&self, start: usize, end: usize) -> Option<&[u8]> {
+        self.mmap.get(start..end)
+    }
+
+    /// The length of the file in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.mmap.len()
+    }
+
     /// Materialises `len_bytes` bytes from `start` as a tensor of `shape` and safetensors
     /// `dtype`. `key` names the source tensor in errors.
     pub(crate) fn load_range(
@@ -175,7 +186,7 @@ impl SafetensorsFile {
     /// twice at the end — the file's pages and the built tensors (8.25 GB for
     /// SD1.5's 4.12 GB of f32 weights). The kernel keeps them in its page
     /// cache, and a later read of the same range maps them back.
-    fn release(&self, start: usize, end: usize) {
+    pub(crate) fn release(&self, start: usize, end: usize) {
         #[cfg(unix)]
         {
             const PAGE: usize = 4096;

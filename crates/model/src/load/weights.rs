@@ -125,6 +125,22 @@ impl WeightEntry {
         &self.source_key
     }
 
+    /// The opened file the bytes come from.
+    pub(crate) fn source_file(&self) -> &Arc<SafetensorsFile> {
+        &self.file
+    }
+
+    /// The absolute byte range of this tensor in its file (a sub-range of the stored tensor
+    /// for one of a stacked q/k/v).
+    pub(crate) fn byte_range(&self) -> (usize, usize) {
+        (self.start, self.end)
+    }
+
+    /// Whether the values are the transpose of the stored ones (see [`Self::transposed`]).
+    pub(crate) fn is_transposed(&self) -> bool {
+        self.transposed
+    }
+
     /// Reads the tensor onto `device` in its stored dtype.
     pub fn load(&self, device: &Device) -> Result<Tensor, LoadError> {
         debug_assert_eq!(

@@ -25,9 +25,12 @@ use std::collections::BTreeMap;
 pub mod adapted;
 pub mod attach;
 pub mod encoders;
+pub mod extract;
 pub mod layer;
 pub(crate) mod linear_cpu;
+pub mod merge;
 pub mod resize;
+pub mod svd;
 pub mod targets;
 pub mod visit;
 

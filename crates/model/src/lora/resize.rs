@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::format::{
     LoraFormat, LoraFormatError, Metadata, SaveDtype, WriteFormat, read_lora, write_lora,
 };
+use super::svd::{Mat, jacobi_svd, thin_qr};
 use super::{LoraComponent, LoraModule, LoraWeights};
 
 /// How the new rank of each module is chosen.
@@ -45,141 +46,6 @@ pub struct ResizeStats {
     pub fro_kept: f64,
     /// The singular values of `up · down` (largest first).
     pub singular_values: Vec<f64>,
-}
-
-/// A row-major matrix in f64.
-#[derive(Debug, Clone)]
-struct Mat {
-    rows: usize,
-    cols: usize,
-    v: Vec<f64>,
-}
-
-impl Mat {
-    fn at(&self, r: usize, c: usize) -> f64 {
-        self.v[r * self.cols + c]
-    }
-}
-
-/// Thin QR of a tall matrix `a` (`rows ≥ cols` not required) by modified
-/// Gram–Schmidt with one re-orthogonalisation pass: `a = Q R`, `Q`
-/// `rows × cols` with orthonormal (or zero, for dependent columns) columns,
-/// `R` `cols × cols` upper triangular.
-fn thin_qr(a: &Mat) -> (Mat, Mat) {
-    let (m, n) = (a.rows, a.cols);
-    // Columns of Q, built in place.
-    let mut q: Vec<Vec<f64>> = (0..n)
-        .map(|c| (0..m).map(|r| a.at(r, c)).collect())
-        .collect();
-    let mut r = vec![0.0; n * n];
-    let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let scale = (0..n).map(|c| norm(&q[c])).fold(0.0, f64::max).max(1e-300);
-    for j in 0..n {
-        for _pass in 0..2 {
-            for i in 0..j {
-                let d: f64 = q[i].iter().zip(&q[j]).map(|(a, b)| a * b).sum();
-                r[i * n + j] += d;
-                let qi = q[i].clone();
-                for (x, y) in q[j].iter_mut().zip(&qi) {
-                    *x -= d * y;
-                }
-            }
-        }
-        let nj = norm(&q[j]);
-        if nj > 1e-13 * scale {
-            r[j * n + j] = nj;
-            q[j].iter_mut().for_each(|x| *x /= nj);
-        } else {
-            // A dependent column: it adds nothing to the span.
-            r[j * n + j] = 0.0;
-            q[j].iter_mut().for_each(|x| *x = 0.0);
-        }
-    }
-    let mut qm = vec![0.0; m * n];
-    for (c, col) in q.iter().enumerate() {
-        for (row, &x) in col.iter().enumerate() {
-            qm[row * n + c] = x;
-        }
-    }
-    (
-        Mat {
-            rows: m,
-            cols: n,
-            v: qm,
-        },
-        Mat {
-            rows: n,
-            cols: n,
-            v: r,
-        },
-    )
-}
-
-/// SVD of a small square matrix by one-sided Jacobi rotations: `a = U S Vᵀ`
-/// with the singular values sorted, largest first. Returns (U, S, V), `U`
-/// and `V` as column-major lists of columns.
-fn jacobi_svd(a: &Mat) -> (Vec<Vec<f64>>, Vec<f64>, Vec<Vec<f64>>) {
-    let n = a.cols;
-    let m = a.rows;
-    let mut cols: Vec<Vec<f64>> = (0..n)
-        .map(|c| (0..m).map(|r| a.at(r, c)).collect())
-        .collect();
-    let mut v: Vec<Vec<f64>> = (0..n)
-        .map(|c| (0..n).map(|r| f64::from(u8::from(r == c))).collect())
-        .collect();
-    for _sweep in 0..60 {
-        let mut rotated = false;
-        for p in 0..n {
-            for q in p + 1..n {
-                let alpha: f64 = cols[p].iter().map(|x| x * x).sum();
-                let beta: f64 = cols[q].iter().map(|x| x * x).sum();
-                let gamma: f64 = cols[p].iter().zip(&cols[q]).map(|(x, y)| x * y).sum();
-                if gamma.abs() <= 1e-15 * (alpha * beta).sqrt() || gamma == 0.0 {
-                    continue;
-                }
-                rotated = true;
-                let zeta = (beta - alpha) / (2.0 * gamma);
-                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
-                let t = if zeta == 0.0 { 1.0 } else { t };
-                let c = 1.0 / (1.0 + t * t).sqrt();
-                let s = c * t;
-                rotate(&mut cols, p, q, c, s);
-                rotate(&mut v, p, q, c, s);
-            }
-        }
-        if !rotated {
-            break;
-        }
-    }
-    let mut order: Vec<(f64, usize)> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.iter().map(|x| x * x).sum::<f64>().sqrt(), i))
-        .collect();
-    order.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let mut u = Vec::with_capacity(n);
-    let mut s = Vec::with_capacity(n);
-    let mut vv = Vec::with_capacity(n);
-    for (sigma, i) in order {
-        s.push(sigma);
-        u.push(if sigma > 0.0 {
-            cols[i].iter().map(|x| x / sigma).collect()
-        } else {
-            vec![0.0; m]
-        });
-        vv.push(v[i].clone());
-    }
-    (u, s, vv)
-}
-
-/// Rotates columns `p < q` in their plane: `(x, y) ← (c·x − s·y, s·x + c·y)`.
-fn rotate(cols: &mut [Vec<f64>], p: usize, q: usize, c: f64, s: f64) {
-    let (lo, hi) = cols.split_at_mut(q);
-    for (x, y) in lo[p].iter_mut().zip(hi[0].iter_mut()) {
-        let (a, b) = (*x, *y);
-        *x = c * a - s * b;
-        *y = s * a + c * b;
-    }
 }
 
 /// The new rank for singular values `s` (largest first) under `rule`,
@@ -453,30 +319,6 @@ pub fn resize_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-    }
-
-    #[test]
-    fn jacobi_svd_reconstructs_and_orders() {
-        let mut seed = 7;
-        let n = 6;
-        let a = Mat {
-            rows: n,
-            cols: n,
-            v: (0..n * n).map(|_| lcg(&mut seed)).collect(),
-        };
-        let (u, s, v) = jacobi_svd(&a);
-        assert!(s.windows(2).all(|w| w[0] >= w[1]));
-        for (r, c) in (0..n).flat_map(|r| (0..n).map(move |c| (r, c))) {
-            let x: f64 = (0..n).map(|k| u[k][r] * s[k] * v[k][c]).sum();
-            assert!((x - a.at(r, c)).abs() < 1e-12, "{x} vs {}", a.at(r, c));
-        }
-    }
 
     #[test]
     fn rank_rules_follow_kohya() {

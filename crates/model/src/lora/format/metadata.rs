@@ -47,6 +47,20 @@ impl BaseModelVersion {
         }
     }
 
+    /// The base model version of a model of `architecture` predicting `prediction`.
+    pub fn of_model(
+        architecture: crate::load::Architecture,
+        prediction: crate::load::Prediction,
+    ) -> Self {
+        use crate::load::{Architecture, Prediction};
+        match (architecture, prediction) {
+            (Architecture::Sd1, _) => Self::SdV1,
+            (Architecture::Sd2, Prediction::V) => Self::SdV2V,
+            (Architecture::Sd2, _) => Self::SdV2,
+            (Architecture::Sdxl, _) => Self::SdxlBase,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "sd_v1" => Self::SdV1,
