@@ -391,3 +391,49 @@ fn missing_class_images_are_generated_once_and_never_overwrite() {
     assert!(!err.contains("generating"), "{err}");
     assert_eq!(listing().len(), 3);
 }
+
+/// A kohya dataset config trains as it is, given as the config or with
+/// `--dataset-config`; its ignored keys are said; `--data` cannot be added.
+#[test]
+fn a_kohya_dataset_config_is_read_as_it_is() {
+    for args in [
+        vec![
+            "train",
+            "--config",
+            "configs/kohya_dataset.toml",
+            "--dry-run",
+        ],
+        vec![
+            "train",
+            "--dataset-config",
+            "configs/kohya_dataset.toml",
+            "--model",
+            "builtin:tiny",
+            "--dry-run",
+        ],
+    ] {
+        let o = sd_lora(&args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{args:?}: {out}\n{err}");
+        assert!(err.contains("`color_aug` ignored"), "{err}");
+        assert!(
+            out.contains("8 images × 10 repeats") && out.contains("caption \"ohwx robot\""),
+            "{out}"
+        );
+    }
+    // clap refuses the pair (exit status 2) before anything is read.
+    let o = sd_lora(&[
+        "train",
+        "--dataset-config",
+        "configs/kohya_dataset.toml",
+        "--data",
+        "assets/example_dataset",
+        "--dry-run",
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        out.is_empty() && err.contains("cannot be used with"),
+        "{err}"
+    );
+}

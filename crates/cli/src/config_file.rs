@@ -5,8 +5,8 @@
 
 use anyhow::{Context, Result, bail};
 use sd_lora_data::DatasetConfig;
-use sd_lora_train::config::{SECTIONS, TrainConfig, resolve_paths};
-use sd_lora_train::overrides;
+use sd_lora_train::config::{SECTIONS, TrainConfig, kohya_dataset_document, resolve_paths};
+use sd_lora_train::{kohya_dataset, overrides};
 use std::path::{Path, PathBuf};
 use toml::Table;
 
@@ -23,12 +23,19 @@ pub fn load_document(path: Option<&Path>, sets: &[String]) -> Result<(Table, Pat
                 .parse()
                 .with_context(|| format!("{} is not valid TOML", p.display()))?;
             let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
-            resolve_paths(&mut doc, &base);
+            if kohya_dataset::is_kohya_dataset_config(&doc) {
+                doc = kohya_dataset_document(p);
+            } else {
+                resolve_paths(&mut doc, &base);
+            }
             (doc, base)
         }
         None => (Table::new(), PathBuf::new()),
     };
     overrides::apply_all(&mut doc, sets)?;
+    for note in kohya_dataset::expand(&mut doc)? {
+        eprintln!("note: {note}");
+    }
     for key in doc.keys() {
         if !SECTIONS.contains(&key.as_str()) {
             bail!(

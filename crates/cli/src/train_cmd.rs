@@ -25,8 +25,9 @@ use std::path::{Path, PathBuf};
 /// key (applied before the explicit `--set`s, so those win).
 #[derive(Debug, Default, Args)]
 pub struct TrainArgs {
-    /// The training config (TOML; see docs/config.md). Without it, the quick
-    /// flags and `--set`s are the whole config.
+    /// The training config (TOML; see docs/config.md), or a kohya dataset
+    /// config (`[[datasets]]`, read as `--dataset-config`). Without it, the
+    /// quick flags and `--set`s are the whole config.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Base model: a diffusers folder, a `.safetensors` checkpoint (SD1.x, SD2.x, SDXL) or a
@@ -36,6 +37,10 @@ pub struct TrainArgs {
     /// Folder of training images (`dataset.subsets[0].path`, an instance subset).
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// A kohya sd-scripts dataset config to train on, unchanged
+    /// (`dataset.kohya_config`).
+    #[arg(long, value_name = "FILE", conflicts_with = "data")]
+    pub dataset_config: Option<PathBuf>,
     /// Caption of the training images without a caption file, e.g. "a photo of ohwx dog" (`dataset.subsets[0].caption`).
     #[arg(long, value_name = "TEXT")]
     pub instance_prompt: Option<String>,
@@ -122,6 +127,9 @@ impl TrainArgs {
         if let Some(m) = &self.model {
             sets.push(format!("model.path={}", toml_str(m)));
         }
+        if let Some(k) = &self.dataset_config {
+            sets.push(format!("dataset.kohya_config={}", path(k)));
+        }
         if let Some(d) = &self.data {
             sets.push(format!("dataset.subsets[0].path={}", path(d)));
             sets.push("dataset.subsets[0].kind=\"instance\"".to_string());
@@ -196,6 +204,9 @@ impl TrainArgs {
 /// Runs the command; returns the process exit code.
 pub fn run(args: &TrainArgs) -> Result<u8> {
     let mut cfg = TrainConfig::load(args.config.as_deref(), &args.overrides())?;
+    for note in &cfg.notes {
+        eprintln!("note: {note}");
+    }
     for (flag, p) in [("--data", &args.data), ("--class-data", &args.class_data)] {
         // A class folder that is to be filled with generated images may not
         // exist yet.

@@ -47,6 +47,15 @@ pub struct DatasetConfig {
     pub background: String,
     /// Loss weight of class (prior-preservation) images relative to instance images.
     pub prior_loss_weight: f32,
+    /// A kohya sd-scripts dataset config (the TOML given to kohya's
+    /// `--dataset_config`: `[general]`, `[[datasets]]`,
+    /// `[[datasets.subsets]]` with `image_dir`, `class_tokens`,
+    /// `num_repeats`, `is_reg`, `caption_extension`, …) to train on. Its
+    /// subsets and options are used as if written in this table; keys written
+    /// here or given on the command line win. kohya options sd-lora does not
+    /// use are listed as ignored when the config is read. `sd-lora train
+    /// --config kohya.toml` reads such a file directly.
+    pub kohya_config: Option<PathBuf>,
 }
 
 impl Default for DatasetConfig {
@@ -63,6 +72,7 @@ impl Default for DatasetConfig {
             min_image_side: 64,
             background: "#ffffff".to_string(),
             prior_loss_weight: 1.0,
+            kohya_config: None,
         }
     }
 }

@@ -56,6 +56,11 @@ pub struct TrainConfig {
     #[serde(skip)]
     #[schemars(skip)]
     pub given: GivenKeys,
+    /// Things to tell the user about how the config was read (kohya keys
+    /// ignored); not a config key.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub notes: Vec<String>,
 }
 
 /// The `section.key`s a config document set. Equality ignores them: two
@@ -786,11 +791,12 @@ impl SaveDtypeChoice {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read config file {}: {source} (check the path)", path.display())]
+    // The I/O error is in the message, not a `source`: the CLI prints
+    // sources after the message, which would say it twice.
+    #[error("cannot read config file {}: {error} (check the path)", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not TOML.
     #[error("{} is not valid TOML: {message}", path.display())]
@@ -859,9 +865,9 @@ fn origin_of(path: Option<&Path>) -> String {
 pub fn load_document(path: Option<&Path>, sets: &[String]) -> Result<Table, ConfigError> {
     let mut doc = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(p).map_err(|error| ConfigError::Read {
                 path: p.to_path_buf(),
-                source,
+                error,
             })?;
             let mut doc: Table =
                 text.parse()
@@ -869,8 +875,14 @@ pub fn load_document(path: Option<&Path>, sets: &[String]) -> Result<Table, Conf
                         path: p.to_path_buf(),
                         message: e.message().to_string(),
                     })?;
-            let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
-            resolve_paths(&mut doc, &base);
+            if crate::kohya_dataset::is_kohya_dataset_config(&doc) {
+                // A kohya dataset config given as the config: train on it
+                // with every other option at its default.
+                doc = kohya_dataset_document(p);
+            } else {
+                let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+                resolve_paths(&mut doc, &base);
+            }
             doc
         }
         None => Table::new(),
@@ -888,6 +900,18 @@ pub fn load_document(path: Option<&Path>, sets: &[String]) -> Result<Table, Conf
         }
     }
     Ok(doc)
+}
+
+/// The document `[dataset] kohya_config = "path"`.
+pub fn kohya_dataset_document(path: &Path) -> Table {
+    let mut dataset = Table::new();
+    dataset.insert(
+        "kohya_config".into(),
+        Value::String(path.to_string_lossy().into_owned()),
+    );
+    let mut doc = Table::new();
+    doc.insert("dataset".into(), Value::Table(dataset));
+    doc
 }
 
 /// Joins relative path strings at the keys that hold file-system paths to
@@ -921,6 +945,7 @@ pub fn resolve_paths(doc: &mut Table, base: &Path) {
     at("output", "dir");
     at("train", "latent_cache_dir");
     at("train", "validation_dir");
+    at("dataset", "kohya_config");
     if let Some(subsets) = doc
         .get_mut("dataset")
         .and_then(Value::as_table_mut)
@@ -971,8 +996,11 @@ impl TrainConfig {
     /// [`TrainConfig::load`] without [`TrainConfig::validate`] (for tools that
     /// check only a part, and for tests).
     pub fn load_unvalidated(path: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
-        let doc = load_document(path, sets)?;
-        Self::from_document(doc, &origin_of(path))
+        let mut doc = load_document(path, sets)?;
+        let notes = crate::kohya_dataset::expand(&mut doc)?;
+        let mut cfg = Self::from_document(doc, &origin_of(path))?;
+        cfg.notes = notes;
+        Ok(cfg)
     }
 
     /// The typed config of a document; `origin` names it in errors.

@@ -29,6 +29,7 @@ pub mod bench_pipeline;
 pub mod class_images;
 pub mod config;
 pub mod generate;
+pub mod kohya_dataset;
 pub mod latents;
 pub mod loss;
 pub mod lr;
