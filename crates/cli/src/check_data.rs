@@ -188,6 +188,13 @@ fn render(ds: &Dataset, r: &Report, list_images: bool) -> String {
                 "      caption for images without a caption file: \"{f}\""
             );
         }
+        if s.masks > 0 {
+            let _ = writeln!(
+                o,
+                "      loss masks: {} of {} (train.unmasked_weight sets the weight outside them)",
+                s.masks, s.images
+            );
+        }
     }
     if !r.buckets.is_empty() {
         let _ = writeln!(o, "\nBuckets (width×height: samples per epoch)");

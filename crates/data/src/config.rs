@@ -47,6 +47,13 @@ pub struct DatasetConfig {
     pub background: String,
     /// Loss weight of class (prior-preservation) images relative to instance images.
     pub prior_loss_weight: f32,
+    /// Use each image's alpha channel as its loss mask (kohya's
+    /// `alpha_mask`): opaque pixels are trained, transparent ones count as
+    /// much as `train.unmasked_weight` says. Images without alpha are
+    /// trained whole. A grayscale `NAME-masklabel.png` beside an image
+    /// (OneTrainer's masks: white is trained) is used whether or not this is
+    /// on, and wins over the alpha channel.
+    pub alpha_mask: bool,
     /// A kohya sd-scripts dataset config (the TOML given to kohya's
     /// `--dataset_config`: `[general]`, `[[datasets]]`,
     /// `[[datasets.subsets]]` with `image_dir`, `class_tokens`,
@@ -72,6 +79,7 @@ impl Default for DatasetConfig {
             min_image_side: 64,
             background: "#ffffff".to_string(),
             prior_loss_weight: 1.0,
+            alpha_mask: false,
             kohya_config: None,
         }
     }

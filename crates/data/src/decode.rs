@@ -7,7 +7,7 @@
 //! frame of an animation) or fails with a [`DecodeError`] that says what the
 //! file is and what to do.
 
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage};
 use std::io::Cursor;
 use std::path::Path;
 
@@ -55,6 +55,35 @@ pub fn decode_image(path: &Path, background: [u8; 3]) -> Result<Decoded, DecodeE
 
 /// [`decode_image`] on bytes already read.
 pub fn decode_bytes(bytes: &[u8], background: [u8; 3]) -> Result<Decoded, DecodeError> {
+    let img = decode_upright(bytes)?;
+    let had_alpha = img.color().has_alpha();
+    let rgb = if had_alpha {
+        composite(&img, background)
+    } else {
+        // Handles grey, 16-bit and float images, scaling to 8 bits.
+        img.to_rgb8()
+    };
+    Ok(Decoded { rgb, had_alpha })
+}
+
+/// A loss mask, upright, 8-bit: the alpha channel of the image at `path`
+/// when `alpha` (fully opaque for an image without one), else its
+/// brightness (a grayscale mask file; white = trained).
+pub fn decode_mask(path: &Path, alpha: bool) -> Result<GrayImage, DecodeError> {
+    let bytes = std::fs::read(path).map_err(|e| DecodeError::Io(e.to_string()))?;
+    let img = decode_upright(&bytes)?;
+    Ok(if alpha {
+        let rgba = img.to_rgba8();
+        GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+            image::Luma([rgba.get_pixel(x, y)[3]])
+        })
+    } else {
+        img.to_luma8()
+    })
+}
+
+/// Decodes any supported image and applies its EXIF orientation.
+fn decode_upright(bytes: &[u8]) -> Result<DynamicImage, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -76,14 +105,7 @@ pub fn decode_bytes(bytes: &[u8], background: [u8; 3]) -> Result<Decoded, Decode
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(classify)?;
     img.apply_orientation(orientation);
-    let had_alpha = img.color().has_alpha();
-    let rgb = if had_alpha {
-        composite(&img, background)
-    } else {
-        // Handles grey, 16-bit and float images, scaling to 8 bits.
-        img.to_rgb8()
-    };
-    Ok(Decoded { rgb, had_alpha })
+    Ok(img)
 }
 
 /// Straight-alpha "over" onto an opaque background colour.

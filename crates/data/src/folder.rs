@@ -59,6 +59,9 @@ const UNSUPPORTED_IMAGE_EXTENSIONS: &[(&str, &str)] = &[
 pub enum FileRole {
     /// An image we decode.
     Image,
+    /// A loss mask for the image named by the stem without [`MASK_SUFFIX`]
+    /// (OneTrainer's `NAME-masklabel.png`), not a training image.
+    Mask(String),
     /// A caption candidate (its extension, with the dot, lower-case).
     Caption(String),
     /// An image format we cannot decode (a description of it).
@@ -66,6 +69,9 @@ pub enum FileRole {
     /// Anything else (kohya latent caches, metadata, system files): ignored.
     Other,
 }
+
+/// The stem suffix of a mask file: `photo-masklabel.png` masks `photo.*`.
+pub const MASK_SUFFIX: &str = "-masklabel";
 
 /// Classifies a file name. `caption_extension` is the configured one (with
 /// its dot); `.txt` and `.caption` are always caption candidates.
@@ -84,6 +90,13 @@ pub fn file_role(path: &Path, caption_extension: &str) -> FileRole {
     };
     let ext = ext.to_string_lossy().to_ascii_lowercase();
     if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(image) = stem.strip_suffix(MASK_SUFFIX) {
+            return FileRole::Mask(image.to_string());
+        }
         return FileRole::Image;
     }
     let dotted = format!(".{ext}");

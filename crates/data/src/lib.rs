@@ -29,4 +29,4 @@ pub mod scan;
 pub use config::{CropMode, DatasetConfig, Layout, SubsetConfig, SubsetKind};
 pub use problem::{Problem, Severity};
 pub use sample::{BatchPlan, EpochIter, Sample};
-pub use scan::{CaptionSource, Dataset, ImageEntry, Subset};
+pub use scan::{CaptionSource, Dataset, ImageEntry, MaskSource, Subset};

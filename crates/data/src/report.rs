@@ -61,6 +61,9 @@ pub struct SubsetReport {
     pub uncaptioned: usize,
     /// Loss weight of its samples.
     pub loss_weight: f32,
+    /// Images with a loss mask (a `-masklabel` file or, with
+    /// `dataset.alpha_mask`, an alpha channel).
+    pub masks: usize,
 }
 
 /// A bucket and how many samples per epoch it holds.
@@ -112,7 +115,8 @@ impl Report {
             subsets: ds
                 .subsets
                 .iter()
-                .map(|s| SubsetReport {
+                .enumerate()
+                .map(|(i, s)| SubsetReport {
                     path: s.path.clone(),
                     kind: s.kind,
                     repeats: s.repeats,
@@ -123,6 +127,11 @@ impl Report {
                     fallback_source: s.fallback_source,
                     uncaptioned: s.uncaptioned,
                     loss_weight: s.loss_weight,
+                    masks: ds
+                        .images
+                        .iter()
+                        .filter(|e| e.subset == i && e.mask.is_some())
+                        .count(),
                 })
                 .collect(),
             buckets,

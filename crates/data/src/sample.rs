@@ -8,10 +8,10 @@
 
 use crate::bucket::{Bucket, CropGeometry, crop_geometry};
 use crate::config::SubsetKind;
-use crate::decode::decode_image;
+use crate::decode::{decode_image, decode_mask};
 use crate::problem::Problem;
 use crate::rng::Rng;
-use crate::scan::Dataset;
+use crate::scan::{Dataset, MaskSource};
 use image::imageops::{self, FilterType};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -250,6 +250,56 @@ impl Dataset {
             crop,
             flipped,
         }
+    }
+
+    /// The loss mask of `sample` at its pixel size (`height × width`, row
+    /// major, 1 = trained, 0 = not), cut and mirrored exactly as its pixels
+    /// are; `None` for an image without a mask.
+    pub fn load_mask(&self, sample: &Sample) -> Result<Option<Vec<f32>>, Problem> {
+        let entry = &self.images[sample.image];
+        let (path, alpha) = match &entry.mask {
+            None => return Ok(None),
+            Some(MaskSource::File(p)) => (p, false),
+            Some(MaskSource::Alpha) => (&entry.path, true),
+        };
+        let mask = decode_mask(path, alpha).map_err(|e| {
+            Problem::error(
+                path,
+                format!("mask changed since the dataset was scanned: {e}"),
+            )
+        })?;
+        if mask.dimensions() != (entry.width, entry.height) {
+            return Err(Problem::error(
+                path,
+                "mask changed size since the dataset was scanned; run again",
+            ));
+        }
+        let geom = sample.crop;
+        // Bilinear for a mask: Lanczos would ring around its edges.
+        let resized = if geom.resized == [entry.width, entry.height] {
+            mask
+        } else {
+            imageops::resize(
+                &mask,
+                geom.resized[0],
+                geom.resized[1],
+                FilterType::Triangle,
+            )
+        };
+        let mut cropped = imageops::crop_imm(
+            &resized,
+            geom.offset[0],
+            geom.offset[1],
+            geom.size[0],
+            geom.size[1],
+        )
+        .to_image();
+        if sample.flipped {
+            imageops::flip_horizontal_in_place(&mut cropped);
+        }
+        Ok(Some(
+            cropped.pixels().map(|p| f32::from(p[0]) / 255.0).collect(),
+        ))
     }
 
     /// Decodes `image` and cuts the crop `geom` out of it, mirrored when

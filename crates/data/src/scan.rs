@@ -87,6 +87,19 @@ pub struct ImageEntry {
     /// The caption file read, if any.
     #[serde(skip)]
     pub caption_file: Option<PathBuf>,
+    /// Where its loss mask comes from, if it has one.
+    pub mask: Option<MaskSource>,
+}
+
+/// Where an image's loss mask comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskSource {
+    /// A grayscale `NAME-masklabel.*` file beside the image (white = trained).
+    #[serde(serialize_with = "crate::problem::serialize_path_lossy")]
+    File(PathBuf),
+    /// The image's own alpha channel (`dataset.alpha_mask`).
+    Alpha,
 }
 
 /// The scanned dataset: subsets, usable images and problems.
@@ -109,6 +122,7 @@ struct Candidate {
     subset: usize,
     image: PathBuf,
     caption_file: Option<PathBuf>,
+    mask_file: Option<PathBuf>,
 }
 
 /// Images enlarged by more than this get a warning: they will look soft.
@@ -135,7 +149,17 @@ impl Dataset {
         let bucketing = Bucketing::from_config(config);
         let results: Vec<(Option<ImageEntry>, Vec<Problem>)> = candidates
             .par_iter()
-            .map(|c| examine(c, &subsets[c.subset], background, min_side, &bucketing))
+            .map(|c| {
+                let alpha = config.alpha_mask;
+                examine(
+                    c,
+                    &subsets[c.subset],
+                    background,
+                    min_side,
+                    alpha,
+                    &bucketing,
+                )
+            })
             .collect();
 
         let mut images = Vec::new();
@@ -382,6 +406,8 @@ fn list_subset(si: usize, s: &Subset, out: &mut Vec<Candidate>, problems: &mut V
     let mut images = Vec::new();
     // stem → caption files (extension lower-case with dot, path)
     let mut captions: BTreeMap<String, Vec<(String, PathBuf)>> = BTreeMap::new();
+    // image stem → mask file
+    let mut masks: BTreeMap<String, PathBuf> = BTreeMap::new();
     for p in entries {
         if !p.is_file() {
             // `is_file` follows links: a link whose target is gone is neither
@@ -396,6 +422,19 @@ fn list_subset(si: usize, s: &Subset, out: &mut Vec<Candidate>, problems: &mut V
         }
         match file_role(&p, &s.caption_extension) {
             FileRole::Image => images.push(p),
+            FileRole::Mask(image_stem) => {
+                if let Some(first) = masks.get(&image_stem) {
+                    problems.push(Problem::warning(
+                        &p,
+                        format!(
+                            "ignored: {} is already the mask of {image_stem}; remove one of the two",
+                            file_name(first)
+                        ),
+                    ));
+                } else {
+                    masks.insert(image_stem, p);
+                }
+            }
             FileRole::Caption(ext) => {
                 captions.entry(stem(&p)).or_default().push((ext, p));
             }
@@ -432,12 +471,20 @@ fn list_subset(si: usize, s: &Subset, out: &mut Vec<Candidate>, problems: &mut V
             }
             Some(best.1.clone())
         });
+        let mask_file = masks.remove(&st);
         used_stems.insert(st);
         out.push(Candidate {
             subset: si,
             image: img,
             caption_file,
+            mask_file,
         });
+    }
+    for (st, p) in &masks {
+        problems.push(Problem::warning(
+            p,
+            format!("mask has no image named {st}.png/.jpg/…; add the image or remove the mask"),
+        ));
     }
     for (st, files) in &captions {
         if !used_stems.contains(st) {
@@ -471,6 +518,7 @@ fn examine(
     subset: &Subset,
     background: [u8; 3],
     min_side: u32,
+    alpha_mask: bool,
     bucketing: &Bucketing,
 ) -> (Option<ImageEntry>, Vec<Problem>) {
     let mut problems = Vec::new();
@@ -482,7 +530,38 @@ fn examine(
         }
     };
     let (width, height) = decoded.rgb.dimensions();
+    let had_alpha = decoded.had_alpha;
     drop(decoded);
+    let mask = match &c.mask_file {
+        Some(m) => match decode_image(m, [0, 0, 0]) {
+            Ok(d) if d.rgb.dimensions() == (width, height) => Some(MaskSource::File(m.clone())),
+            Ok(d) => {
+                let (mw, mh) = d.rgb.dimensions();
+                problems.push(Problem::error(
+                    &c.image,
+                    format!(
+                        "its mask {} is {mw}×{mh} px and the image {width}×{height}: make the mask \
+                         the image's size (the image is skipped, not trained unmasked)",
+                        file_name(m)
+                    ),
+                ));
+                return (None, problems);
+            }
+            Err(e) => {
+                problems.push(Problem::error(
+                    &c.image,
+                    format!(
+                        "its mask {} cannot be read ({e}); fix or remove the mask (the image is \
+                         skipped, not trained unmasked)",
+                        file_name(m)
+                    ),
+                ));
+                return (None, problems);
+            }
+        },
+        None if alpha_mask && had_alpha => Some(MaskSource::Alpha),
+        None => None,
+    };
     if width.min(height) < min_side {
         problems.push(Problem::error(
             &c.image,
@@ -584,6 +663,7 @@ fn examine(
                 .caption_file
                 .clone()
                 .filter(|_| caption_source == CaptionSource::File),
+            mask,
         }),
         problems,
     )

@@ -479,6 +479,11 @@ pub struct TrainSection {
     /// Scale of the `exponential` and `constant` Huber thresholds (kohya's
     /// `huber_scale`).
     pub huber_scale: f64,
+    /// With loss masks (`dataset.alpha_mask`, or `NAME-masklabel.png` files):
+    /// how much the unmasked (transparent / black) area still counts, from 0
+    /// (only the masked area is trained, as kohya's `alpha_mask` does) to 1
+    /// (masks have no effect). OneTrainer's default is 0.1.
+    pub unmasked_weight: f64,
     /// Stop the run after this many steps in a row with a non-finite loss or
     /// gradient (each such step is skipped and reported).
     pub max_nonfinite_steps: usize,
@@ -557,6 +562,7 @@ impl Default for TrainSection {
             huber_schedule: HuberSchedule::Snr,
             huber_c: 0.1,
             huber_scale: 1.0,
+            unmasked_weight: 0.0,
             max_nonfinite_steps: 5,
             cache_latents: LatentCacheMode::Memory,
             latent_cache_dir: None,
@@ -1379,11 +1385,19 @@ impl TrainSection {
             huber_schedule: self.huber_schedule,
             huber_c: self.huber_c,
             huber_scale: self.huber_scale,
+            unmasked_weight: self.unmasked_weight,
         }
     }
 
     /// The noise and loss options beyond the basics.
     fn validate_noise_options(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.unmasked_weight) {
+            return Err(bad(
+                "train.unmasked_weight",
+                self.unmasked_weight,
+                "must be between 0 (train only the masked area) and 1 (ignore masks)",
+            ));
+        }
         if !(self.multires_noise_discount.is_finite()
             && self.multires_noise_discount > 0.0
             && self.multires_noise_discount < 1.0)

@@ -32,6 +32,7 @@ const SUBSET_KEYS: &[&str] = &[
     "caption_tag_dropout_rate",
     "flip_aug",
     "random_crop",
+    "alpha_mask",
 ];
 
 /// Dataset keys we translate.
@@ -61,10 +62,6 @@ const IGNORED: &[(&str, &str)] = &[
     ("enable_wildcard", "wildcard captions are not implemented"),
     ("caption_prefix", "write the prefix into the captions"),
     ("caption_suffix", "write the suffix into the captions"),
-    (
-        "alpha_mask",
-        "masked loss is not implemented yet; the whole image is trained",
-    ),
     ("cache_info", "sd-lora caches latents by its own rules"),
     ("custom_attributes", "not used"),
     ("network_multiplier", "not used"),
@@ -315,6 +312,7 @@ pub fn translate(doc: &Table, path: &Path) -> Result<Translated, ConfigError> {
     let kohya_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut subsets = Vec::new();
     let mut random_crop = Vec::new();
+    let mut alpha_mask = Vec::new();
     for (i, d) in datasets.iter().enumerate() {
         let list = match d.get("subsets") {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_table).collect::<Vec<_>>(),
@@ -373,6 +371,7 @@ pub fn translate(doc: &Table, path: &Path) -> Result<Translated, ConfigError> {
                 }
             }
             random_crop.push(matches!(at("random_crop"), Some(Value::Boolean(true))));
+            alpha_mask.push(matches!(at("alpha_mask"), Some(Value::Boolean(true))));
             subsets.push(Value::Table(sub));
         }
     }
@@ -382,6 +381,16 @@ pub fn translate(doc: &Table, path: &Path) -> Result<Translated, ConfigError> {
             notes.push(format!(
                 "{}: random_crop is on for some subsets: sd-lora crops every subset at random \
                  (`dataset.crop` is one setting per run)",
+                path.display()
+            ));
+        }
+    }
+    if alpha_mask.iter().any(|&r| r) {
+        dataset.insert("alpha_mask".into(), Value::Boolean(true));
+        if !alpha_mask.iter().all(|&r| r) {
+            notes.push(format!(
+                "{}: alpha_mask is on for some subsets: sd-lora uses the alpha channel of every \
+                 subset's images (`dataset.alpha_mask` is one setting per run)",
                 path.display()
             ));
         }

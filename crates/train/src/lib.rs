@@ -33,6 +33,7 @@ pub mod kohya_dataset;
 pub mod latents;
 pub mod loss;
 pub mod lr;
+pub mod masks;
 pub mod noise;
 pub mod optim;
 pub mod outputs;

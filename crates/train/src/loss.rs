@@ -95,6 +95,8 @@ pub struct LossOptions {
     pub huber_c: f64,
     /// Scale of the exponential and constant thresholds.
     pub huber_scale: f64,
+    /// Weight of the area outside a loss mask (see [`masked_weighted_loss`]).
+    pub unmasked_weight: f64,
 }
 
 impl LossOptions {
@@ -289,6 +291,23 @@ pub fn weighted_loss(
     schedule: &NoiseSchedule,
     opts: &LossOptions,
 ) -> Result<Tensor> {
+    masked_weighted_loss(pred, target, timesteps, loss_weights, schedule, opts, None)
+}
+
+/// [`weighted_loss`] with a loss mask: `mask` (`[b, 1, h, w]` on the latent
+/// grid, values in [0, 1]) multiplies each element's loss by
+/// `u + (1 − u)·mask` (`u` = `opts.unmasked_weight`) before the mean over
+/// the sample's elements — the whole latent, as kohya divides, so a sample
+/// whose mask is half white weighs half as much.
+pub fn masked_weighted_loss(
+    pred: &Tensor,
+    target: &Tensor,
+    timesteps: &[usize],
+    loss_weights: &[f32],
+    schedule: &NoiseSchedule,
+    opts: &LossOptions,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     if pred.dims() != target.dims() || pred.rank() < 1 {
         candle_core::bail!(
             "weighted_loss: prediction shape {:?} and target shape {:?} must be equal and [batch, …]",
@@ -326,6 +345,13 @@ pub fn weighted_loss(
                 _ => (root * 2.0)?,
             }
         }
+    };
+    let per_element = match mask {
+        Some(m) => {
+            let u = opts.unmasked_weight;
+            per_element.broadcast_mul(&m.to_dtype(dtype)?.affine(1.0 - u, u)?)?
+        }
+        None => per_element,
     };
     let per_sample = per_element.flatten_from(1)?.mean(1)?; // [b]
     let weights: Vec<f32> = sample_weights(timesteps, loss_weights, schedule, opts)

@@ -10,8 +10,9 @@
 use crate::config::TrainConfig;
 use crate::generate::sampler_config_for;
 use crate::latents::{LatentCache, TextEmbeddingCache};
-use crate::loss::{NoiseOptions, make_noisy_batch, weighted_loss};
+use crate::loss::{NoiseOptions, make_noisy_batch, masked_weighted_loss};
 use crate::lr::LrSchedule;
+use crate::masks::MaskCache;
 use crate::optim::{
     GradAccumulator, Optimizer, OptimizerKind, ParamGroup, clip_coefficient, grad_norm,
 };
@@ -537,6 +538,7 @@ pub fn train(
         bail!("the dataset has class images but no instance images to learn from");
     }
     let mut plans: PlanMemo = BTreeMap::new();
+    let mut masks = MaskCache::new(ds);
     let model_id = format!("{}:{:?}", cfg.model.path, cfg.model.dtype);
     let disk_dir = cfg
         .train
@@ -745,6 +747,7 @@ pub fn train(
                 scaling,
                 train_te,
                 latents_cached: prepared.vae_encoder_released,
+                masks: &mut masks,
                 schedule: &train_schedule,
                 noise: &noise_opts,
                 step,
@@ -933,6 +936,8 @@ struct MicroCtx<'a> {
     train_te: bool,
     /// Every latent the run draws is in `latents_cache` (see prepare.rs).
     latents_cached: bool,
+    /// Loss masks seen so far.
+    masks: &'a mut MaskCache,
     /// The noise schedule of the loss.
     schedule: &'a NoiseSchedule,
     noise: &'a NoiseOptions,
@@ -1004,13 +1009,16 @@ impl MicroCtx<'_> {
         let dtype = cfg.model.dtype.to_dtype();
         let pred = sd.predict(&nb.noisy, &t, &text.to_dtype(dtype)?, &sizes)?;
         let weights: Vec<f32> = samples.iter().map(|s| s.loss_weight).collect();
-        Ok(weighted_loss(
+        let (lh, lw) = (latents.dim(2)?, latents.dim(3)?);
+        let mask = self.masks.batch_mask(ds, &samples, (lh, lw), device)?;
+        Ok(masked_weighted_loss(
             &pred.to_dtype(DType::F32)?,
             &nb.target,
             &nb.timesteps,
             &weights,
             self.schedule,
             &cfg.train.loss_options(),
+            mask.as_ref(),
         )?)
     }
 }

@@ -4,8 +4,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use sd_lora_data::rng::Rng;
 use sd_lora_model::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
 use sd_lora_train::loss::{
-    HuberSchedule, LossOptions, LossType, NoiseOptions, make_noisy_batch, sample_weights,
-    weighted_loss,
+    HuberSchedule, LossOptions, LossType, NoiseOptions, make_noisy_batch, masked_weighted_loss,
+    sample_weights, weighted_loss,
 };
 use sd_lora_train::noise::{randn, sample_timesteps, sample_timesteps_in, upsample_bilinear};
 
@@ -408,6 +408,7 @@ fn loss_variants() -> Vec<LossOptions> {
                     huber_schedule,
                     huber_c: 0.3,
                     huber_scale: 1.7,
+                    unmasked_weight: 0.0,
                 });
             }
         }
@@ -618,5 +619,78 @@ fn multires_noise_and_input_perturbation() {
             / per as f64)
             .sqrt();
         assert!((rms / s - 1.0).abs() < 0.1, "sample {i}: {rms} vs {s}");
+    }
+}
+
+/// A loss mask weighs each element by `u + (1 − u)·mask` before the mean
+/// over the sample; where the mask is 0 and `u` = 0 the prediction gets no
+/// gradient; a mask of ones changes nothing.
+#[test]
+fn masked_loss_weighs_elements_and_stops_gradients_outside_the_mask() {
+    let sched = schedule(Prediction::Epsilon);
+    let (pred, target) = pred_target(DType::F32);
+    let ts = [10, 700];
+    let lw = [1.0f32, 0.5];
+    // [2, 1, 2, 2]: sample 0 trains only its first row, sample 1 everything.
+    let mask = Tensor::from_vec(
+        vec![1.0f32, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0],
+        (2, 1, 2, 2),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ones = Tensor::ones((2, 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let opts = |u: f64| LossOptions {
+        unmasked_weight: u,
+        ..LossOptions::mse(None)
+    };
+    let value = |m: Option<&Tensor>, u: f64| {
+        masked_weighted_loss(&pred, &target, &ts, &lw, &sched, &opts(u), m)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let plain = value(None, 0.0);
+    assert_eq!(value(Some(&ones), 0.0), plain);
+    assert_eq!(value(Some(&mask), 1.0), plain);
+    // By hand: mean over each sample's 12 elements of mask·(p − t)², weighted, averaged.
+    let p = vec_f32(&pred);
+    let t = vec_f32(&target);
+    let m = vec_f32(&mask);
+    for u in [0.0, 0.1] {
+        let mut total = 0.0;
+        for b in 0..2 {
+            let mut sum = 0.0;
+            for c in 0..3 {
+                for hw in 0..4 {
+                    let i = b * 12 + c * 4 + hw;
+                    let w = u + (1.0 - u) * f64::from(m[b * 4 + hw]);
+                    sum += w * f64::from(p[i] - t[i]).powi(2);
+                }
+            }
+            total += f64::from(lw[b]) * sum / 12.0;
+        }
+        let want = total / 2.0;
+        let got = value(Some(&mask), u);
+        assert!((got - want).abs() < 1e-6 * want, "u = {u}: {got} vs {want}");
+    }
+    // Gradient: zero exactly where the mask is 0 (u = 0), non-zero elsewhere.
+    let var = Var::from_tensor(&pred).unwrap();
+    let loss = masked_weighted_loss(
+        var.as_tensor(),
+        &target,
+        &ts,
+        &lw,
+        &sched,
+        &opts(0.0),
+        Some(&mask),
+    )
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let g = vec_f32(grads.get(var.as_tensor()).unwrap());
+    for c in 0..3 {
+        for hw in 0..4 {
+            let (i, masked_out) = (c * 4 + hw, hw >= 2);
+            assert_eq!(g[i] == 0.0, masked_out, "element {i}: gradient {}", g[i]);
+        }
     }
 }

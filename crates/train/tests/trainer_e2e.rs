@@ -530,3 +530,69 @@ fn gradient_checkpointing_trains_the_same_lora() {
         "checkpointed and plain LoRAs differ by {worst}"
     );
 }
+
+/// Loss masks end to end: with every mask black (and no weight outside
+/// masks) nothing is trained — zero loss, the LoRA's `up` stays zero; with
+/// every mask white the run is bit for bit the unmasked run.
+#[test]
+fn loss_masks_train_only_the_masked_area() {
+    let images = tempfile::tempdir().unwrap();
+    let src = example_dataset().join("10_ohwx robot");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, images.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let with_masks = |value: u8| {
+        for e in std::fs::read_dir(images.path()).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            if p.extension().is_some_and(|x| x == "png") && !name.ends_with("-masklabel") {
+                let (w, h) = image::image_dimensions(&p).unwrap();
+                image::GrayImage::from_pixel(w, h, image::Luma([value]))
+                    .save(images.path().join(format!("{name}-masklabel.png")))
+                    .unwrap();
+            }
+        }
+    };
+    let run = |tag: &str| {
+        let out = tempfile::tempdir().unwrap();
+        let cfg = config(
+            out.path(),
+            &[
+                "train.steps=6".into(),
+                format!(
+                    "dataset.subsets[0].path={:?}",
+                    images.path().to_string_lossy()
+                ),
+                "dataset.subsets[0].caption=\"ohwx robot\"".into(),
+            ],
+        );
+        let ds = Dataset::scan(&cfg.dataset).unwrap();
+        assert_eq!(ds.images.len(), 8, "{tag}: masks are not training images");
+        let outcome = train(&cfg, &ds, None, &mut quiet()).unwrap();
+        let file = read_for_model(&cfg, &outcome.lora_file);
+        (
+            outcome.final_loss.unwrap(),
+            bits(&file.weights),
+            file.weights,
+        )
+    };
+    let (plain_loss, plain_bits, _) = run("no masks");
+    with_masks(255);
+    let (white_loss, white_bits, _) = run("white masks");
+    assert_eq!(white_loss.to_bits(), plain_loss.to_bits());
+    assert_eq!(white_bits, plain_bits, "a mask of ones changes nothing");
+    with_masks(0);
+    let (black_loss, _, weights) = run("black masks");
+    assert_eq!(black_loss, 0.0);
+    for ((_, path), m) in &weights.modules {
+        let up_max =
+            m.up.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+        assert_eq!(up_max, 0.0, "{path}: trained outside every mask");
+    }
+}
