@@ -227,6 +227,9 @@ pub fn run(args: &TrainArgs) -> Result<u8> {
         }
     }
     let model = model_facts(&cfg)?;
+    // Block settings depend on the family: check them against the model's
+    // layers before any work (the run prints their notes when it starts).
+    cfg.network.target_spec_for(&model.layers)?;
     if let Some(note) = cfg.apply_model_defaults(model.native_resolution()) {
         eprintln!("{note}");
         cfg.validate()?;
@@ -977,7 +980,10 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
             .display()
     );
 
-    let spec = cfg.network.target_spec();
+    let (spec, block_notes) = cfg.network.target_spec_for(&m.layers)?;
+    for n in &block_notes {
+        let _ = writeln!(o, "note: {n}");
+    }
     let selected = m.layers.iter().filter(|t| spec.selects(t)).count();
     let est = estimate_memory(cfg, ds, m, &spec);
     let _ = writeln!(o, "\n# Memory estimate (peak, rough)\n");

@@ -18,6 +18,8 @@ use candle_core::DType;
 use schemars::JsonSchema;
 use sd_lora_data::DatasetConfig;
 use sd_lora_model::load::{LoadOptions, Prediction};
+use sd_lora_model::lora::TargetInfo;
+use sd_lora_model::lora::blocks::{BlockSettings, apply_blocks};
 use sd_lora_model::lora::format::SaveDtype;
 use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
 use sd_lora_model::sampling::SamplerKind;
@@ -305,6 +307,59 @@ pub struct NetworkSection {
     /// more memory; its learning rate is `train.text_encoder_lr`). When off,
     /// text embeddings are computed once and cached.
     pub train_text_encoder: bool,
+    /// Learning-rate weights of the UNet's down blocks (kohya's
+    /// `down_lr_weight`; blocks numbered as kohya does, docs/training.md):
+    /// 12 numbers for SD1/SD2 (`IN00`–`IN11`), 9 for SDXL (`IN00`–`IN08`),
+    /// or a shape — `"sine"`, `"cosine"`, `"linear"`, `"reverse_linear"`,
+    /// `"zeros"` — with an optional offset, `"cosine+0.5"`. A short list is
+    /// filled with 1. A block whose weight is 0 (or at most
+    /// `block_lr_zero_threshold`) gets no LoRA.
+    pub down_lr_weight: Option<BlockWeightsValue>,
+    /// Learning-rate weight of the mid block(s) (kohya's `mid_lr_weight`):
+    /// one number for SD1/SD2, up to 3 (`MID00`–`MID02`) for SDXL.
+    pub mid_lr_weight: Option<BlockWeightsValue>,
+    /// Learning-rate weights of the up blocks (kohya's `up_lr_weight`),
+    /// `OUT00`–`OUT11` (SDXL `OUT00`–`OUT08`); as `down_lr_weight`.
+    pub up_lr_weight: Option<BlockWeightsValue>,
+    /// Blocks whose learning-rate weight is at most this get no LoRA (kohya's
+    /// `block_lr_zero_threshold`).
+    pub block_lr_zero_threshold: f64,
+    /// Rank of the UNet's Linear layers per block (kohya's `block_dims`): 25
+    /// numbers for SD1/SD2 (`IN00`–`IN11`, `MID`, `OUT00`–`OUT11`), 23 for SDXL
+    /// (`BASE`, `IN00`–`IN08`, `MID00`–`MID02`, `OUT00`–`OUT08`, `OUT`); 0 leaves
+    /// a block out. Empty: `rank` everywhere.
+    pub block_dims: Vec<usize>,
+    /// Alpha per block, with `block_dims` (kohya's `block_alphas`). Empty: `alpha`.
+    pub block_alphas: Vec<f32>,
+    /// Rank of the UNet's 3×3 convs per block (kohya's `conv_block_dims`, with
+    /// the `conv` preset). Empty: `conv_rank` everywhere.
+    pub conv_block_dims: Vec<usize>,
+    /// Conv alpha per block (kohya's `conv_block_alphas`). Empty: `conv_alpha`.
+    pub conv_block_alphas: Vec<f32>,
+}
+
+/// A per-block list: numbers (a single number for one block), or a kohya
+/// shape name with an optional `+offset`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum BlockWeightsValue {
+    /// One weight (the mid block of SD1/SD2).
+    One(f64),
+    /// A weight per block.
+    List(Vec<f64>),
+    /// `sine`, `cosine`, `linear`, `reverse_linear` or `zeros`, optionally `+offset`.
+    Shape(String),
+}
+
+impl BlockWeightsValue {
+    fn to_model(&self) -> sd_lora_model::lora::blocks::BlockWeights {
+        use sd_lora_model::lora::blocks::BlockWeights;
+        match self {
+            BlockWeightsValue::One(x) => BlockWeights::List(vec![*x]),
+            BlockWeightsValue::List(v) => BlockWeights::List(v.clone()),
+            BlockWeightsValue::Shape(s) => BlockWeights::Shape(s.clone()),
+        }
+    }
 }
 
 impl Default for NetworkSection {
@@ -321,6 +376,14 @@ impl Default for NetworkSection {
             exclude: Vec::new(),
             dropout: 0.0,
             train_text_encoder: false,
+            down_lr_weight: None,
+            mid_lr_weight: None,
+            up_lr_weight: None,
+            block_lr_zero_threshold: 0.0,
+            block_dims: Vec::new(),
+            block_alphas: Vec::new(),
+            conv_block_dims: Vec::new(),
+            conv_block_alphas: Vec::new(),
         }
     }
 }
@@ -350,7 +413,38 @@ impl NetworkSection {
                 self.text_encoder_rank.unwrap_or(self.rank),
                 self.text_encoder_alpha.unwrap_or(self.alpha),
             ),
+            block_params: Default::default(),
         }
+    }
+
+    /// kohya's per-block settings of this section.
+    pub fn block_settings(&self) -> BlockSettings {
+        BlockSettings {
+            down_lr_weight: self
+                .down_lr_weight
+                .as_ref()
+                .map(BlockWeightsValue::to_model),
+            mid_lr_weight: self.mid_lr_weight.as_ref().map(BlockWeightsValue::to_model),
+            up_lr_weight: self.up_lr_weight.as_ref().map(BlockWeightsValue::to_model),
+            lr_zero_threshold: self.block_lr_zero_threshold,
+            block_dims: self.block_dims.clone(),
+            block_alphas: self.block_alphas.clone(),
+            conv_block_dims: self.conv_block_dims.clone(),
+            conv_block_alphas: self.conv_block_alphas.clone(),
+        }
+    }
+
+    /// [`Self::target_spec`] resolved against a model's layers: the block
+    /// settings applied (they depend on the family: SD1/SD2 or SDXL). Also
+    /// returns notes for the run's log.
+    pub fn target_spec_for(
+        &self,
+        targets: &[TargetInfo],
+    ) -> Result<(TargetSpec, Vec<String>), ConfigError> {
+        let mut spec = self.target_spec();
+        let notes = apply_blocks(&mut spec, &self.block_settings(), targets)
+            .map_err(ConfigError::Blocks)?;
+        Ok((spec, notes))
     }
 }
 
@@ -828,6 +922,9 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    /// Block settings that do not fit the model (the message names the key).
+    #[error("{0}")]
+    Blocks(String),
 }
 
 impl ConfigError {

@@ -28,7 +28,7 @@ use sd_lora_model::lora::attach::{TrainOptions, TrainableLora, create_trainable}
 use sd_lora_model::lora::format::{
     BaseModelVersion, DatasetDirInfo, Metadata, SaveDtype, write_kohya_named, write_peft,
 };
-use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
+use sd_lora_model::lora::targets::model_targets;
 use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
 use sd_lora_model::ops::checkpoint;
 use sd_lora_model::ops::op_count::{self, OpCount};
@@ -222,34 +222,6 @@ fn load_model_inner(
         StableDiffusion::load_parts_unet_later(&source, dtype, device, vae)?
     };
     Ok((sd, Some(source)))
-}
-
-fn target_spec(cfg: &TrainConfig) -> Result<TargetSpec> {
-    let n = &cfg.network;
-    let preset: Preset = n
-        .preset
-        .parse()
-        .map_err(|e| anyhow::anyhow!("network.preset = {:?}: {e}", n.preset))?;
-    let linear = RankAlpha {
-        rank: n.rank,
-        alpha: n.alpha,
-    };
-    Ok(TargetSpec {
-        preset,
-        unet: true,
-        text_encoder: n.train_text_encoder,
-        include: n.include.clone(),
-        exclude: n.exclude.clone(),
-        unet_linear: linear,
-        unet_conv: RankAlpha {
-            rank: n.conv_rank.unwrap_or(n.rank),
-            alpha: n.conv_alpha.unwrap_or(n.alpha),
-        },
-        text_encoder_rank: RankAlpha {
-            rank: n.text_encoder_rank.unwrap_or(n.rank),
-            alpha: n.text_encoder_alpha.unwrap_or(n.alpha),
-        },
-    })
 }
 
 /// The name under which a LoRA parameter is saved in the training state.
@@ -629,7 +601,14 @@ pub fn train(
     drop(source);
     sd.unet
         .set_gradient_checkpointing(cfg.train.gradient_checkpointing);
-    let spec = target_spec(cfg)?;
+    let targets = {
+        let (unet, text_encoders) = sd.lora_parts();
+        model_targets(unet, text_encoders)
+    };
+    let (spec, block_notes) = cfg.network.target_spec_for(&targets)?;
+    for n in &block_notes {
+        progress.note(n);
+    }
     let train_te = cfg.network.train_text_encoder;
     let (unet, text_encoders) = sd.lora_parts_mut(train_te);
     let lora = create_trainable(
@@ -641,19 +620,43 @@ pub fn train(
             dropout: cfg.network.dropout,
         },
     )?;
-    // One parameter group per model part, each with its learning rate.
+    // One parameter group per model part, each with its learning rate; with
+    // block learning-rate weights, one UNet group per distinct weight.
     let mut vars: BTreeMap<LoraComponent, Vec<Var>> = BTreeMap::new();
+    let mut unet_by_weight: Vec<(f64, Vec<Var>)> = Vec::new();
     for m in &lora.modules {
-        let dst = vars.entry(m.target.component).or_default();
+        let dst = if m.target.component == LoraComponent::Unet {
+            let w = spec.lr_weight(&m.target);
+            let at = match unet_by_weight.iter().position(|(x, _)| *x == w) {
+                Some(i) => i,
+                None => {
+                    unet_by_weight.push((w, Vec::new()));
+                    unet_by_weight.len() - 1
+                }
+            };
+            &mut unet_by_weight[at].1
+        } else {
+            vars.entry(m.target.component).or_default()
+        };
         dst.push(m.down.clone());
         dst.push(m.up.clone());
     }
-    let mut groups = vec![ParamGroup {
-        name: "unet".into(),
-        vars: vars.remove(&LoraComponent::Unet).unwrap_or_default(),
-        lr: cfg.train.unet_lr,
-        weight_decay: cfg.train.weight_decay,
-    }];
+    if unet_by_weight.is_empty() {
+        unet_by_weight.push((1.0, Vec::new()));
+    }
+    let mut groups: Vec<ParamGroup> = unet_by_weight
+        .into_iter()
+        .map(|(w, vars)| ParamGroup {
+            name: if w == 1.0 {
+                "unet".into()
+            } else {
+                format!("unet×{w}")
+            },
+            vars,
+            lr: cfg.train.unet_lr * w,
+            weight_decay: cfg.train.weight_decay,
+        })
+        .collect();
     if train_te {
         groups.push(ParamGroup {
             name: "text_encoder".into(),

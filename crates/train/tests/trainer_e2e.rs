@@ -596,3 +596,45 @@ fn loss_masks_train_only_the_masked_area() {
         assert_eq!(up_max, 0.0, "{path}: trained outside every mask");
     }
 }
+
+/// kohya's block settings: a learning-rate weight scales its blocks' rate
+/// exactly (all weights ½ at lr 1e-3 is the run at lr 5e-4, bit for bit), a
+/// weight or rank of 0 leaves blocks out, and `block_dims`/`block_alphas`
+/// set each block's rank and alpha.
+#[test]
+fn block_weights_scale_learning_rates_and_set_ranks() {
+    let run = |extra: &[String]| {
+        let out = tempfile::tempdir().unwrap();
+        let mut sets = vec!["train.steps=4".to_string(), "train.warmup_steps=0".into()];
+        sets.extend(extra.iter().cloned());
+        let cfg = config(out.path(), &sets);
+        let ds = Dataset::scan(&cfg.dataset).unwrap();
+        let outcome = train(&cfg, &ds, None, &mut quiet()).unwrap();
+        read_for_model(&cfg, &outcome.lora_file).weights
+    };
+    let halves = |n: usize| format!("[{}]", vec!["0.5"; n].join(", "));
+    let weighted = run(&[
+        "train.unet_lr=1e-3".into(),
+        format!("network.down_lr_weight={}", halves(12)),
+        "network.mid_lr_weight=0.5".into(),
+        format!("network.up_lr_weight={}", halves(12)),
+    ]);
+    let plain = run(&["train.unet_lr=5e-4".into()]);
+    assert_eq!(bits(&weighted), bits(&plain));
+
+    let mut dims = vec!["2"; 25];
+    dims[12] = "0"; // MID
+    let blocks = run(&[
+        "network.down_lr_weight=\"zeros\"".into(),
+        format!("network.block_dims=[{}]", dims.join(", ")),
+        format!("network.block_alphas=[{}]", vec!["1.0"; 25].join(", ")),
+    ]);
+    assert!(!blocks.modules.is_empty());
+    for ((c, path), m) in &blocks.modules {
+        if *c != LoraComponent::Unet {
+            continue;
+        }
+        assert!(path.starts_with("up_blocks."), "{path} should be left out");
+        assert_eq!((m.rank(), m.alpha), (2, 1.0), "{path}");
+    }
+}

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 
 pub mod adapted;
 pub mod attach;
+pub mod blocks;
 pub mod encoders;
 pub mod extract;
 pub mod layer;

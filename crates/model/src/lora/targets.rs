@@ -105,6 +105,11 @@ pub struct TargetSpec {
     pub unet_linear: RankAlpha,
     pub unet_conv: RankAlpha,
     pub text_encoder_rank: RankAlpha,
+    /// Per-layer rank/alpha and learning-rate weight from kohya's block
+    /// settings ([`super::blocks::apply_blocks`]); a rank of 0 removes the
+    /// layer. Layers not listed keep their group's values and weight 1.
+    pub block_params:
+        std::collections::BTreeMap<(LoraComponent, String), super::blocks::BlockParams>,
 }
 
 impl Default for TargetSpec {
@@ -124,6 +129,7 @@ impl Default for TargetSpec {
             unet_linear: ra,
             unet_conv: ra,
             text_encoder_rank: ra,
+            block_params: Default::default(),
         }
     }
 }
@@ -144,6 +150,9 @@ impl TargetSpec {
 
     /// Rank and alpha for a target.
     pub fn params(&self, target: &TargetInfo) -> RankAlpha {
+        if let Some(b) = self.block(target) {
+            return b.rank_alpha;
+        }
         match Self::group(target) {
             TargetGroup::UnetLinear => self.unet_linear,
             TargetGroup::UnetConv => self.unet_conv,
@@ -151,8 +160,24 @@ impl TargetSpec {
         }
     }
 
+    fn block(&self, target: &TargetInfo) -> Option<&super::blocks::BlockParams> {
+        if self.block_params.is_empty() {
+            return None;
+        }
+        self.block_params
+            .get(&(target.component, target.path.clone()))
+    }
+
+    /// The learning-rate weight of a target's block (1 without block settings).
+    pub fn lr_weight(&self, target: &TargetInfo) -> f64 {
+        self.block(target).map_or(1.0, |b| b.lr_weight)
+    }
+
     /// Whether `target` is selected.
     pub fn selects(&self, target: &TargetInfo) -> bool {
+        if self.block(target).is_some_and(|b| b.rank_alpha.rank == 0) {
+            return false;
+        }
         let enabled = match target.component {
             LoraComponent::Unet => self.unet,
             LoraComponent::TextEncoder | LoraComponent::TextEncoder2 => self.text_encoder,
