@@ -13,6 +13,7 @@ use crate::problem::Problem;
 use crate::rng::Rng;
 use crate::scan::{Dataset, MaskSource};
 use image::imageops::{self, FilterType};
+use image::{ImageBuffer, Pixel};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -274,29 +275,14 @@ impl Dataset {
                 "mask changed size since the dataset was scanned; run again",
             ));
         }
-        let geom = sample.crop;
         // Bilinear for a mask: Lanczos would ring around its edges.
-        let resized = if geom.resized == [entry.width, entry.height] {
-            mask
-        } else {
-            imageops::resize(
-                &mask,
-                geom.resized[0],
-                geom.resized[1],
-                FilterType::Triangle,
-            )
-        };
-        let mut cropped = imageops::crop_imm(
-            &resized,
-            geom.offset[0],
-            geom.offset[1],
-            geom.size[0],
-            geom.size[1],
-        )
-        .to_image();
-        if sample.flipped {
-            imageops::flip_horizontal_in_place(&mut cropped);
-        }
+        let cropped = cut(
+            mask,
+            [entry.width, entry.height],
+            sample.crop,
+            sample.flipped,
+            FilterType::Triangle,
+        );
         Ok(Some(
             cropped.pixels().map(|p| f32::from(p[0]) / 255.0).collect(),
         ))
@@ -319,24 +305,48 @@ impl Dataset {
                 "changed size since the dataset was scanned; run again",
             ));
         }
-        let resized = if geom.resized == [entry.width, entry.height] {
-            rgb
-        } else {
-            imageops::resize(&rgb, geom.resized[0], geom.resized[1], FilterType::Lanczos3)
-        };
-        let mut cropped = imageops::crop_imm(
-            &resized,
-            geom.offset[0],
-            geom.offset[1],
-            geom.size[0],
-            geom.size[1],
-        )
-        .to_image();
-        if flipped {
-            imageops::flip_horizontal_in_place(&mut cropped);
-        }
+        let cropped = cut(
+            rgb,
+            [entry.width, entry.height],
+            geom,
+            flipped,
+            FilterType::Lanczos3,
+        );
         Ok(to_chw_unit(&cropped))
     }
+}
+
+/// Resizes `img` (of size `size`) as `geom` says with `filter`, cuts the
+/// crop out of it and mirrors it when `flipped`: what a sample's pixels and
+/// its mask both go through.
+fn cut<P>(
+    img: ImageBuffer<P, Vec<P::Subpixel>>,
+    size: [u32; 2],
+    geom: CropGeometry,
+    flipped: bool,
+    filter: FilterType,
+) -> ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P: Pixel + 'static,
+    P::Subpixel: 'static,
+{
+    let resized = if geom.resized == size {
+        img
+    } else {
+        imageops::resize(&img, geom.resized[0], geom.resized[1], filter)
+    };
+    let mut cropped = imageops::crop_imm(
+        &resized,
+        geom.offset[0],
+        geom.offset[1],
+        geom.size[0],
+        geom.size[1],
+    )
+    .to_image();
+    if flipped {
+        imageops::flip_horizontal_in_place(&mut cropped);
+    }
+    cropped
 }
 
 /// The random stream of the sample at `pos` in batch `batch_index` of `epoch`.

@@ -279,10 +279,6 @@ fn copy_folder(
     plan: &mut BTreeMap<PathBuf, FilePlan>,
     report: &mut MergeReport,
 ) -> Result<(), MergeError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| MergeError::Io { path, source }
-    };
     std::fs::create_dir_all(to).map_err(io(to))?;
     let mut entries: Vec<_> = std::fs::read_dir(from)
         .map_err(io(from))?
@@ -432,16 +428,18 @@ fn edited_tensor(
     })
 }
 
+/// The [`MergeError::Io`] of an operation on `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError {
+    let path = path.to_path_buf();
+    move |source| MergeError::Io { path, source }
+}
+
 /// Writes `path` through a temporary file beside it and a rename.
 fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> Result<(), MergeError>,
 ) -> Result<(), MergeError> {
     let tmp = temporary_beside(path);
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| MergeError::Io { path: p, source }
-    };
     let result = (|| {
         let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let mut w = BufWriter::new(f);
@@ -466,10 +464,6 @@ fn write_folder_atomically(
     build: impl FnOnce(&Path) -> Result<(), MergeError>,
 ) -> Result<(), MergeError> {
     let tmp = temporary_beside(path);
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| MergeError::Io { path: p, source }
-    };
     let result = (|| {
         build(&tmp)?;
         if path.exists() {
