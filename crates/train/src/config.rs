@@ -340,7 +340,7 @@ pub struct NetworkSection {
 
 /// A per-block list: numbers (a single number for one block), or a kohya
 /// shape name with an optional `+offset`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum BlockWeightsValue {
     /// One weight (the mid block of SD1/SD2).
@@ -349,6 +349,34 @@ pub enum BlockWeightsValue {
     List(Vec<f64>),
     /// `sine`, `cosine`, `linear`, `reverse_linear` or `zeros`, optionally `+offset`.
     Shape(String),
+}
+
+impl<'de> Deserialize<'de> for BlockWeightsValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // By hand rather than serde's untagged enum, whose error ("did not
+        // match any variant") does not say what is expected.
+        let expected = "a number, a list of numbers, or one of sine, cosine, linear, \
+                        reverse_linear, zeros (optionally with +offset)";
+        match Value::deserialize(d)? {
+            Value::Integer(n) => Ok(Self::One(n as f64)),
+            Value::Float(x) => Ok(Self::One(x)),
+            Value::String(s) => Ok(Self::Shape(s)),
+            Value::Array(a) => a
+                .iter()
+                .map(|v| match v {
+                    Value::Integer(n) => Ok(*n as f64),
+                    Value::Float(x) => Ok(*x),
+                    other => Err(serde::de::Error::custom(format!(
+                        "{other} in the list is not a number; expected {expected}"
+                    ))),
+                })
+                .collect::<Result<_, _>>()
+                .map(Self::List),
+            other => Err(serde::de::Error::custom(format!(
+                "{other} is not {expected}"
+            ))),
+        }
+    }
 }
 
 impl BlockWeightsValue {
@@ -1101,7 +1129,33 @@ impl TrainConfig {
     pub fn load_unvalidated(path: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
         let mut doc = load_document(path, sets)?;
         let notes = crate::kohya_dataset::expand(&mut doc)?;
-        let mut cfg = Self::from_document(doc, &origin_of(path))?;
+        let mut cfg = Self::from_document(doc, &origin_of(path)).map_err(|e| match e {
+            // A bad value given on the command line is named as such, not as
+            // the file's.
+            ConfigError::Key {
+                key,
+                origin,
+                message,
+            } => {
+                let from_command_line = sets.iter().any(|s| {
+                    let set = s.split_once('=').map_or(s.as_str(), |(k, _)| k).trim();
+                    let set = set.split('[').next().unwrap_or(set);
+                    key == set
+                        || key.starts_with(&format!("{set}."))
+                        || key.starts_with(&format!("{set}["))
+                });
+                ConfigError::Key {
+                    key,
+                    origin: if from_command_line {
+                        "the command line".into()
+                    } else {
+                        origin
+                    },
+                    message,
+                }
+            }
+            other => other,
+        })?;
         cfg.notes = notes;
         Ok(cfg)
     }

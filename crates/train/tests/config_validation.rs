@@ -377,3 +377,40 @@ fn noise_and_loss_options_are_checked() {
     assert_eq!(ok.train.loss_type, LossType::SmoothL1);
     assert_eq!(ok.train.huber_schedule, HuberSchedule::Exponential);
 }
+
+/// A bad value is attributed to where it was written: the file, or the
+/// command line (`--set` and the quick flags); block weights say what they
+/// accept.
+#[test]
+fn bad_values_name_their_origin() {
+    let from_file = err(
+        "origin-file",
+        &format!("{MINIMAL}[train]\noptimizer = \"adam\"\n"),
+        &[],
+    );
+    assert!(
+        from_file.contains("in ") && from_file.contains("c.toml"),
+        "{from_file}"
+    );
+    let from_set = err("origin-set", MINIMAL, &["train.optimizer=\"adam\""]);
+    assert!(from_set.contains("in the command line"), "{from_set}");
+    assert!(from_set.contains("adamw8bit"), "{from_set}");
+    let blocks = err("origin-blocks", MINIMAL, &["network.down_lr_weight=true"]);
+    assert!(
+        blocks.contains("a list of numbers") && blocks.contains("cosine"),
+        "{blocks}"
+    );
+    let cfg = load_text(
+        "blocks-ok",
+        MINIMAL,
+        &[
+            "network.mid_lr_weight=0.5",
+            "network.up_lr_weight=\"sine+0.1\"",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.network.mid_lr_weight,
+        Some(sd_lora_train::config::BlockWeightsValue::One(0.5))
+    );
+}
