@@ -231,6 +231,82 @@ fn merge_into_single_files_sd2_and_sdxl_with_packed_qkv() {
     }
 }
 
+/// Most checkpoints users have are F16: the merged weights are stored in
+/// F16 again (rounded to nearest), the rest of the file untouched.
+#[test]
+fn merge_into_an_f16_single_file_stays_f16() {
+    use sd_lora_model::load::safetensors_file::SafetensorsFile;
+    use sd_lora_model::lora::format::serialize::{RawTensor, serialize};
+    let tmp = tempfile::tempdir().unwrap();
+    // An F16 copy of the SD1 fixture checkpoint.
+    let src = SafetensorsFile::open(&fixtures().join("sd1_tiny.safetensors")).unwrap();
+    let bytes = std::fs::read(fixtures().join("sd1_tiny.safetensors")).unwrap();
+    let tensors: Vec<RawTensor> = src
+        .tensors()
+        .iter()
+        .map(|(name, info)| {
+            let data = &bytes[info.start..info.end];
+            let f16: Vec<u8> = if info.dtype == "F32" {
+                data.chunks_exact(4)
+                    .flat_map(|c| {
+                        let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        half::f16::from_f32(v).to_le_bytes()
+                    })
+                    .collect()
+            } else {
+                data.to_vec()
+            };
+            RawTensor {
+                name: name.clone(),
+                dtype: if info.dtype == "F32" { "F16" } else { "I64" },
+                shape: info.shape.clone(),
+                bytes: f16,
+            }
+        })
+        .collect();
+    assert!(
+        src.tensors()
+            .values()
+            .all(|t| t.dtype == "F32" || t.dtype == "I64")
+    );
+    let base_path = tmp.path().join("f16.safetensors");
+    std::fs::write(&base_path, serialize(&tensors, Some(src.metadata()))).unwrap();
+    let base = ModelSource::open(&base_path).unwrap();
+    let loras = vec![WeightedLora {
+        file: random_lora(tmp.path(), "a.safetensors", &base, Preset::Kohya, 4, 7),
+        weight: 0.9,
+    }];
+    let out = tmp.path().join("merged.safetensors");
+    merge_into_model(&base, &loras, &out).unwrap();
+    let merged = ModelSource::open(&out).unwrap();
+    let mut changed = 0;
+    for t in stored_targets(&base).unwrap() {
+        let c = model_component(t.component);
+        assert_eq!(
+            merged
+                .weights(c)
+                .unwrap()
+                .get(&format!("{}.weight", t.path))
+                .unwrap()
+                .dtype(),
+            "F16"
+        );
+        let (b, m) = (load(&base, &t), load(&merged, &t));
+        let diff = (&m - &b).unwrap();
+        match expected_delta(&loras, &(t.component, t.path.clone())) {
+            Some(want) => {
+                changed += 1;
+                // Half an F16 ulp of the largest merged value, and a little.
+                let tol = 2f64.powi(-11) * max_abs(&m) + 1e-6;
+                let err = max_abs(&(diff - &want).unwrap());
+                assert!(err <= tol, "{}: {err} > {tol}", t.path);
+            }
+            None => assert_eq!(max_abs(&diff), 0.0, "{}", t.path),
+        }
+    }
+    assert!(changed > 100);
+}
+
 #[test]
 fn merge_into_a_diffusers_folder_keeps_the_folder() {
     let tmp = tempfile::tempdir().unwrap();

@@ -549,7 +549,7 @@ pub fn apply_blocks(
             .collect();
         if !named.is_empty() {
             notes.push(format!(
-                "block learning-rate weights for blocks without a LoRA layer (preset {:?}) do \
+                "block learning-rate weights for blocks without a LoRA layer (preset {}) do \
                  nothing: {}",
                 spec.preset,
                 named.join(", ")
@@ -576,7 +576,7 @@ pub fn apply_blocks(
             .collect();
         if !named.is_empty() {
             notes.push(format!(
-                "{key}: ranks for blocks without a LoRA layer (preset {:?}) do nothing: {}",
+                "{key}: ranks for blocks without a LoRA layer (preset {}) do nothing: {}",
                 spec.preset,
                 named.join(", ")
             ));

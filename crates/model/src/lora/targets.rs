@@ -55,6 +55,17 @@ pub enum Preset {
     None,
 }
 
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kohya => "kohya",
+            Self::Attention => "attention",
+            Self::Conv => "conv",
+            Self::None => "none",
+        })
+    }
+}
+
 impl FromStr for Preset {
     type Err = String;
 
