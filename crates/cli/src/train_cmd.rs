@@ -14,7 +14,7 @@ use clap::Args;
 use sd_lora_data::Dataset;
 use sd_lora_data::report::Report;
 use sd_lora_model::load::{Architecture, Component, ModelSource};
-use sd_lora_model::lora::targets::TargetSpec;
+use sd_lora_model::lora::targets::{TargetSpec, stored_layer};
 use sd_lora_model::lora::{LayerKind, LoraComponent, TargetInfo};
 use sd_lora_model::unet::{BlockKind, UNetConfig};
 use sd_lora_train::config::TrainConfig;
@@ -579,13 +579,12 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
         for (c, n, _) in w.parameter_counts() {
             facts.params.push((c, n));
         }
-        for (c, lc) in [
-            (Component::Unet, LoraComponent::Unet),
-            (Component::TextEncoder, LoraComponent::TextEncoder),
-            (Component::TextEncoder2, LoraComponent::TextEncoder2),
-        ] {
+        for c in Component::ALL {
+            let Some(lc) = LoraComponent::of_model(c) else {
+                continue;
+            };
             for (key, t) in w.component(c).into_iter().flatten() {
-                facts.layers.extend(layer_of(lc, key, t.dims()));
+                facts.layers.extend(stored_layer(lc, key, t.dims()));
             }
         }
         facts.vae_decoder_params = w
@@ -622,14 +621,11 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
                 .map(|(_, e)| e.numel() as u64)
                 .sum();
         }
-        let lc = match c {
-            Component::Unet => LoraComponent::Unet,
-            Component::TextEncoder => LoraComponent::TextEncoder,
-            Component::TextEncoder2 => LoraComponent::TextEncoder2,
-            _ => continue,
+        let Some(lc) = LoraComponent::of_model(c) else {
+            continue;
         };
         for (key, e) in w.entries() {
-            facts.layers.extend(layer_of(lc, key, e.shape()));
+            facts.layers.extend(stored_layer(lc, key, e.shape()));
         }
     }
     facts.unet = source
@@ -647,31 +643,6 @@ pub(crate) fn model_facts(cfg: &TrainConfig) -> Result<ModelFacts> {
         }
     }
     Ok(facts)
-}
-
-/// The adaptable layer a weight key names (`….weight` of a matrix or a 4-D kernel).
-fn layer_of(component: LoraComponent, key: &str, shape: &[usize]) -> Option<TargetInfo> {
-    let path = key.strip_suffix(".weight")?;
-    let kind = match shape.len() {
-        2 => LayerKind::Linear,
-        4 => LayerKind::Conv2d {
-            kernel: [shape[2], shape[3]],
-            stride: 1,
-            padding: 0,
-        },
-        _ => return None,
-    };
-    // Embedding tables are matrices too, but not layers a LoRA adapts.
-    if path.ends_with("embedding") || path.contains("embeddings.") {
-        return None;
-    }
-    Some(TargetInfo {
-        component,
-        path: path.to_string(),
-        kind,
-        in_features: shape[1],
-        out_features: shape[0],
-    })
 }
 
 /// The memory estimate of the dry run, in bytes per part.

@@ -13,9 +13,7 @@ use sd_lora_model::lora::format::{
     BaseModelVersion, KohyaNaming, LoraFamily, Metadata, SaveDtype, read_lora, read_lora_for_model,
     write_kohya_named,
 };
-use sd_lora_model::lora::merge::{
-    WeightedLora, merge_into_model, merge_loras, model_component, stored_targets,
-};
+use sd_lora_model::lora::merge::{WeightedLora, merge_into_model, merge_loras, stored_targets};
 use sd_lora_model::lora::targets::{Preset, in_preset};
 use sd_lora_model::lora::{LayerKind, LoraComponent, LoraModule, LoraWeights, TargetInfo};
 
@@ -129,7 +127,7 @@ fn max_abs(t: &Tensor) -> f64 {
 
 fn load(source: &ModelSource, t: &TargetInfo) -> Tensor {
     source
-        .weights(model_component(t.component))
+        .weights(t.component.model_component())
         .unwrap()
         .load(
             &format!("{}.weight", t.path),
@@ -281,7 +279,7 @@ fn merge_into_an_f16_single_file_stays_f16() {
     let merged = ModelSource::open(&out).unwrap();
     let mut changed = 0;
     for t in stored_targets(&base).unwrap() {
-        let c = model_component(t.component);
+        let c = t.component.model_component();
         assert_eq!(
             merged
                 .weights(c)

@@ -16,7 +16,7 @@
 
 use candle_core::{DType, Device};
 
-use super::merge::{model_component, stored_targets};
+use super::merge::stored_targets;
 use super::svd::low_rank;
 use super::targets::{Preset, TargetGroup, TargetSpec, in_preset};
 use super::{LayerKind, LoraComponent, LoraModule, LoraWeights, TargetInfo};
@@ -105,7 +105,7 @@ pub fn extract(
     let mut missing = Vec::new();
     for t in &targets {
         let key = format!("{}.weight", t.path);
-        let c = model_component(t.component);
+        let c = t.component.model_component();
         let base_shape = base.weights(c)?.get(&key).map(|e| e.shape().to_vec());
         let tuned_shape = tuned
             .weights(c)
@@ -134,7 +134,7 @@ pub fn extract(
     for (i, t) in targets.iter().enumerate() {
         progress(i, targets.len(), &t.path);
         let key = format!("{}.weight", t.path);
-        let c = model_component(t.component);
+        let c = t.component.model_component();
         let context = format!("{c} {key}");
         let terr = |source| ExtractError::Tensor {
             context: context.clone(),

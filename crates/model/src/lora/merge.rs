@@ -28,9 +28,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::format::{LoraFamily, LoraFile};
 use super::resize::{RankRule, resize_module, with_alpha};
-use super::{LayerKind, LoraComponent, LoraModule, LoraWeights, TargetInfo};
+use super::targets::stored_layer;
+use super::{LoraComponent, LoraModule, LoraWeights, TargetInfo};
 use crate::load::safetensors_file::{SafetensorsFile, dtype_size};
-use crate::load::{Component, LoadError, ModelSource, SourceFormat};
+use crate::load::{LoadError, ModelSource, SourceFormat};
 
 /// One LoRA and the weight it is merged with.
 #[derive(Debug, Clone)]
@@ -67,53 +68,17 @@ fn tensor_err(context: impl Into<String>) -> impl FnOnce(candle_core::Error) -> 
     }
 }
 
-/// The checkpoint component holding a LoRA component's layers.
-pub fn model_component(c: LoraComponent) -> Component {
-    match c {
-        LoraComponent::Unet => Component::Unet,
-        LoraComponent::TextEncoder => Component::TextEncoder,
-        LoraComponent::TextEncoder2 => Component::TextEncoder2,
-    }
-}
-
 /// Every Linear/Conv2d layer of a checkpoint's UNet and text encoders, from
-/// its weight table alone (2-D and 4-D `*.weight` tensors, embedding tables
-/// excluded) — what a LoRA for it may adapt, without building the model. A
-/// weight file does not record a conv's stride or padding: they are given as
-/// 1 and `kernel/2`; only shapes matter to merging and extracting.
+/// its weight table alone ([`stored_layer`]) — what a LoRA for it may adapt,
+/// without building the model.
 pub fn stored_targets(source: &ModelSource) -> Result<Vec<TargetInfo>, LoadError> {
     let mut out = Vec::new();
-    for (lora_component, component) in [
-        (LoraComponent::Unet, Component::Unet),
-        (LoraComponent::TextEncoder, Component::TextEncoder),
-        (LoraComponent::TextEncoder2, Component::TextEncoder2),
-    ] {
-        if !source.components().contains(&component) {
+    for component in source.components() {
+        let Some(lora_component) = LoraComponent::of_model(component) else {
             continue;
-        }
+        };
         for (key, entry) in source.weights(component)?.entries() {
-            let Some(path) = key.strip_suffix(".weight") else {
-                continue;
-            };
-            if path.ends_with("embedding") {
-                continue;
-            }
-            let kind = match *entry.shape() {
-                [_, _] => LayerKind::Linear,
-                [_, _, kh, kw] => LayerKind::Conv2d {
-                    kernel: [kh, kw],
-                    stride: 1,
-                    padding: kh / 2,
-                },
-                _ => continue,
-            };
-            out.push(TargetInfo {
-                component: lora_component,
-                path: path.to_string(),
-                kind,
-                in_features: entry.shape()[1],
-                out_features: entry.shape()[0],
-            });
+            out.extend(stored_layer(lora_component, key, entry.shape()));
         }
     }
     Ok(out)
@@ -174,7 +139,7 @@ pub fn merge_into_model(
     let mut layers = 0;
     for lora in loras {
         for ((component, path), m) in &lora.file.weights.modules {
-            let c = model_component(*component);
+            let c = component.model_component();
             let key = format!("{path}.weight");
             let entry = source.weights(c)?.get(&key).ok_or_else(|| {
                 MergeError::Refused(format!(

@@ -48,6 +48,30 @@ pub enum LoraComponent {
     TextEncoder2,
 }
 
+impl LoraComponent {
+    /// The checkpoint component holding this part's layers.
+    pub fn model_component(self) -> crate::load::Component {
+        use crate::load::Component;
+        match self {
+            LoraComponent::Unet => Component::Unet,
+            LoraComponent::TextEncoder => Component::TextEncoder,
+            LoraComponent::TextEncoder2 => Component::TextEncoder2,
+        }
+    }
+
+    /// The LoRA part of a checkpoint component (`None` for the VAE, which
+    /// LoRAs never adapt).
+    pub fn of_model(c: crate::load::Component) -> Option<Self> {
+        use crate::load::Component;
+        match c {
+            Component::Unet => Some(LoraComponent::Unet),
+            Component::TextEncoder => Some(LoraComponent::TextEncoder),
+            Component::TextEncoder2 => Some(LoraComponent::TextEncoder2),
+            Component::Vae => None,
+        }
+    }
+}
+
 /// The shape of the layer a LoRA module adapts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum LayerKind {

@@ -305,6 +305,35 @@ pub fn model_targets<'t>(
     out
 }
 
+/// The adaptable layer stored as the weight `key` (`PATH.weight`) of
+/// `shape` in `component`, read from a weight table without building the
+/// model: 2-D weights are Linear layers, 4-D ones convs; embedding tables
+/// are not layers a LoRA adapts. A weight does not record a conv's stride or
+/// padding: they are given as 1 and `kernel/2`; only shapes matter to the
+/// callers (dry-run estimates, merging, extracting).
+pub fn stored_layer(component: LoraComponent, key: &str, shape: &[usize]) -> Option<TargetInfo> {
+    let path = key.strip_suffix(".weight")?;
+    if path.ends_with("embedding") || path.contains("embeddings.") {
+        return None;
+    }
+    let kind = match *shape {
+        [_, _] => LayerKind::Linear,
+        [_, _, kh, kw] => LayerKind::Conv2d {
+            kernel: [kh, kw],
+            stride: 1,
+            padding: kh / 2,
+        },
+        _ => return None,
+    };
+    Some(TargetInfo {
+        component,
+        path: path.to_string(),
+        kind,
+        in_features: shape[1],
+        out_features: shape[0],
+    })
+}
+
 /// The targets that `spec` selects, in the order given.
 pub fn select(targets: &[TargetInfo], spec: &TargetSpec) -> Vec<TargetInfo> {
     targets
