@@ -34,6 +34,7 @@
 //! It knows nothing of datasets or of the training loop: `sd-lora-train` drives
 //! it, and `sd-lora-data` is independent of it.
 
+pub mod atomic_file;
 pub mod blocks;
 pub mod builtin;
 pub mod clip;

@@ -16,34 +16,14 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and
-/// a rename, so readers (and a crash) never leave a half-written file.
+/// a rename, so readers (and a crash) never leave a half-written file
+/// ([`sd_lora_model::atomic_file`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a file path", path.display()),
-            )
-        })?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io::Error::new(
-            e.kind(),
-            format!("cannot write {}: {e}", path.display()),
-        ));
-    }
-    Ok(())
+    sd_lora_model::atomic_file::write_with(
+        path,
+        |p, e| io::Error::new(e.kind(), format!("cannot write {}: {e}", p.display())),
+        |w| w.write_all(bytes),
+    )
 }
 
 /// One row of `loss.csv`.

@@ -30,6 +30,7 @@ use super::format::{LoraFamily, LoraFile};
 use super::resize::{RankRule, resize_module, with_alpha};
 use super::targets::stored_layer;
 use super::{LoraComponent, LoraModule, LoraWeights, TargetInfo};
+use crate::atomic_file::temporary_beside;
 use crate::load::safetensors_file::{SafetensorsFile, dtype_size};
 use crate::load::{LoadError, ModelSource, SourceFormat};
 
@@ -399,27 +400,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError {
     move |source| MergeError::Io { path, source }
 }
 
-/// Writes `path` through a temporary file beside it and a rename.
+/// Writes `path` atomically ([`crate::atomic_file`]).
 fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> Result<(), MergeError>,
 ) -> Result<(), MergeError> {
-    let tmp = temporary_beside(path);
-    let result = (|| {
-        let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = BufWriter::new(f);
-        write(&mut w)?;
-        let f = w.into_inner().map_err(|e| MergeError::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::atomic_file::write_with(path, |p, source| io(p)(source), write)
 }
 
 /// Builds a folder at a temporary path beside `path`, then renames it into
@@ -445,23 +431,6 @@ fn write_folder_atomically(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
-}
-
-/// `.NAME.PID-NANOS.tmp` in `path`'s folder.
-fn temporary_beside(path: &Path) -> PathBuf {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged".into());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    dir.join(format!(".{name}.{}-{nanos}.tmp", std::process::id()))
 }
 
 /// What [`merge_loras`] made of each module.

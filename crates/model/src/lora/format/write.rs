@@ -14,8 +14,7 @@
 //! so an interrupted save never leaves a truncated LoRA under the final name.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
@@ -268,38 +267,21 @@ fn encode(values: &[f32], dtype: SaveDtype) -> Vec<u8> {
     }
 }
 
-/// Writes `bytes` to a temporary file next to `path`, then renames it over `path`.
+/// Writes `bytes` to `path` atomically ([`crate::atomic_file`]).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), LoraFormatError> {
-    let io = |source| LoraFormatError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "lora.safetensors".into());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let tmp = dir.join(format!(".{file_name}.{}-{nanos}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        // Best effort: do not leave the partial temporary file behind.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok(())
+    crate::atomic_file::write_with(
+        path,
+        |p, source| LoraFormatError::Io {
+            path: p.to_path_buf(),
+            source,
+        },
+        |w| {
+            w.write_all(bytes).map_err(|source| LoraFormatError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        },
+    )
 }
 
 /// What [`convert`] did.
