@@ -12,7 +12,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sd_lora_model::builtin;
 use sd_lora_model::load::ModelSource;
 use sd_lora_model::lora::attach::{attach, merge};
-use sd_lora_model::lora::format::{read_lora_for_model, validate};
 use sd_lora_model::lora::targets::model_targets;
 use sd_lora_model::pipeline::StableDiffusion;
 use sd_lora_model::sampling::SamplerKind;
@@ -235,17 +234,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<u8> {
     let merged = args.merge || loras.len() > 1;
     for lora in &loras {
         let shown = lora.path.display();
-        let file = read_lora_for_model(&lora.path, &targets)
-            .with_context(|| format!("--lora {shown} does not fit {}", args.model))?;
-        if let Err(mismatches) = validate(&file.weights, &targets) {
-            let list: Vec<String> = mismatches.iter().map(|m| format!("  {m}")).collect();
-            bail!(
-                "--lora {shown} does not fit {}: {} modules do not match:\n{}",
-                args.model,
-                mismatches.len(),
-                list.join("\n")
-            );
-        }
+        let file = crate::lora_fit::read_fitting(
+            &lora.path,
+            &targets,
+            &format!("--lora {shown}"),
+            &args.model,
+        )?;
         let (unet, text_encoders) = sd.lora_parts_mut(true);
         attach(unet, text_encoders, &file.weights, lora.scale as f32)
             .with_context(|| format!("--lora {shown}"))?;

@@ -5,9 +5,7 @@ use clap::{Args, ValueEnum};
 use sd_lora_model::load::{
     self, LoadOptions, ModelInfo, ModelSource, Prediction, PredictionSource, SourceFormat,
 };
-use sd_lora_model::lora::format::{
-    LoraFile, LoraFormatError, LoraSummary, read_lora, read_lora_for_model, validate,
-};
+use sd_lora_model::lora::format::{LoraFile, LoraFormatError, LoraSummary, read_lora};
 use sd_lora_model::lora::targets::model_targets;
 use sd_lora_model::pipeline::StableDiffusion;
 use std::fmt::Write;
@@ -153,21 +151,12 @@ fn check_against_model(file: &LoraFile, model: &Path, options: LoadOptions) -> R
     let targets = model_targets(unet, text_encoders);
     // Read again against the model: names it lacks, or a LoRA of the other family, are refused
     // by name before the shapes are compared.
-    let file = &read_lora_for_model(&file.path, &targets)
-        .with_context(|| format!("{} does not fit {}", file.path.display(), model.display()))?;
-    if let Err(mismatches) = validate(&file.weights, &targets) {
-        let mut msg = format!(
-            "{} does not fit {}: {} of {} modules do not map onto the model:",
-            file.path.display(),
-            model.display(),
-            mismatches.len(),
-            file.weights.modules.len()
-        );
-        for m in &mismatches {
-            let _ = write!(msg, "\n  {m}");
-        }
-        bail!(msg);
-    }
+    let file = &crate::lora_fit::read_fitting(
+        &file.path,
+        &targets,
+        &file.path.display().to_string(),
+        &model.display().to_string(),
+    )?;
     Ok(ModelCheck {
         model: model.to_path_buf(),
         matched_modules: file.weights.modules.len(),

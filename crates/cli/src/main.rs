@@ -13,6 +13,7 @@ mod convert;
 mod extract;
 mod generate_cmd;
 mod inspect;
+mod lora_fit;
 mod merge;
 mod output_guard;
 mod resize;

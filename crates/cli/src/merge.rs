@@ -1,12 +1,11 @@
 //! `sd-lora merge`: LoRAs into a checkpoint (`--model`), or several LoRAs
 //! into one (no `--model`). See `sd_lora_model::lora::merge`.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use sd_lora_model::load::{ModelSource, SourceFormat};
 use sd_lora_model::lora::format::{
-    BaseModelVersion, LoraFamily, Metadata, SaveDtype, read_lora, read_lora_for_model, validate,
-    write_lora,
+    BaseModelVersion, LoraFamily, Metadata, SaveDtype, read_lora, write_lora,
 };
 use sd_lora_model::lora::merge::{WeightedLora, merge_into_model, merge_loras, stored_targets};
 use std::fmt::Write as _;
@@ -89,27 +88,12 @@ pub fn run(args: &MergeArgs) -> Result<u8> {
             let targets = stored_targets(&source)?;
             let mut weighted = Vec::new();
             for l in &loras {
-                let file = read_lora_for_model(&l.path, &targets).with_context(|| {
-                    format!(
-                        "{} does not fit {} ({} model)",
-                        l.path.display(),
-                        model.display(),
-                        source.architecture()
-                    )
-                })?;
-                if let Err(mismatches) = validate(&file.weights, &targets) {
-                    let mut msg = format!(
-                        "{} does not fit {} ({} model): {} modules do not match, e.g.",
-                        l.path.display(),
-                        model.display(),
-                        source.architecture(),
-                        mismatches.len()
-                    );
-                    for m in mismatches.iter().take(3) {
-                        let _ = write!(msg, "\n  {m}");
-                    }
-                    bail!(msg);
-                }
+                let file = crate::lora_fit::read_fitting(
+                    &l.path,
+                    &targets,
+                    &l.path.display().to_string(),
+                    &format!("{} ({} model)", model.display(), source.architecture()),
+                )?;
                 weighted.push(WeightedLora {
                     file,
                     weight: l.scale as f32,
