@@ -139,10 +139,6 @@ pub fn run(args: &MergeArgs) -> Result<u8> {
             let (weights, stats) = merge_loras(&weighted, args.rank)?;
             let first = &weighted[0].file;
             let mut meta = Metadata::from_map(&first.metadata);
-            meta.network_dim = None;
-            meta.network_alpha = None;
-            meta.network_args.remove("conv_dim");
-            meta.network_args.remove("conv_alpha");
             if first.family == LoraFamily::Sdxl {
                 meta.base_model = Some(BaseModelVersion::SdxlBase);
             }

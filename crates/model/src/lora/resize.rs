@@ -304,11 +304,6 @@ pub fn resize_file(
         }
     );
     let mut meta = Metadata::from_map(&file.metadata);
-    // The network's dim and alpha are re-derived from the new modules.
-    meta.network_dim = None;
-    meta.network_alpha = None;
-    meta.network_args.remove("conv_dim");
-    meta.network_args.remove("conv_alpha");
     meta.extra
         .insert("ss_training_comment".to_string(), comment);
     let meta = meta.with_network_of(&weights);

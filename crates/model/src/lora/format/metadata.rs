@@ -174,8 +174,14 @@ const DERIVED_MODELSPEC: &[&str] = &[
 impl Metadata {
     /// Fills `ss_network_module`, `ss_network_dim`/`ss_network_alpha` (the most common rank and
     /// alpha of the Linear modules) and, when there are conv modules, `conv_dim`/`conv_alpha` in
-    /// `ss_network_args` — as kohya records a LoRA/LoCon network.
+    /// `ss_network_args` — as kohya records a LoRA/LoCon network. Values these fields held
+    /// before (metadata read from another file, e.g. before a resize or merge) are replaced:
+    /// they describe `weights` only.
     pub fn with_network_of(mut self, weights: &LoraWeights) -> Self {
+        self.network_dim = None;
+        self.network_alpha = None;
+        self.network_args.remove("conv_dim");
+        self.network_args.remove("conv_alpha");
         let most_common = |conv: bool| {
             let mut counts: BTreeMap<(usize, u32), usize> = BTreeMap::new();
             for m in weights.modules.values() {
