@@ -6,6 +6,7 @@ use sd_lora_model::load::{
     self, LoadOptions, ModelInfo, ModelSource, Prediction, PredictionSource, SourceFormat,
 };
 use sd_lora_model::lora::format::{LoraFile, LoraFormatError, LoraSummary, read_lora};
+use sd_lora_model::lora::lycoris::{DoraAxis, NetworkType};
 use sd_lora_model::lora::targets::model_targets;
 use sd_lora_model::pipeline::StableDiffusion;
 use std::fmt::Write;
@@ -159,7 +160,7 @@ fn check_against_model(file: &LoraFile, model: &Path, options: LoadOptions) -> R
     )?;
     Ok(ModelCheck {
         model: model.to_path_buf(),
-        matched_modules: file.weights.modules.len(),
+        matched_modules: file.weights.len(),
     })
 }
 
@@ -167,6 +168,17 @@ fn render_lora(path: &Path, s: &LoraSummary, check: Option<&ModelCheck>) -> Stri
     let mut o = String::new();
     let _ = writeln!(o, "{} (LoRA, {} format)", path.display(), s.format);
     let _ = writeln!(o, "  family        {}", s.family);
+    let kind = match (s.network_type, s.dora_axis) {
+        (NetworkType::Dora, Some(DoraAxis::Input)) => {
+            "DoRA (magnitude per input column: A1111's form; PEFT/diffusers cannot read it)"
+                .to_string()
+        }
+        (NetworkType::Dora, _) => "DoRA (magnitude per output row)".to_string(),
+        (NetworkType::Loha, _) => "LoHa (LyCORIS)".to_string(),
+        (NetworkType::Lokr, _) => "LoKr (LyCORIS)".to_string(),
+        (NetworkType::Lora, _) => "LoRA".to_string(),
+    };
+    let _ = writeln!(o, "  type          {kind}");
     let _ = writeln!(
         o,
         "  base model    {}",

@@ -23,7 +23,7 @@ pub fn read_fitting(
         let mut msg = format!(
             "{shown} does not fit {model}: {} of {} modules do not map onto the model:",
             mismatches.len(),
-            file.weights.modules.len()
+            file.weights.len()
         );
         for m in &mismatches {
             let _ = write!(msg, "\n  {m}");

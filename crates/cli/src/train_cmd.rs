@@ -14,6 +14,7 @@ use clap::Args;
 use sd_lora_data::Dataset;
 use sd_lora_data::report::Report;
 use sd_lora_model::load::{Architecture, Component, ModelSource};
+use sd_lora_model::lora::lycoris::{NetworkType, fresh_shapes};
 use sd_lora_model::lora::targets::{TargetSpec, stored_layer};
 use sd_lora_model::lora::{LayerKind, LoraComponent, TargetInfo};
 use sd_lora_model::unet::{BlockKind, UNetConfig};
@@ -72,6 +73,9 @@ pub struct TrainArgs {
     /// LoRA alpha (`network.alpha`).
     #[arg(long, value_name = "X")]
     pub alpha: Option<f32>,
+    /// lora, dora, loha or lokr (`network.type`).
+    #[arg(long, value_name = "TYPE")]
+    pub network_type: Option<String>,
     /// UNet learning rate (`train.unet_lr`).
     #[arg(long, value_name = "X")]
     pub lr: Option<f64>,
@@ -189,6 +193,9 @@ impl TrainArgs {
         }
         if let Some(o) = &self.optimizer {
             sets.push(format!("train.optimizer={}", toml_str(o)));
+        }
+        if let Some(t) = &self.network_type {
+            sets.push(format!("network.type={}", toml_str(t)));
         }
         if let Some(f) = &self.save_format {
             sets.push(format!("output.save_format={}", toml_str(f)));
@@ -743,21 +750,39 @@ fn estimate_memory(
         8
     };
     let (mut lora_params, mut lora_state) = (0u64, 0u64);
+    // DoRA, LoHa and LoKr also build each adapted layer's whole update (and
+    // DoRA an f32 copy of the weight and its normalised form) in every
+    // forward, kept for the backward: f32 values per weight value.
+    let update_values = match cfg.network.network_type {
+        NetworkType::Lora => 0,
+        NetworkType::Dora => 4,
+        NetworkType::Loha => 3,
+        NetworkType::Lokr => 2,
+    };
+    let mut update_bytes = 0u64;
     for t in m.layers.iter().filter(|t| spec.selects(t)) {
         let rank = spec.params(t).rank;
-        let (down, up): (Vec<usize>, Vec<usize>) = match t.kind {
-            LayerKind::Conv2d { kernel, .. } => (
-                vec![rank, t.in_features, kernel[0], kernel[1]],
-                vec![t.out_features, rank, 1, 1],
-            ),
-            LayerKind::Linear => (vec![rank, t.in_features], vec![t.out_features, rank]),
+        let kernel = match t.kind {
+            LayerKind::Conv2d { kernel, .. } => Some(kernel),
+            LayerKind::Linear => None,
         };
-        for dims in [down, up] {
+        let shapes = fresh_shapes(
+            cfg.network.network_type,
+            t.out_features,
+            t.in_features,
+            kernel,
+            rank,
+            cfg.network.lokr_factor,
+        );
+        for (_, dims) in shapes {
             let n = dims.iter().product::<usize>() as u64;
             lora_params += n;
             lora_state += n * per_param + opt_spec.state_bytes(&dims);
         }
+        let k = kernel.map(|[h, w]| h * w).unwrap_or(1) as u64;
+        update_bytes += update_values * 4 * (t.out_features * t.in_features) as u64 * k;
     }
+    lora_state += update_bytes;
     let activations = m
         .unet
         .as_ref()

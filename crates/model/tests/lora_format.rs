@@ -103,7 +103,7 @@ fn random_lora(targets: &[TargetInfo], rank: usize, alpha: f32, seed: u64) -> Lo
         };
         w.modules.insert(
             (t.component, t.path.clone()),
-            LoraModule { down, up, alpha },
+            LoraModule::new(down, up, alpha),
         );
     }
     w
@@ -622,6 +622,7 @@ fn validation_lists_every_offending_module() {
         down: rng.tensor(&[4, 8, 3, 3]),
         up: rng.tensor(&[8, 4, 1, 1]),
         alpha: 1.0,
+        dora_scale: None,
     };
     lora.modules
         .insert((LoraComponent::Unet, absent.clone()), conv.clone());
@@ -835,7 +836,40 @@ fn files_that_are_not_loras_are_named_as_such() {
         None,
     );
     let e = err(&p);
-    assert!(e.contains("LoHa") && e.contains("hada_w1_a"), "{e}");
+    assert!(
+        e.contains("mixes LyCORIS tensors") && e.contains("hada_w1_a"),
+        "{e}"
+    );
+    // LyCORIS' Tucker-factored convs are refused by name.
+    let p = dir.join("loha_tucker.safetensors");
+    write_raw(
+        &p,
+        &[
+            (&format!("{Q}.hada_w1_a"), &[2, 8]),
+            (&format!("{Q}.hada_w1_b"), &[2, 8]),
+            (&format!("{Q}.hada_w2_a"), &[2, 8]),
+            (&format!("{Q}.hada_w2_b"), &[2, 8]),
+            (&format!("{Q}.hada_t1"), &[2, 2, 3, 3]),
+        ],
+        None,
+    );
+    let e = err(&p);
+    assert!(e.contains("Tucker") && e.contains("hada_t1"), "{e}");
+    // A LoHa module missing a tensor is named with what it has.
+    let p = dir.join("loha_half.safetensors");
+    write_raw(
+        &p,
+        &[
+            (&format!("{Q}.hada_w1_a"), &[8, 2]),
+            (&format!("{Q}.hada_w1_b"), &[2, 8]),
+        ],
+        None,
+    );
+    let e = err(&p);
+    assert!(
+        e.contains("needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b"),
+        "{e}"
+    );
     let p = dir.join("mixed.safetensors");
     write_raw(
         &p,
@@ -863,6 +897,7 @@ fn valid_bytes() -> Vec<u8> {
             down: rng.tensor(&[2, 8]),
             up: rng.tensor(&[8, 2]),
             alpha: 1.0,
+            dora_scale: None,
         },
     );
     let scratch_dir = scratch("valid");

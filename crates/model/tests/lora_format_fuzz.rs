@@ -54,6 +54,7 @@ fn small_lora(rng: &mut Rng) -> LoraWeights {
                 down: rng.tensor(&[2, 8]),
                 up: rng.tensor(&[8, 2]),
                 alpha: 1.0,
+                dora_scale: None,
             },
         );
     }
@@ -63,6 +64,7 @@ fn small_lora(rng: &mut Rng) -> LoraWeights {
             down: rng.tensor(&[2, 4, 3, 3]),
             up: rng.tensor(&[4, 2, 1, 1]),
             alpha: 2.0,
+            dora_scale: None,
         },
     );
     w.modules.insert(
@@ -74,6 +76,7 @@ fn small_lora(rng: &mut Rng) -> LoraWeights {
             down: rng.tensor(&[2, 8]),
             up: rng.tensor(&[16, 2]),
             alpha: 2.0,
+            dora_scale: None,
         },
     );
     w

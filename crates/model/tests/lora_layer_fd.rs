@@ -150,13 +150,17 @@ fn finite_differences_of_attention_and_conv_lora_through_the_unet() {
         &TrainOptions {
             seed: 2,
             dropout: 0.0,
+            ..TrainOptions::default()
         },
     )
     .unwrap();
     let mut rng = Rng(17);
     for m in &lora.modules {
-        assert_eq!(m.down.dtype(), DType::F64, "f64 base, f64 LoRA");
-        m.up.set(&rng.tensor(m.up.dims(), 0.3, DType::F64)).unwrap();
+        assert_eq!(m.down().unwrap().dtype(), DType::F64, "f64 base, f64 LoRA");
+        m.up()
+            .unwrap()
+            .set(&rng.tensor(m.up().unwrap().dims(), 0.3, DType::F64))
+            .unwrap();
     }
     // Odd height, even width: the stride-2 downsampler sees mismatched parities.
     let x = rng.tensor(&[2, 4, 7, 6], 1.0, DType::F64);
@@ -180,7 +184,7 @@ fn finite_differences_of_attention_and_conv_lora_through_the_unet() {
             .iter()
             .find(|m| m.target.path == path)
             .unwrap_or_else(|| panic!("{path} not adapted"));
-        for (name, var) in [("down", &m.down), ("up", &m.up)] {
+        for (name, var) in [("down", &m.down().unwrap()), ("up", &m.up().unwrap())] {
             let g = grads.get(var.as_tensor()).unwrap();
             let err = fd_check(var, g, &value, &[0, 7, 29, 101]);
             println!("{path}.{name}: finite differences vs backward {err:.2e}");

@@ -61,6 +61,7 @@ fn random_lora(
                 down: random(&down, &mut seed, 0.5),
                 up: random(&up, &mut seed, 0.5),
                 alpha: rank as f32 / 2.0,
+                dora_scale: None,
             },
         );
     }

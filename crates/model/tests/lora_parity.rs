@@ -316,10 +316,13 @@ fn lora_gradients_match_pytorch() {
             .modules
             .get(&key)
             .unwrap_or_else(|| panic!("{key:?} is not in the fixture LoRA"));
-        m.down
+        m.down()
+            .unwrap()
             .set(&fixture.down.to_device(&test_device()).unwrap())
             .unwrap();
-        m.up.set(&fixture.up.to_device(&test_device()).unwrap())
+        m.up()
+            .unwrap()
+            .set(&fixture.up.to_device(&test_device()).unwrap())
             .unwrap();
         assert_eq!(m.alpha, fixture.alpha);
     }
@@ -350,7 +353,10 @@ fn lora_gradients_match_pytorch() {
     let mut checked = 0;
     for m in &lora.modules {
         let name = kohya_name(m.target.component, &m.target.path);
-        for (part, var) in [("lora_down", &m.down), ("lora_up", &m.up)] {
+        for (part, var) in [
+            ("lora_down", &m.down().unwrap()),
+            ("lora_up", &m.up().unwrap()),
+        ] {
             let key = format!("{name}.{part}.weight");
             let reference = get(&r, &format!("grad.{key}"));
             let Some(g) = grads.get(var.as_tensor()) else {

@@ -75,6 +75,7 @@ fn full_rank_is_exact_and_lower_ranks_drop_exactly_the_tail() {
             down: random(&down_shape, &mut seed),
             up: random(&up_shape, &mut seed),
             alpha: 3.0,
+            dora_scale: None,
         };
         let w = delta(&m);
         let r = m.rank();
@@ -124,6 +125,7 @@ fn a_rank_deficient_module_resizes_without_nan() {
         down,
         up,
         alpha: 4.0,
+        dora_scale: None,
     };
     let (out, st) = resize_module(&m, RankRule::SvFro(0.999), None, DType::F32).unwrap();
     assert!(st.singular_values[3] < 1e-9 * st.singular_values[0]);

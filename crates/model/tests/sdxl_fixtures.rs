@@ -298,7 +298,10 @@ fn sdxl_lora_files_use_sgm_names_and_read_back_against_the_model() {
     }
     for m in &lora.modules {
         // Non-zero `up`, so a wrong name would show as a wrong value.
-        m.up.set(&m.up.as_tensor().ones_like().unwrap()).unwrap();
+        m.up()
+            .unwrap()
+            .set(&m.up().unwrap().as_tensor().ones_like().unwrap())
+            .unwrap();
     }
     let (unet, text_encoders) = sd.lora_parts();
     let weights = extract(unet, text_encoders).unwrap();

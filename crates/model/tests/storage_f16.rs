@@ -160,11 +160,18 @@ fn half_storage_trains_f32_lora_with_and_without_checkpointing() {
         let options = TrainOptions {
             seed: 5,
             dropout: 0.1,
+            ..TrainOptions::default()
         };
         let lora = create_trainable(&mut unet, None, &spec, &options).unwrap();
         for (i, m) in lora.modules.iter().enumerate() {
-            let up = randn(50 + i as u64, m.up.shape().clone(), 0.0, 0.3, DType::F32);
-            m.up.set(&up).unwrap();
+            let up = randn(
+                50 + i as u64,
+                m.up().unwrap().shape().clone(),
+                0.0,
+                0.3,
+                DType::F32,
+            );
+            m.up().unwrap().set(&up).unwrap();
         }
         lora.dropout.set_training(true);
         unet.set_gradient_checkpointing(ckpt);

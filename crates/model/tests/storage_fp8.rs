@@ -85,7 +85,7 @@ fn fp8_unet_stays_close_to_bf16_and_its_lora_learns() {
     let grads = loss.backward().unwrap();
     for m in &lora.modules {
         let g = grads
-            .get(m.up.as_tensor())
+            .get(m.up().unwrap().as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {}", m.target.path));
         let norm = g
             .sqr()

@@ -317,7 +317,7 @@ pub fn run(
         &spec,
         &TrainOptions {
             seed: opts.seed,
-            dropout: 0.0,
+            ..TrainOptions::default()
         },
     )
     .context("creating the LoRA")?;

@@ -21,6 +21,7 @@ use sd_lora_model::load::{LoadOptions, Prediction};
 use sd_lora_model::lora::TargetInfo;
 use sd_lora_model::lora::blocks::{BlockSettings, apply_blocks};
 use sd_lora_model::lora::format::SaveDtype;
+use sd_lora_model::lora::lycoris::{DoraAxis, NetworkType};
 use sd_lora_model::lora::targets::{Preset, RankAlpha, TargetSpec};
 use sd_lora_model::sampling::SamplerKind;
 use serde::{Deserialize, Serialize};
@@ -282,6 +283,23 @@ pub struct NetworkSection {
     /// (kohya plus the ResNet and sampler convolutions, as kohya's LoCon), or
     /// `none` (only what `include` names).
     pub preset: String,
+    /// What each module is made of: `lora` (plain LoRA), `dora` (LoRA plus a
+    /// trained magnitude, LyCORIS' `dora_wd`: loads in diffusers, ComfyUI and
+    /// Forge; for A1111's built-in loader see `dora_axis`), `loha` (LyCORIS LoHa: a Hadamard product of two
+    /// rank-`rank` products) or `lokr` (LyCORIS LoKr: a Kronecker product).
+    /// Each combines with the presets (`conv` = LoCon). Saved with LyCORIS' key
+    /// names; LoHa/LoKr in the kohya format only (diffusers reads neither).
+    #[serde(rename = "type")]
+    pub network_type: NetworkType,
+    /// DoRA: one magnitude per output row (`output`: the DoRA paper's,
+    /// LyCORIS' default, the only form PEFT/diffusers read) or per input
+    /// column (`input`: the only form A1111's built-in loader applies right;
+    /// ComfyUI and Forge read both).
+    pub dora_axis: DoraAxis,
+    /// LoKr: LyCORIS' `factor`, how each dimension splits between the small
+    /// and the large Kronecker factor: -1 = the split closest to a square
+    /// (320 → 16×20), N > 0 = a factor of at most N (N itself when it divides).
+    pub lokr_factor: i64,
     /// Rank (kohya `network_dim`) of the UNet's Linear and 1×1-conv LoRAs.
     pub rank: usize,
     /// Alpha (kohya `network_alpha`): the LoRA output is scaled by alpha / rank.
@@ -394,6 +412,9 @@ impl Default for NetworkSection {
     fn default() -> Self {
         NetworkSection {
             preset: "kohya".to_string(),
+            network_type: NetworkType::Lora,
+            dora_axis: DoraAxis::Output,
+            lokr_factor: -1,
             rank: 16,
             alpha: 8.0,
             conv_rank: None,
@@ -1226,7 +1247,36 @@ impl TrainConfig {
         self.output.validate()?;
         self.dataset.validate()?;
         self.validate_prodigy_lrs()?;
+        self.validate_save_format()?;
         Ok(())
+    }
+
+    /// PEFT/diffusers files hold LoRA and output-axis DoRA only: say so before
+    /// training rather than at the first save.
+    fn validate_save_format(&self) -> Result<(), ConfigError> {
+        if self.output.save_format != SaveFormatChoice::Peft {
+            return Ok(());
+        }
+        let n = &self.network;
+        match n.network_type {
+            NetworkType::Loha | NetworkType::Lokr => Err(bad(
+                "output.save_format",
+                "\"peft\"",
+                format!(
+                    "PEFT/diffusers files hold LoRA and DoRA only, and network.type is \"{}\"; \
+                     save in the kohya format (ComfyUI, A1111 and Forge read {} files)",
+                    n.network_type,
+                    n.network_type.display_name()
+                ),
+            )),
+            NetworkType::Dora if n.dora_axis == DoraAxis::Input => Err(bad(
+                "output.save_format",
+                "\"peft\"",
+                "PEFT/diffusers DoRA has one magnitude per output row, and network.dora_axis is \
+                 \"input\"; use dora_axis = \"output\" or the kohya format",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Prodigy adapts one step size for all parts, so they must share the
@@ -1409,6 +1459,13 @@ impl ModelSection {
 
 impl NetworkSection {
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.lokr_factor == 0 || self.lokr_factor < -1 {
+            return Err(bad(
+                "network.lokr_factor",
+                self.lokr_factor,
+                "must be -1 (the split closest to a square) or a positive number",
+            ));
+        }
         if self.preset.parse::<Preset>().is_err() {
             return Err(bad(
                 "network.preset",

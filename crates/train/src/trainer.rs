@@ -28,8 +28,9 @@ use sd_lora_model::lora::attach::{TrainOptions, TrainableLora, create_trainable}
 use sd_lora_model::lora::format::{
     BaseModelVersion, DatasetDirInfo, Metadata, SaveDtype, write_kohya_named, write_peft,
 };
+use sd_lora_model::lora::lycoris::NetworkType;
 use sd_lora_model::lora::targets::model_targets;
-use sd_lora_model::lora::{LoraComponent, LoraModule, LoraWeights};
+use sd_lora_model::lora::{LoraComponent, LoraWeights};
 use sd_lora_model::ops::checkpoint;
 use sd_lora_model::ops::op_count::{self, OpCount};
 use sd_lora_model::pipeline::StableDiffusion;
@@ -237,22 +238,7 @@ fn state_name(component: LoraComponent, path: &str, half: &str) -> String {
 fn lora_weights(lora: &TrainableLora) -> Result<LoraWeights> {
     let mut w = LoraWeights::default();
     for m in &lora.modules {
-        w.modules.insert(
-            (m.target.component, m.target.path.clone()),
-            LoraModule {
-                down: m
-                    .down
-                    .as_tensor()
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?,
-                up: m
-                    .up
-                    .as_tensor()
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?,
-                alpha: m.alpha,
-            },
-        );
+        w.insert((m.target.component, m.target.path.clone()), m.snapshot()?);
     }
     Ok(w)
 }
@@ -345,7 +331,7 @@ fn metadata(
     }
     let per_epoch = steps_per_epoch(cfg, ds);
     let epochs = |steps: usize| steps.div_ceil(per_epoch) as u64;
-    Metadata {
+    let mut md = Metadata {
         output_name: Some(cfg.output.name.clone()),
         base_model,
         resolution: Some((cfg.dataset.resolution, cfg.dataset.resolution)),
@@ -367,7 +353,12 @@ fn metadata(
         extra: [("ss_optimizer".to_string(), optimizer_metadata(cfg))].into(),
         ..Default::default()
     }
-    .with_network_of(weights)
+    .with_network_of(weights);
+    if cfg.network.network_type == NetworkType::Lokr && cfg.network.lokr_factor != -1 {
+        md.network_args
+            .insert("factor".into(), cfg.network.lokr_factor.to_string());
+    }
+    md
 }
 
 /// `ss_optimizer` as kohya writes it: the reference implementation's class
@@ -618,6 +609,9 @@ pub fn train(
         &TrainOptions {
             seed: cfg.train.seed,
             dropout: cfg.network.dropout,
+            network: cfg.network.network_type,
+            dora_axis: cfg.network.dora_axis,
+            lokr_factor: cfg.network.lokr_factor,
         },
     )?;
     // One parameter group per model part, each with its learning rate; with
@@ -638,8 +632,7 @@ pub fn train(
         } else {
             vars.entry(m.target.component).or_default()
         };
-        dst.push(m.down.clone());
-        dst.push(m.up.clone());
+        dst.extend(m.params.vars());
     }
     if unet_by_weight.is_empty() {
         unet_by_weight.push((1.0, Vec::new()));
@@ -702,8 +695,8 @@ pub fn train(
             );
         }
         for m in &lora.modules {
-            for (half, var) in [("down", &m.down), ("up", &m.up)] {
-                let name = state_name(m.target.component, &m.target.path, half);
+            for (half, var) in m.params.named_vars() {
+                let name = state_name(m.target.component, &m.target.path, &half);
                 let t = saved
                     .lora
                     .get(&name)
@@ -918,7 +911,8 @@ pub fn train(
         lora_parameters: lora
             .modules
             .iter()
-            .map(|m| m.down.elem_count() + m.up.elem_count())
+            .flat_map(|m| m.params.vars())
+            .map(|v| v.elem_count())
             .sum(),
     })
 }
@@ -1099,14 +1093,12 @@ fn save_state(
 ) -> Result<()> {
     let mut tensors = Vec::new();
     for m in &lora.modules {
-        tensors.push((
-            state_name(m.target.component, &m.target.path, "down"),
-            m.down.as_tensor().clone(),
-        ));
-        tensors.push((
-            state_name(m.target.component, &m.target.path, "up"),
-            m.up.as_tensor().clone(),
-        ));
+        for (half, var) in m.params.named_vars() {
+            tensors.push((
+                state_name(m.target.component, &m.target.path, &half),
+                var.as_tensor().clone(),
+            ));
+        }
     }
     let info = StateInfo {
         version: 1,

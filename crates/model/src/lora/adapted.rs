@@ -41,6 +41,9 @@ impl LoraLinear {
             return self.base.forward(x);
         };
         let (w, b) = (&self.base.weight, self.base.bias.as_ref());
+        if lora.plain().is_none() {
+            return lora.apply_linear_update(x, self.base.forward(x)?, w);
+        }
         if let Some(y) = super::linear_cpu::forward(lora, x, w, b)? {
             return Ok(y);
         }
@@ -98,7 +101,9 @@ impl LoraConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         match self.active_lora() {
-            Some(lora) => y + lora.conv_delta(x, self.base.stride, self.base.padding)?,
+            Some(lora) => {
+                y + lora.conv_delta(x, &self.base.weight, self.base.stride, self.base.padding)?
+            }
             None => Ok(y),
         }
     }

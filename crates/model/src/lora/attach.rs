@@ -29,11 +29,13 @@ use candle_core::{DType, Result, Tensor, Var, bail};
 
 use super::encoders::{TextEncodersMut, TextEncodersRef};
 use super::layer::{
-    DropoutControl, LoraAdapter, LoraDropout, lora_dtype, module_seed, splitmix64, unit,
+    AdapterParams, DropoutControl, KronVar, LoraAdapter, LoraDropout, lora_dtype, module_seed,
+    splitmix64, unit,
 };
+use super::lycoris::{DoraAxis, NetworkType, dora_norm, fresh_shapes};
 use super::targets::{TargetSpec, model_targets, select};
 use super::visit::{LayerMut, LayerRef};
-use super::{LayerKind, LoraComponent, LoraModule, LoraWeights, TargetInfo};
+use super::{LayerKind, LoraComponent, LoraWeights, ModuleWeights, TargetInfo};
 use crate::unet::UNet2DConditionModel;
 
 /// Options of [`create_trainable`].
@@ -44,15 +46,43 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Dropout probability on the LoRA input (0 = none).
     pub dropout: f32,
+    /// What the modules are made of.
+    pub network: NetworkType,
+    /// DoRA: the axis of the magnitude.
+    pub dora_axis: DoraAxis,
+    /// LoKr: LyCORIS' `factor` (≤ 0: the split closest to a square).
+    pub lokr_factor: i64,
 }
 
 /// One trainable module: where it is and its parameters.
 #[derive(Debug, Clone)]
 pub struct TrainableModule {
     pub target: TargetInfo,
-    pub down: Var,
-    pub up: Var,
+    pub params: AdapterParams,
     pub alpha: f32,
+}
+
+impl TrainableModule {
+    /// The `down` of a LoRA/DoRA module (`None` for LoHa/LoKr).
+    pub fn down(&self) -> Option<&Var> {
+        match &self.params {
+            AdapterParams::LowRank { down, .. } => Some(down),
+            _ => None,
+        }
+    }
+
+    /// The `up` of a LoRA/DoRA module (`None` for LoHa/LoKr).
+    pub fn up(&self) -> Option<&Var> {
+        match &self.params {
+            AdapterParams::LowRank { up, .. } => Some(up),
+            _ => None,
+        }
+    }
+
+    /// Copies of the current values (f32, CPU) as module weights.
+    pub fn snapshot(&self) -> Result<ModuleWeights> {
+        self.params.snapshot(self.alpha)
+    }
 }
 
 /// What [`create_trainable`] made.
@@ -66,12 +96,10 @@ pub struct TrainableLora {
 }
 
 impl TrainableLora {
-    /// Every trainable variable (`down` then `up` of each module), for the optimizer.
+    /// Every trainable variable (`down` then `up` of each LoRA module, the
+    /// type's own tensors otherwise), for the optimizer.
     pub fn vars(&self) -> Vec<Var> {
-        self.modules
-            .iter()
-            .flat_map(|m| [m.down.clone(), m.up.clone()])
-            .collect()
+        self.modules.iter().flat_map(|m| m.params.vars()).collect()
     }
 
     /// Number of modules.
@@ -138,17 +166,6 @@ fn report(what: &str, problems: &[String]) -> Result<()> {
     )
 }
 
-/// The `down` and `up` shapes for a target of rank `rank`.
-fn lora_shapes(target: &TargetInfo, rank: usize) -> (Vec<usize>, Vec<usize>) {
-    let (i, o) = (target.in_features, target.out_features);
-    match target.kind {
-        LayerKind::Linear => (vec![rank, i], vec![o, rank]),
-        LayerKind::Conv2d { kernel, .. } => {
-            (vec![rank, i, kernel[0], kernel[1]], vec![o, rank, 1, 1])
-        }
-    }
-}
-
 /// A seeded kaiming-uniform `down` (PyTorch's `kaiming_uniform_(a = √5)`, as
 /// kohya: bound `1/√fan_in`, `fan_in = in · kh · kw`).
 fn kaiming_down(
@@ -168,6 +185,112 @@ fn kaiming_down(
         })
         .collect();
     Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
+}
+
+/// A seeded normal tensor with standard deviation `std` (Box–Muller on the
+/// same counter-based generator as [`kaiming_down`]).
+fn seeded_normal(
+    shape: &[usize],
+    std: f64,
+    seed: u64,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut state = seed;
+    let mut next = || {
+        state = splitmix64(state);
+        unit(state)
+    };
+    let data: Vec<f64> = (0..n)
+        .map(|_| {
+            let (u1, u2) = (1.0 - next(), next());
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std
+        })
+        .collect();
+    Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
+}
+
+/// Fresh trainable parameters of `options.network` for `target` (rank `rank`)
+/// on a layer with weight `weight`, initialised as LyCORIS does: the update is
+/// zero at the start (LoRA/DoRA `up`, LoHa `w2_a`, LoKr `w2`/`w2_b` zero), and
+/// DoRA's magnitude is the weight's own norm, so training starts at the base model.
+fn fresh_params(
+    target: &TargetInfo,
+    rank: usize,
+    weight: &Tensor,
+    seed: u64,
+    options: &TrainOptions,
+) -> Result<AdapterParams> {
+    let (dtype, device) = (lora_dtype(weight.dtype()), weight.device().clone());
+    let var = |t: Tensor| Var::from_tensor(&t);
+    let kaiming = |shape: &[usize], salt: u64| {
+        kaiming_down(shape, splitmix64(seed ^ salt), dtype, &device).and_then(var)
+    };
+    let normal = |shape: &[usize], std: f64, salt: u64| {
+        seeded_normal(shape, std, splitmix64(seed ^ salt), dtype, &device).and_then(var)
+    };
+    let kernel = match target.kind {
+        LayerKind::Linear => None,
+        LayerKind::Conv2d { kernel, .. } => Some(kernel),
+    };
+    let shapes = fresh_shapes(
+        options.network,
+        target.out_features,
+        target.in_features,
+        kernel,
+        rank,
+        options.lokr_factor,
+    );
+    let mut vars: BTreeMap<&str, Var> = BTreeMap::new();
+    for (name, shape) in shapes {
+        let var = match name {
+            // The `down` of plain LoRA keeps its historical seed, so runs repeat.
+            "down" => var(kaiming_down(&shape, seed, dtype, &device)?)?,
+            "dora_scale" => {
+                let w = weight.detach().to_dtype(dtype)?;
+                var(dora_norm(&w, options.dora_axis)?)?
+            }
+            "hada_w1_a" => normal(&shape, 0.1, 1)?,
+            "hada_w1_b" => normal(&shape, 1.0, 2)?,
+            "hada_w2_b" => normal(&shape, 1.0, 3)?,
+            "lokr_w1" => kaiming(&shape, 4)?,
+            "lokr_w2_a" => kaiming(&shape, 5)?,
+            // up, hada_w2_a, lokr_w2, lokr_w2_b: the update starts at zero.
+            _ => Var::zeros(shape, dtype, &device)?,
+        };
+        vars.insert(name, var);
+    }
+    let mut take = |name: &str| {
+        vars.remove(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no `{name}` was made")))
+    };
+    Ok(match options.network {
+        NetworkType::Lora | NetworkType::Dora => AdapterParams::LowRank {
+            down: take("down")?,
+            up: take("up")?,
+            dora: match take("dora_scale") {
+                Ok(m) => Some((m, options.dora_axis)),
+                Err(_) => None,
+            },
+        },
+        NetworkType::Loha => AdapterParams::Hada {
+            w1_a: take("hada_w1_a")?,
+            w1_b: take("hada_w1_b")?,
+            w2_a: take("hada_w2_a")?,
+            w2_b: take("hada_w2_b")?,
+        },
+        NetworkType::Lokr => AdapterParams::Kron {
+            w1: KronVar::Full(take("lokr_w1")?),
+            w2: match take("lokr_w2") {
+                Ok(w2) => KronVar::Full(w2),
+                Err(_) => KronVar::LowRank {
+                    a: take("lokr_w2_a")?,
+                    b: take("lokr_w2_b")?,
+                },
+            },
+        },
+    })
 }
 
 /// Creates trainable adapters on every layer `spec` selects and returns their
@@ -213,11 +336,15 @@ pub fn create_trainable<'t>(
         let seed = module_seed(options.seed, c, p);
         let made = (|| -> Result<LoraAdapter> {
             let weight = layer.as_ref().weight();
-            let (dtype, device) = (lora_dtype(weight.dtype()), weight.device().clone());
-            let (down_shape, up_shape) = lora_shapes(target, ra.rank);
-            let down = Var::from_tensor(&kaiming_down(&down_shape, seed, dtype, &device)?)?;
-            let up = Var::zeros(up_shape, dtype, &device)?;
-            let mut adapter = LoraAdapter::new(down, up, ra.alpha)?;
+            let params = fresh_params(target, ra.rank, weight, seed, options)?;
+            // A LoKr with both factors full has scale 1; LyCORIS stores its
+            // alpha as the rank to say so.
+            let alpha = if params.rank().is_none() {
+                ra.rank as f32
+            } else {
+                ra.alpha
+            };
+            let mut adapter = LoraAdapter::with_params(params, alpha);
             if options.dropout > 0.0 {
                 adapter.dropout = Some(LoraDropout {
                     p: options.dropout,
@@ -231,8 +358,7 @@ pub fn create_trainable<'t>(
             Ok(adapter) => {
                 modules.push(TrainableModule {
                     target: target.clone(),
-                    down: adapter.down.clone(),
-                    up: adapter.up.clone(),
+                    params: adapter.params.clone(),
                     alpha: adapter.alpha,
                 });
                 *layer.lora_mut() = Some(adapter);
@@ -281,8 +407,7 @@ pub fn collect_trainable<'t>(
         });
         modules.push(TrainableModule {
             target,
-            down: adapter.down.clone(),
-            up: adapter.up.clone(),
+            params: adapter.params.clone(),
             alpha: adapter.alpha,
         });
     });
@@ -297,23 +422,16 @@ pub fn collect_trainable<'t>(
 }
 
 /// Checks one module of a file against its target layer.
-fn check_module(target: &TargetInfo, m: &LoraModule) -> Option<String> {
-    let rank = m.rank();
-    let (want_down, want_up) = lora_shapes(target, rank);
+fn check_module(target: &TargetInfo, m: &ModuleWeights) -> Option<String> {
     let name = display(target.component, &target.path);
-    if rank == 0 || m.down.dims() != want_down.as_slice() || m.up.dims() != want_up.as_slice() {
+    if let Err(e) = m.check_fits(target.kind, target.in_features, target.out_features) {
         return Some(format!(
-            "{name}: lora down {:?} / up {:?} do not fit the layer ({:?}, in {}, out {}): \
-             expected down {want_down:?} / up {want_up:?}",
-            m.down.dims(),
-            m.up.dims(),
-            target.kind,
-            target.in_features,
-            target.out_features
+            "{name}: {e} ({:?}, in {}, out {})",
+            target.kind, target.in_features, target.out_features
         ));
     }
-    if !m.alpha.is_finite() {
-        return Some(format!("{name}: alpha is {}", m.alpha));
+    if !m.alpha().is_finite() {
+        return Some(format!("{name}: alpha is {}", m.alpha()));
     }
     None
 }
@@ -339,10 +457,10 @@ pub fn attach<'t>(
         targets.insert((c, p.to_string()), (l.target(c, p), l.lora().is_some()));
     });
     let mut problems = Vec::new();
-    for ((c, p), m) in &weights.modules {
+    for ((c, p), m) in weights.all() {
         match targets.get(&(*c, p.clone())) {
             Some((target, has_lora)) => {
-                if let Some(problem) = check_module(target, m) {
+                if let Some(problem) = check_module(target, &m) {
                     problems.push(problem);
                 } else if *has_lora {
                     problems.push(format!(
@@ -369,16 +487,15 @@ pub fn attach<'t>(
     let mut count = 0;
     let mut errors = Vec::new();
     for_each_layer_mut(unet, text_encoders, &mut |c, p, mut layer| {
-        let Some(m) = weights.modules.get(&(c, p.to_string())) else {
+        let Some(m) = weights.get(&(c, p.to_string())) else {
             return;
         };
         let made = (|| -> Result<LoraAdapter> {
             let weight = layer.as_ref().weight();
             let (dtype, device) = (lora_dtype(weight.dtype()), weight.device().clone());
             // `Var::from_tensor` copies, so the adapter never aliases `weights`.
-            let down = Var::from_tensor(&m.down.to_device(&device)?.to_dtype(dtype)?)?;
-            let up = Var::from_tensor(&m.up.to_device(&device)?.to_dtype(dtype)?)?;
-            let mut adapter = LoraAdapter::new(down, up, m.alpha)?;
+            let params = AdapterParams::from_weights(&m, weight.dims(), dtype, &device)?;
+            let mut adapter = LoraAdapter::with_params(params, m.alpha());
             adapter.multiplier = multiplier;
             Ok(adapter)
         })();
@@ -404,20 +521,9 @@ pub fn extract<'t>(
     let mut errors = Vec::new();
     for_each_layer(unet, text_encoders.into(), &mut |c, p, l| {
         let Some(a) = l.lora() else { return };
-        let snapshot =
-            |v: &Var| -> Result<Tensor> { v.as_tensor().detach().to_dtype(DType::F32)?.copy() };
-        match (snapshot(&a.down), snapshot(&a.up)) {
-            (Ok(down), Ok(up)) => {
-                out.modules.insert(
-                    (c, p.to_string()),
-                    LoraModule {
-                        down,
-                        up,
-                        alpha: a.alpha,
-                    },
-                );
-            }
-            (Err(e), _) | (_, Err(e)) => errors.push(format!("{}: {e}", display(c, p))),
+        match a.params.snapshot(a.alpha) {
+            Ok(m) => out.insert((c, p.to_string()), m),
+            Err(e) => errors.push(format!("{}: {e}", display(c, p))),
         }
     });
     report("cannot extract LoRA", &errors)?;
@@ -476,7 +582,7 @@ pub fn merge<'t>(
         };
         adapter.multiplier = multiplier;
         let merged = (|| -> Result<Tensor> {
-            let delta = adapter.delta_weight()?;
+            let delta = adapter.delta_weight(&weight)?;
             (weight.to_dtype(delta.dtype())? + delta)?
                 .to_dtype(weight.dtype())
                 .map(|w| w.detach())

@@ -192,6 +192,7 @@ pub fn extract(
                 down,
                 up,
                 alpha: rank as f32,
+                dora_scale: None,
             },
         );
     }

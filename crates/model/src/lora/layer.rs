@@ -47,7 +47,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{DType, Result, Tensor, Var, bail};
 
-use super::LayerKind;
+use super::lycoris::{
+    DoraAxis, KronFactor, LycorisModule, NetworkType, check_magnitude, dora_delta, hada_delta,
+    kron_delta,
+};
+use super::{LayerKind, LoraModule, ModuleWeights};
 use crate::ops::checkpoint::param;
 use crate::ops::conv::input_grad;
 use crate::ops::matmul::matmul;
@@ -160,15 +164,279 @@ pub fn module_seed(seed: u64, component: super::LoraComponent, path: &str) -> u6
     splitmix64(seed ^ splitmix64(fnv1a(path) ^ component as u64))
 }
 
-/// A LoRA adapter on one frozen layer. Shapes: Linear: `down [rank, in]`,
-/// `up [out, rank]`; Conv2d: `down [rank, in, kh, kw]`, `up [out, rank, 1, 1]`.
+/// One LoKr factor as trainable variables: whole, or a low-rank product `a·b`.
+#[derive(Debug, Clone)]
+pub enum KronVar {
+    /// `lokr_w1` / `lokr_w2`.
+    Full(Var),
+    /// `lokr_w{1,2}_a` · `lokr_w{1,2}_b`.
+    LowRank { a: Var, b: Var },
+}
+
+impl KronVar {
+    fn tensor(&self) -> Result<Tensor> {
+        match self {
+            KronVar::Full(v) => Ok(param(v)),
+            KronVar::LowRank { a, b } => param(a).matmul(&param(b)),
+        }
+    }
+
+    fn factor(&self, f: &dyn Fn(&Var) -> Result<Tensor>) -> Result<KronFactor> {
+        Ok(match self {
+            KronVar::Full(v) => KronFactor::Full(f(v)?),
+            KronVar::LowRank { a, b } => KronFactor::LowRank { a: f(a)?, b: f(b)? },
+        })
+    }
+
+    fn view(&self) -> KronFactor {
+        match self {
+            KronVar::Full(v) => KronFactor::Full(v.as_tensor().clone()),
+            KronVar::LowRank { a, b } => KronFactor::LowRank {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+            },
+        }
+    }
+
+    fn of(factor: &KronFactor) -> Result<KronVar> {
+        Ok(match factor {
+            KronFactor::Full(t) => KronVar::Full(Var::from_tensor(t)?),
+            KronFactor::LowRank { a, b } => KronVar::LowRank {
+                a: Var::from_tensor(a)?,
+                b: Var::from_tensor(b)?,
+            },
+        })
+    }
+
+    fn named(&self, which: u8) -> Vec<(String, Var)> {
+        match self {
+            KronVar::Full(v) => vec![(format!("lokr_w{which}"), v.clone())],
+            KronVar::LowRank { a, b } => vec![
+                (format!("lokr_w{which}_a"), a.clone()),
+                (format!("lokr_w{which}_b"), b.clone()),
+            ],
+        }
+    }
+
+    fn rank(&self) -> Option<usize> {
+        match self {
+            KronVar::Full(_) => None,
+            KronVar::LowRank { b, .. } => Some(b.dims()[0]),
+        }
+    }
+}
+
+/// The trainable tensors of an adapter, by network type (see [`super::lycoris`]).
+#[derive(Debug, Clone)]
+pub enum AdapterParams {
+    /// LoRA: `down`, `up`; DoRA when `dora` holds the magnitude and its axis.
+    LowRank {
+        down: Var,
+        up: Var,
+        dora: Option<(Var, DoraAxis)>,
+    },
+    /// LoHa: `(w1_a·w1_b) ⊙ (w2_a·w2_b)`.
+    Hada {
+        w1_a: Var,
+        w1_b: Var,
+        w2_a: Var,
+        w2_b: Var,
+    },
+    /// LoKr: `w1 ⊗ w2`.
+    Kron { w1: KronVar, w2: KronVar },
+}
+
+impl AdapterParams {
+    /// The variables with the names the files give them (`down`/`up` for the
+    /// low-rank halves, `dora_scale`, `hada_w1_a`, `lokr_w2_b`, …).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        match self {
+            AdapterParams::LowRank { down, up, dora } => {
+                let mut v = vec![
+                    ("down".to_string(), down.clone()),
+                    ("up".into(), up.clone()),
+                ];
+                if let Some((m, _)) = dora {
+                    v.push(("dora_scale".into(), m.clone()));
+                }
+                v
+            }
+            AdapterParams::Hada {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+            } => vec![
+                ("hada_w1_a".into(), w1_a.clone()),
+                ("hada_w1_b".into(), w1_b.clone()),
+                ("hada_w2_a".into(), w2_a.clone()),
+                ("hada_w2_b".into(), w2_b.clone()),
+            ],
+            AdapterParams::Kron { w1, w2 } => {
+                let mut v = w1.named(1);
+                v.extend(w2.named(2));
+                v
+            }
+        }
+    }
+
+    /// The variables, in [`Self::named_vars`] order.
+    pub fn vars(&self) -> Vec<Var> {
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// The network type these parameters make.
+    pub fn network_type(&self) -> NetworkType {
+        match self {
+            AdapterParams::LowRank { dora: None, .. } => NetworkType::Lora,
+            AdapterParams::LowRank { dora: Some(_), .. } => NetworkType::Dora,
+            AdapterParams::Hada { .. } => NetworkType::Loha,
+            AdapterParams::Kron { .. } => NetworkType::Lokr,
+        }
+    }
+
+    /// The rank `alpha` is divided by (`None` for a LoKr with both factors full,
+    /// whose scale is 1).
+    pub fn rank(&self) -> Option<usize> {
+        match self {
+            AdapterParams::LowRank { down, .. } => down.dims().first().copied(),
+            AdapterParams::Hada { w1_b, .. } => w1_b.dims().first().copied(),
+            AdapterParams::Kron { w1, w2 } => w2.rank().or(w1.rank()),
+        }
+    }
+
+    /// The dtype of the parameters.
+    pub fn dtype(&self) -> DType {
+        self.named_vars()
+            .first()
+            .map(|(_, v)| v.dtype())
+            .unwrap_or(DType::F32)
+    }
+
+    /// Copies of the current values as f32 CPU module weights with `alpha`.
+    pub fn snapshot(&self, alpha: f32) -> Result<ModuleWeights> {
+        let snap = |v: &Var| -> Result<Tensor> {
+            v.as_tensor()
+                .detach()
+                .to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?
+                .copy()
+        };
+        Ok(match self {
+            AdapterParams::LowRank { down, up, dora } => ModuleWeights::LowRank(LoraModule {
+                down: snap(down)?,
+                up: snap(up)?,
+                alpha,
+                dora_scale: dora.as_ref().map(|(m, _)| snap(m)).transpose()?,
+            }),
+            AdapterParams::Hada {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+            } => ModuleWeights::Lycoris(LycorisModule::Hada {
+                w1_a: snap(w1_a)?,
+                w1_b: snap(w1_b)?,
+                w2_a: snap(w2_a)?,
+                w2_b: snap(w2_b)?,
+                alpha,
+            }),
+            AdapterParams::Kron { w1, w2 } => ModuleWeights::Lycoris(LycorisModule::Kron {
+                w1: w1.factor(&snap)?,
+                w2: w2.factor(&snap)?,
+                alpha,
+            }),
+        })
+    }
+
+    /// The current values as module weights sharing the variables' storage
+    /// (no copy; for shape checks).
+    pub fn view(&self) -> ModuleWeights {
+        match self {
+            AdapterParams::LowRank { down, up, dora } => ModuleWeights::LowRank(LoraModule {
+                down: down.as_tensor().clone(),
+                up: up.as_tensor().clone(),
+                alpha: 1.0,
+                dora_scale: dora.as_ref().map(|(m, _)| m.as_tensor().clone()),
+            }),
+            AdapterParams::Hada {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+            } => ModuleWeights::Lycoris(LycorisModule::Hada {
+                w1_a: w1_a.as_tensor().clone(),
+                w1_b: w1_b.as_tensor().clone(),
+                w2_a: w2_a.as_tensor().clone(),
+                w2_b: w2_b.as_tensor().clone(),
+                alpha: 1.0,
+            }),
+            AdapterParams::Kron { w1, w2 } => ModuleWeights::Lycoris(LycorisModule::Kron {
+                w1: w1.view(),
+                w2: w2.view(),
+                alpha: 1.0,
+            }),
+        }
+    }
+
+    /// Variables holding copies of a file module's tensors converted to `dtype`
+    /// on `device`; a DoRA magnitude's axis is read from its shape against
+    /// `weight_shape`.
+    pub fn from_weights(
+        module: &ModuleWeights,
+        weight_shape: &[usize],
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<AdapterParams> {
+        let var = |t: &Tensor| -> Result<Var> {
+            Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)
+        };
+        Ok(match module {
+            ModuleWeights::LowRank(m) => AdapterParams::LowRank {
+                down: var(&m.down)?,
+                up: var(&m.up)?,
+                dora: match &m.dora_scale {
+                    None => None,
+                    Some(s) => {
+                        let axis = check_magnitude(s.dims(), weight_shape)
+                            .map_err(candle_core::Error::Msg)?;
+                        Some((var(s)?, axis))
+                    }
+                },
+            },
+            ModuleWeights::Lycoris(l) => {
+                let l = l.map(&|t| t.to_dtype(dtype)?.to_device(device))?;
+                match &l {
+                    LycorisModule::Hada {
+                        w1_a,
+                        w1_b,
+                        w2_a,
+                        w2_b,
+                        ..
+                    } => AdapterParams::Hada {
+                        w1_a: Var::from_tensor(w1_a)?,
+                        w1_b: Var::from_tensor(w1_b)?,
+                        w2_a: Var::from_tensor(w2_a)?,
+                        w2_b: Var::from_tensor(w2_b)?,
+                    },
+                    LycorisModule::Kron { w1, w2, .. } => AdapterParams::Kron {
+                        w1: KronVar::of(w1)?,
+                        w2: KronVar::of(w2)?,
+                    },
+                }
+            }
+        })
+    }
+}
+
+/// A LoRA adapter on one frozen layer. Plain LoRA shapes: Linear: `down [rank, in]`,
+/// `up [out, rank]`; Conv2d: `down [rank, in, kh, kw]`, `up [out, rank, 1, 1]`;
+/// the other types as [`super::lycoris`] describes.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
-    /// The down projection (trainable), f32 (f64 on an f64 base).
-    pub down: Var,
-    /// The up projection (trainable), same dtype as `down`.
-    pub up: Var,
-    /// The path is scaled by `alpha / rank`.
+    /// The trainable tensors, f32 (f64 on an f64 base).
+    pub params: AdapterParams,
+    /// The update is scaled by `alpha / rank`.
     pub alpha: f32,
     /// Extra inference scale (1 for training).
     pub multiplier: f32,
@@ -180,8 +448,8 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// An adapter with multiplier 1, no dropout, not merged; `down` and `up` must
-    /// agree on the rank and have the same float dtype.
+    /// A plain LoRA adapter with multiplier 1, no dropout, not merged; `down`
+    /// and `up` must agree on the rank and have the same float dtype.
     pub fn new(down: Var, up: Var, alpha: f32) -> Result<Self> {
         let (dr, ur) = (down.dims().first().copied(), up.dims().get(1).copied());
         if dr.is_none() || dr != ur || dr == Some(0) {
@@ -198,24 +466,50 @@ impl LoraAdapter {
                 up.dtype()
             )
         }
-        Ok(Self {
-            down,
-            up,
+        Ok(Self::with_params(
+            AdapterParams::LowRank {
+                down,
+                up,
+                dora: None,
+            },
+            alpha,
+        ))
+    }
+
+    /// An adapter of any type with multiplier 1, no dropout, not merged (shapes
+    /// are checked against the layer by [`Self::check_shapes`]).
+    pub fn with_params(params: AdapterParams, alpha: f32) -> Self {
+        Self {
+            params,
             alpha,
             multiplier: 1.0,
             dropout: None,
             merged_from: None,
-        })
+        }
     }
 
-    /// The rank (`down`'s first dimension).
-    pub fn rank(&self) -> usize {
-        self.down.dims()[0]
+    /// `down` and `up` of a plain LoRA adapter (`None` for DoRA, LoHa, LoKr):
+    /// the adapters the fused low-rank paths handle.
+    pub fn plain(&self) -> Option<(&Var, &Var)> {
+        match &self.params {
+            AdapterParams::LowRank {
+                down,
+                up,
+                dora: None,
+            } => Some((down, up)),
+            _ => None,
+        }
     }
 
-    /// The factor of the LoRA path: `multiplier · alpha / rank`.
+    /// The rank (`None` for a LoKr with both factors full).
+    pub fn rank(&self) -> Option<usize> {
+        self.params.rank()
+    }
+
+    /// The factor of the update: `multiplier · alpha / rank` (`multiplier` for a
+    /// LoKr with both factors full).
     pub fn scale(&self) -> f64 {
-        self.multiplier as f64 * self.alpha as f64 / self.rank() as f64
+        self.multiplier as f64 * self.scale_at_one()
     }
 
     /// Whether the adapter is merged into the base weight.
@@ -223,30 +517,18 @@ impl LoraAdapter {
         self.merged_from.is_some()
     }
 
-    /// Checks that `down`/`up` fit a layer of `kind` with the given features;
-    /// the error names the expected and actual shapes.
+    /// Checks that the parameters fit a layer of `kind` with the given
+    /// features; the error names the expected and actual shapes.
     pub fn check_shapes(
         &self,
         kind: LayerKind,
         in_features: usize,
         out_features: usize,
     ) -> Result<()> {
-        let r = self.rank();
-        let (want_down, want_up): (Vec<usize>, Vec<usize>) = match kind {
-            LayerKind::Linear => (vec![r, in_features], vec![out_features, r]),
-            LayerKind::Conv2d { kernel, .. } => (
-                vec![r, in_features, kernel[0], kernel[1]],
-                vec![out_features, r, 1, 1],
-            ),
-        };
-        if self.down.dims() != want_down.as_slice() || self.up.dims() != want_up.as_slice() {
-            bail!(
-                "LoRA shapes down {:?} / up {:?} do not fit the layer: expected down {want_down:?} / up {want_up:?}",
-                self.down.dims(),
-                self.up.dims()
-            )
-        }
-        Ok(())
+        self.params
+            .view()
+            .check_fits(kind, in_features, out_features)
+            .map_err(candle_core::Error::Msg)
     }
 
     /// The active dropout, if any (set, non-zero and in training mode).
@@ -265,7 +547,7 @@ impl LoraAdapter {
     /// constant, applied through a custom gradient so that no gradient buffer is
     /// stored for it.
     fn input(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(self.down.dtype())?;
+        let x = x.to_dtype(self.params.dtype())?;
         match self.active_dropout() {
             None => Ok(x),
             Some(d) => {
@@ -288,8 +570,10 @@ impl LoraAdapter {
     /// keep the base output, the up-projection, its scaled copy and the sum — four
     /// output-sized tensors per adapted layer — where this keeps one.
     pub fn apply_linear(&self, x: &Tensor, base: Tensor, weight: &Tensor) -> Result<Tensor> {
-        let down = param(&self.down);
-        let up = param(&self.up);
+        let Some((down, up)) = self.plain() else {
+            bail!("apply_linear takes a plain LoRA adapter")
+        };
+        let (down, up) = (param(down), param(up));
         let (_, in_features) = down.dims2()?;
         let (out_features, _) = up.dims2()?;
         if x.rank() == 0 || x.dim(candle_core::D::Minus1)? != in_features {
@@ -374,33 +658,112 @@ impl LoraAdapter {
         })
     }
 
-    /// The LoRA term of a Conv2d layer (stride `stride`, padding `padding`) for
-    /// `x: [b, in, h, w]` (base dtype), in the base dtype.
-    pub fn conv_delta(&self, x: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-        let (r, _, _, _) = self.down.dims4()?;
-        let (out, _, _, _) = self.up.dims4()?;
-        let h = conv2d_down(&self.input(x)?, &param(&self.down), stride, padding)?;
+    /// The LoRA term of a Conv2d layer (stride `stride`, padding `padding`,
+    /// frozen kernel `weight`) for `x: [b, in, h, w]` (base dtype), in the base
+    /// dtype.
+    pub fn conv_delta(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
+        let Some((down, up)) = self.plain() else {
+            // DoRA, LoHa, LoKr: a conv with the whole update as its kernel.
+            let update = self.update(weight)?;
+            return conv2d_down(&self.input(x)?, &update, stride, padding)?.to_dtype(x.dtype());
+        };
+        let (r, _, _, _) = down.dims4()?;
+        let (out, _, _, _) = up.dims4()?;
+        let h = conv2d_down(&self.input(x)?, &param(down), stride, padding)?;
         let (b, _, oh, ow) = h.dims4()?;
         // The 1×1 `up` conv as a matmul over pixels: [out, r] · [b, r, oh·ow].
-        let up = param(&self.up).reshape((out, r))?;
+        let up = param(up).reshape((out, r))?;
         let y = up.broadcast_matmul(&h.reshape((b, r, oh * ow))?)?;
         (y * self.scale())?
             .reshape((b, out, oh, ow))?
             .to_dtype(x.dtype())
     }
 
-    /// `scale · up·down` shaped like the base weight (`[out, in]` or
-    /// `[out, in, kh, kw]`), in the LoRA dtype: what merging adds to the weight.
-    pub fn delta_weight(&self) -> Result<Tensor> {
-        let down = self.down.as_tensor();
-        let up = self.up.as_tensor();
-        let r = self.rank();
-        let out = up.dims()[0];
-        let flat_down = down.reshape((r, down.elem_count() / r))?;
-        let w = up.reshape((out, r))?.matmul(&flat_down)?;
-        let mut shape = vec![out];
-        shape.extend_from_slice(&down.dims()[1..]);
-        (w * self.scale())?.reshape(shape)
+    /// A Linear layer's output for a DoRA, LoHa or LoKr adapter: `base` (the
+    /// frozen layer's output, computed with its graph) plus `x̃·ΔWᵀ`, where
+    /// the update `ΔW` ([`Self::update`]) is built from the parameters with
+    /// candle ops, which give it its backward.
+    pub fn apply_linear_update(&self, x: &Tensor, base: Tensor, weight: &Tensor) -> Result<Tensor> {
+        let update = self.update(weight)?;
+        let (out_features, in_features) = update.dims2()?;
+        let xl = self.input(x)?;
+        if xl.rank() == 0 || xl.dim(candle_core::D::Minus1)? != in_features {
+            bail!(
+                "LoRA: input shape {:?} does not end in in_features {in_features}",
+                x.dims()
+            )
+        }
+        let m = xl.elem_count() / in_features;
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank checked above") = out_features;
+        // candle's matmul, which records the graph (ops::matmul does not).
+        let delta = xl
+            .reshape((m, in_features))?
+            .matmul(&update.t()?)?
+            .reshape(shape)?
+            .to_dtype(base.dtype())?;
+        base + delta
+    }
+
+    /// The adapter's whole update of the frozen weight `weight`, shaped like
+    /// it, in the LoRA dtype, multiplier included: `W' − W` (for DoRA it
+    /// depends on `W`). Built from the parameters (through
+    /// [`crate::ops::checkpoint::param`]), so it has their gradients.
+    pub fn update(&self, weight: &Tensor) -> Result<Tensor> {
+        let dtype = self.params.dtype();
+        let shape = weight.dims();
+        let mult = self.multiplier as f64;
+        let ratio = self.scale_at_one();
+        let scaled = |t: Tensor| if mult == 1.0 { Ok(t) } else { t * mult };
+        match &self.params {
+            AdapterParams::LowRank { down, up, dora } => {
+                let (down, up) = (param(down), param(up));
+                let r = down.dim(0)?;
+                let flat = down.reshape((r, down.elem_count() / r))?;
+                let delta =
+                    (up.reshape((up.dim(0)?, r))?.matmul(&flat)? * ratio)?.reshape(shape)?;
+                match dora {
+                    None => scaled(delta),
+                    Some((m, axis)) => {
+                        let w = weight.detach().to_dtype(dtype)?;
+                        dora_delta(&w, &delta, &param(m), *axis, mult)
+                    }
+                }
+            }
+            AdapterParams::Hada {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+            } => scaled(hada_delta(
+                [&param(w1_a), &param(w1_b), &param(w2_a), &param(w2_b)],
+                ratio,
+                shape,
+            )?),
+            AdapterParams::Kron { w1, w2 } => {
+                scaled(kron_delta(&w1.tensor()?, &w2.tensor()?, ratio, shape)?)
+            }
+        }
+    }
+
+    /// `alpha / rank` (1 for a LoKr with both factors full).
+    fn scale_at_one(&self) -> f64 {
+        match self.rank() {
+            Some(r) if r > 0 => self.alpha as f64 / r as f64,
+            _ => 1.0,
+        }
+    }
+
+    /// What merging adds to the weight `weight`: [`Self::update`] without a
+    /// graph, in the LoRA dtype.
+    pub fn delta_weight(&self, weight: &Tensor) -> Result<Tensor> {
+        Ok(self.update(weight)?.detach())
     }
 }
 

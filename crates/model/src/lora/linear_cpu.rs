@@ -38,10 +38,13 @@ pub(crate) fn forward(
     bias: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let Some((lora_down, lora_up)) = lora.plain() else {
+        return Ok(None);
+    };
     if !f32_cpu(x)
         || !f32_cpu(weight)
-        || !f32_cpu(lora.down.as_tensor())
-        || !f32_cpu(lora.up.as_tensor())
+        || !f32_cpu(lora_down.as_tensor())
+        || !f32_cpu(lora_up.as_tensor())
         || bias.is_some_and(|b| !f32_cpu(b))
         || lora.dropout_active()
         || x.elem_count() == 0
@@ -49,10 +52,10 @@ pub(crate) fn forward(
         return Ok(None);
     }
     let (out_f, in_f) = weight.dims2()?;
-    let (rank, down_in) = lora.down.dims2()?;
+    let (rank, down_in) = lora_down.dims2()?;
     if x.dim(candle_core::D::Minus1)? != in_f
         || down_in != in_f
-        || lora.up.dims2()? != (out_f, rank)
+        || lora_up.dims2()? != (out_f, rank)
         || bias.is_some_and(|b| b.dims() != [out_f])
     {
         return Ok(None);
@@ -60,7 +63,7 @@ pub(crate) fn forward(
     let m = x.elem_count() / in_f;
     let scale = lora.scale() as f32;
     crate::ops::flops::add_linear(m, out_f, in_f);
-    let (down, up) = (param(&lora.down), param(&lora.up));
+    let (down, up) = (param(lora_down), param(lora_up));
     let xc = x.detach().contiguous()?;
     let weight = weight.detach().contiguous()?;
     let (dc, uc) = (down.detach().contiguous()?, up.detach().contiguous()?);

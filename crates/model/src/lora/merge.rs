@@ -29,7 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use super::format::{LoraFamily, LoraFile};
 use super::resize::{RankRule, resize_module, with_alpha};
 use super::targets::stored_layer;
-use super::{LoraComponent, LoraModule, LoraWeights, TargetInfo};
+use super::{LoraComponent, LoraModule, LoraWeights, ModuleWeights, TargetInfo};
 use crate::atomic_file::temporary_beside;
 use crate::load::safetensors_file::{SafetensorsFile, dtype_size};
 use crate::load::{LoadError, ModelSource, SourceFormat};
@@ -95,6 +95,45 @@ fn module_delta(m: &LoraModule, scale: f64) -> candle_core::Result<Tensor> {
     up.matmul(&down)?.affine(scale, 0.0)
 }
 
+/// `weight · Δ` of one module on the layer stored in `stored` (f32 values in
+/// the stored layout), flattened to `[out, in·kh·kw]` in the layer's layout.
+/// A plain LoRA's update does not depend on the weight; DoRA's does, and is
+/// computed from the original weight in the layer's real shape (its norm runs
+/// along one axis); LoHa/LoKr need that shape to arrange their products.
+fn term_delta(
+    stored: &[f32],
+    r: &RangeEdit,
+    weight: f64,
+    m: &ModuleWeights,
+) -> candle_core::Result<Tensor> {
+    if let ModuleWeights::LowRank(lr) = m
+        && lr.dora_scale.is_none()
+    {
+        return module_delta(lr, weight * f64::from(lr.scale()));
+    }
+    let w = if r.transposed {
+        let (rows, cols) = (r.shape[1], r.shape[0]);
+        Tensor::from_slice(stored, (rows, cols), &Device::Cpu)?
+            .t()?
+            .contiguous()?
+    } else {
+        Tensor::from_slice(stored, r.shape.as_slice(), &Device::Cpu)?
+    };
+    // A module for a Linear stored as a 1×1 conv (or the reverse) sees the
+    // shape its own tensors have; the norms and products are the same.
+    let w = match m {
+        ModuleWeights::LowRank(lr) => {
+            let mut shape = vec![lr.up.dims()[0]];
+            shape.extend_from_slice(&lr.down.dims()[1..]);
+            w.reshape(shape)?
+        }
+        ModuleWeights::Lycoris(_) => w,
+    };
+    let d = m.delta(&w)?;
+    let out = d.dims()[0];
+    d.reshape((out, d.elem_count() / out))?.affine(weight, 0.0)
+}
+
 /// The planned edits of one file: the opened file and, by tensor name, the
 /// updates to its byte ranges.
 type FilePlan = (Arc<SafetensorsFile>, BTreeMap<String, Vec<RangeEdit>>);
@@ -108,8 +147,11 @@ struct RangeEdit {
     end: usize,
     /// The layer's weight is stored transposed.
     transposed: bool,
-    /// (scale, module) pairs; the update is Σ scale·up·down.
-    terms: Vec<(f64, LoraModule)>,
+    /// The layer's (logical) shape.
+    shape: Vec<usize>,
+    /// (LoRA weight, module) pairs; the update is Σ weight·Δ(module), each Δ
+    /// computed on the original weight.
+    terms: Vec<(f64, ModuleWeights)>,
     /// For messages: component and module path.
     label: String,
 }
@@ -139,7 +181,7 @@ pub fn merge_into_model(
     let mut plan: BTreeMap<PathBuf, FilePlan> = BTreeMap::new();
     let mut layers = 0;
     for lora in loras {
-        for ((component, path), m) in &lora.file.weights.modules {
+        for ((component, path), m) in lora.file.weights.all() {
             let c = component.model_component();
             let key = format!("{path}.weight");
             let entry = source.weights(c)?.get(&key).ok_or_else(|| {
@@ -163,16 +205,17 @@ pub fn merge_into_model(
                 .entry(file.path().to_path_buf())
                 .or_insert_with(|| (Arc::clone(file), BTreeMap::new()));
             let ranges = edits.entry(entry.source_key().to_string()).or_default();
-            let scale = f64::from(lora.weight) * f64::from(m.scale());
+            let weight = f64::from(lora.weight);
             match ranges.iter_mut().find(|r| r.start == start) {
-                Some(r) => r.terms.push((scale, m.clone())),
+                Some(r) => r.terms.push((weight, m)),
                 None => {
                     layers += 1;
                     ranges.push(RangeEdit {
                         start,
                         end,
                         transposed: entry.is_transposed(),
-                        terms: vec![(scale, m.clone())],
+                        shape: entry.shape().to_vec(),
+                        terms: vec![(weight, m)],
                         label: format!("{c} {path}"),
                     });
                 }
@@ -354,8 +397,9 @@ fn edited_tensor(
         let from = (r.start - info.start) / elem;
         let count = (r.end - r.start) / elem;
         let mut delta: Option<Tensor> = None;
-        for (scale, m) in &r.terms {
-            let d = module_delta(m, *scale).map_err(tensor_err(r.label.clone()))?;
+        for (weight, m) in &r.terms {
+            let d = term_delta(&values[from..from + count], r, *weight, m)
+                .map_err(tensor_err(r.label.clone()))?;
             delta = Some(match delta {
                 None => d,
                 Some(acc) => (acc + d).map_err(tensor_err(r.label.clone()))?,
@@ -454,6 +498,15 @@ pub fn merge_loras(loras: &[WeightedLora], rank: Option<usize>) -> Result<Merged
         return Err(MergeError::Refused("no LoRA to merge".into()));
     };
     for l in loras {
+        l.file
+            .weights
+            .require_plain("merging LoRAs into one LoRA")
+            .map_err(|e| {
+                MergeError::Refused(format!(
+                    "{}: {e}; merge it into a checkpoint with --model instead",
+                    l.file.path.display()
+                ))
+            })?;
         if l.file.family != first.file.family {
             let name = |f: LoraFamily| match f {
                 LoraFamily::Sd => "SD1/SD2",
@@ -523,6 +576,7 @@ pub fn merge_loras(loras: &[WeightedLora], rank: Option<usize>) -> Result<Merged
             down,
             up,
             alpha: concatenated_rank as f32,
+            dora_scale: None,
         };
         let (module, fro_kept) = match rank {
             Some(k) if k < concatenated_rank => {

@@ -29,6 +29,7 @@ pub mod encoders;
 pub mod extract;
 pub mod layer;
 pub(crate) mod linear_cpu;
+pub mod lycoris;
 pub mod merge;
 pub mod resize;
 pub mod svd;
@@ -114,6 +115,9 @@ pub struct LoraModule {
     pub up: candle_core::Tensor,
     /// The alpha of the module: the LoRA path is scaled by `alpha / rank`.
     pub alpha: f32,
+    /// DoRA's magnitude (`dora_scale`): `[out, 1(, 1, 1)]` along the output
+    /// axis, `[1, in(, 1, 1)]` along the input axis; `None` for plain LoRA.
+    pub dora_scale: Option<candle_core::Tensor>,
 }
 
 impl LoraModule {
@@ -126,12 +130,235 @@ impl LoraModule {
     pub fn scale(&self) -> f32 {
         self.alpha / self.rank() as f32
     }
+
+    /// A plain LoRA module.
+    pub fn new(down: candle_core::Tensor, up: candle_core::Tensor, alpha: f32) -> Self {
+        LoraModule {
+            down,
+            up,
+            alpha,
+            dora_scale: None,
+        }
+    }
+
+    /// `alpha/rank · up·down` shaped like a weight with `down`'s trailing dims.
+    pub fn low_rank_delta(&self) -> candle_core::Result<candle_core::Tensor> {
+        let r = self.rank();
+        let out = self.up.dims().first().copied().unwrap_or(0);
+        let flat_down = self.down.reshape((r, self.down.elem_count() / r.max(1)))?;
+        let w = self.up.reshape((out, r))?.matmul(&flat_down)?;
+        let mut shape = vec![out];
+        shape.extend_from_slice(&self.down.dims()[1..]);
+        (w * self.scale() as f64)?.reshape(shape)
+    }
+
+    /// What the module adds to the weight `weight` (f32, the layer's shape)
+    /// at multiplier 1: `scale·up·down`, or for DoRA `DoRA(W) − W`.
+    pub fn delta(&self, weight: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        let delta = self.low_rank_delta()?;
+        match &self.dora_scale {
+            None => Ok(delta),
+            Some(m) => {
+                let axis = lycoris::DoraAxis::of_shape(m.dims(), weight.dim(0)?, weight.dim(1)?)
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "dora_scale {:?} does not fit the weight {:?}",
+                            m.dims(),
+                            weight.dims()
+                        ))
+                    })?;
+                lycoris::dora_delta(weight, &delta, m, axis, 1.0)
+            }
+        }
+    }
+}
+
+/// One module of either kind, as stored in a file (cheap to clone: tensors
+/// share their storage).
+#[derive(Debug, Clone)]
+pub enum ModuleWeights {
+    /// LoRA or DoRA.
+    LowRank(LoraModule),
+    /// LoHa or LoKr.
+    Lycoris(lycoris::LycorisModule),
+}
+
+impl ModuleWeights {
+    /// The module's alpha.
+    pub fn alpha(&self) -> f32 {
+        match self {
+            ModuleWeights::LowRank(m) => m.alpha,
+            ModuleWeights::Lycoris(m) => m.alpha(),
+        }
+    }
+
+    /// Its network type.
+    pub fn network_type(&self) -> lycoris::NetworkType {
+        match self {
+            ModuleWeights::LowRank(m) if m.dora_scale.is_some() => lycoris::NetworkType::Dora,
+            ModuleWeights::LowRank(_) => lycoris::NetworkType::Lora,
+            ModuleWeights::Lycoris(m) => m.network_type(),
+        }
+    }
+
+    /// What it adds to the weight `weight` (f32, the layer's shape) at
+    /// multiplier 1.
+    pub fn delta(&self, weight: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        match self {
+            ModuleWeights::LowRank(m) => m.delta(weight),
+            ModuleWeights::Lycoris(m) => m.delta(weight.dims()),
+        }
+    }
+
+    /// Whether the module fits a layer of `kind` with `in_features` inputs and
+    /// `out_features` outputs; the error names the shapes it has and needs.
+    pub fn check_fits(
+        &self,
+        kind: LayerKind,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<(), String> {
+        let (weight_shape, k) = match kind {
+            LayerKind::Linear => (vec![out_features, in_features], 1),
+            LayerKind::Conv2d { kernel, .. } => (
+                vec![out_features, in_features, kernel[0], kernel[1]],
+                kernel[0] * kernel[1],
+            ),
+        };
+        match self {
+            ModuleWeights::LowRank(m) => {
+                let rank = m.rank();
+                let (want_down, want_up): (Vec<usize>, Vec<usize>) = match kind {
+                    LayerKind::Linear => (vec![rank, in_features], vec![out_features, rank]),
+                    LayerKind::Conv2d { kernel, .. } => (
+                        vec![rank, in_features, kernel[0], kernel[1]],
+                        vec![out_features, rank, 1, 1],
+                    ),
+                };
+                let mut problems = Vec::new();
+                if rank == 0 || m.down.dims() != want_down.as_slice() {
+                    problems.push(format!(
+                        "down is {:?}, the layer needs {want_down:?}",
+                        m.down.dims()
+                    ));
+                }
+                if m.up.dims() != want_up.as_slice() {
+                    problems.push(format!(
+                        "up is {:?}, the layer needs {want_up:?}",
+                        m.up.dims()
+                    ));
+                }
+                if let Some(s) = &m.dora_scale
+                    && let Err(e) = lycoris::check_magnitude(s.dims(), &weight_shape)
+                {
+                    problems.push(e);
+                }
+                if problems.is_empty() {
+                    Ok(())
+                } else {
+                    Err(problems.join(", "))
+                }
+            }
+            ModuleWeights::Lycoris(m) => {
+                let dims = m.update_dims()?;
+                lycoris::check_update_dims(dims, out_features, in_features, k)
+            }
+        }
+    }
 }
 
 /// A whole LoRA: modules keyed by (component, diffusers module path).
 #[derive(Debug, Clone, Default)]
 pub struct LoraWeights {
-    /// The modules, ordered by component then path.
+    /// The low-rank modules (LoRA, DoRA), ordered by component then path.
     pub modules: BTreeMap<(LoraComponent, String), LoraModule>,
+    /// The LyCORIS product modules (LoHa, LoKr). A file holds one kind or the
+    /// other; kept apart because resizing, SVD merging and PEFT only apply to
+    /// low-rank modules.
+    pub lycoris: BTreeMap<(LoraComponent, String), lycoris::LycorisModule>,
+}
+
+impl LoraWeights {
+    /// Number of modules of either kind.
+    pub fn len(&self) -> usize {
+        self.modules.len() + self.lycoris.len()
+    }
+
+    /// Whether there are no modules.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The network type: LoHa/LoKr from the LyCORIS modules, DoRA when a
+    /// module has a magnitude, else LoRA.
+    pub fn network_type(&self) -> lycoris::NetworkType {
+        if let Some(m) = self.lycoris.values().next() {
+            m.network_type()
+        } else if self.modules.values().any(|m| m.dora_scale.is_some()) {
+            lycoris::NetworkType::Dora
+        } else {
+            lycoris::NetworkType::Lora
+        }
+    }
+
+    /// Every module key, of either kind, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &(LoraComponent, String)> {
+        let mut keys: Vec<_> = self.modules.keys().chain(self.lycoris.keys()).collect();
+        keys.sort();
+        keys.into_iter()
+    }
+
+    /// Every module of either kind, in key order (clones share storage).
+    pub fn all(&self) -> Vec<(&(LoraComponent, String), ModuleWeights)> {
+        let mut v: Vec<_> = self
+            .modules
+            .iter()
+            .map(|(k, m)| (k, ModuleWeights::LowRank(m.clone())))
+            .chain(
+                self.lycoris
+                    .iter()
+                    .map(|(k, m)| (k, ModuleWeights::Lycoris(m.clone()))),
+            )
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+
+    /// The module at `key`, of either kind.
+    pub fn get(&self, key: &(LoraComponent, String)) -> Option<ModuleWeights> {
+        self.modules
+            .get(key)
+            .map(|m| ModuleWeights::LowRank(m.clone()))
+            .or_else(|| {
+                self.lycoris
+                    .get(key)
+                    .map(|m| ModuleWeights::Lycoris(m.clone()))
+            })
+    }
+
+    /// Inserts a module of either kind.
+    pub fn insert(&mut self, key: (LoraComponent, String), module: ModuleWeights) {
+        match module {
+            ModuleWeights::LowRank(m) => {
+                self.modules.insert(key, m);
+            }
+            ModuleWeights::Lycoris(m) => {
+                self.lycoris.insert(key, m);
+            }
+        }
+    }
+
+    /// Fails, naming `what`, unless every module is a plain low-rank one
+    /// (operations such as resizing and SVD merging apply to nothing else).
+    pub fn require_plain(&self, what: &str) -> Result<(), String> {
+        match self.network_type() {
+            lycoris::NetworkType::Lora => Ok(()),
+            t => Err(format!(
+                "{what} works on plain LoRA files; this one is {} ({} modules)",
+                t.display_name(),
+                self.len()
+            )),
+        }
+    }
 }
 pub mod format;

@@ -177,6 +177,7 @@ pub fn resize_module(
         down: Tensor::from_vec(new_down, nd, &Device::Cpu)?.to_dtype(dtype)?,
         up: Tensor::from_vec(new_up, nu, &Device::Cpu)?.to_dtype(dtype)?,
         alpha: (k as f64 * scale) as f32,
+        dora_scale: None,
     };
     Ok((
         module,
@@ -202,6 +203,12 @@ pub enum ResizeError {
         module: String,
         source: Box<candle_core::Error>,
     },
+    /// A file of another network type than plain LoRA.
+    #[error("{file}: {reason}")]
+    NotPlain {
+        file: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// The same update as `m` with alpha `alpha`: the change of scale goes into
@@ -215,6 +222,7 @@ pub fn with_alpha(m: &LoraModule, alpha: f32) -> Result<LoraModule> {
         down: m.down.clone(),
         up: (m.up.to_dtype(DType::F64)? * factor)?.to_dtype(m.up.dtype())?,
         alpha,
+        dora_scale: m.dora_scale.clone(),
     })
 }
 
@@ -252,6 +260,14 @@ pub fn resize_file(
     max_rank: Option<usize>,
 ) -> std::result::Result<ResizeReport, ResizeError> {
     let file = read_lora(input)?;
+    // kohya's resize works on LoRA only; a DoRA's magnitude was trained for
+    // its full-rank update, and LoHa/LoKr have no SVD of their own factors.
+    file.weights
+        .require_plain("resizing")
+        .map_err(|reason| ResizeError::NotPlain {
+            file: input.to_path_buf(),
+            reason,
+        })?;
     let save = SaveDtype::for_dtype(file.dtype);
     let mut weights = LoraWeights::default();
     let mut modules = Vec::with_capacity(file.weights.modules.len());

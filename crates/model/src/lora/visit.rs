@@ -113,7 +113,7 @@ impl LayerMut<'_> {
     }
 }
 
-/// The variables (`down`, `up`) of the unmerged LoRA adapters in `module`,
+/// The variables (`down`, `up`, or another type's) of the unmerged LoRA adapters in `module`,
 /// without duplicates: the parameters a checkpointed segment must report
 /// gradients for.
 pub fn lora_params<M: VisitLayers + ?Sized>(module: &M) -> Vec<Var> {
@@ -121,9 +121,9 @@ pub fn lora_params<M: VisitLayers + ?Sized>(module: &M) -> Vec<Var> {
     let mut out = Vec::new();
     module.visit_layers_at("", &mut |_, layer| {
         if let Some(lora) = layer.lora().filter(|l| !l.is_merged()) {
-            for v in [&lora.down, &lora.up] {
+            for v in lora.params.vars() {
                 if seen.insert(v.as_tensor().id()) {
-                    out.push(v.clone());
+                    out.push(v);
                 }
             }
         }

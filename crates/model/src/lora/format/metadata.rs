@@ -14,12 +14,18 @@
 
 use std::collections::BTreeMap;
 
+use crate::lora::lycoris::NetworkType;
+
 use serde::{Deserialize, Serialize};
 
 use crate::lora::LoraWeights;
 
 /// `ss_network_module` of a plain kohya LoRA (also what LoCon-in-kohya writes).
 pub const NETWORK_MODULE_LORA: &str = "networks.lora";
+
+/// `ss_network_module` of a LyCORIS network (DoRA, LoHa, LoKr), whose
+/// `ss_network_args` carry `algo` (and `dora_wd`).
+pub const NETWORK_MODULE_LYCORIS: &str = "lycoris.kohya";
 /// The modelspec version kohya writes.
 pub const MODELSPEC_VERSION: &str = "1.0.1";
 
@@ -180,8 +186,9 @@ impl Metadata {
     pub fn with_network_of(mut self, weights: &LoraWeights) -> Self {
         self.network_dim = None;
         self.network_alpha = None;
-        self.network_args.remove("conv_dim");
-        self.network_args.remove("conv_alpha");
+        for k in ["conv_dim", "conv_alpha", "algo", "dora_wd", "wd_on_output"] {
+            self.network_args.remove(k);
+        }
         let most_common = |conv: bool| {
             let mut counts: BTreeMap<(usize, u32), usize> = BTreeMap::new();
             for m in weights.modules.values() {
@@ -189,13 +196,45 @@ impl Metadata {
                     *counts.entry((m.rank(), m.alpha.to_bits())).or_default() += 1;
                 }
             }
+            for m in weights.lycoris.values() {
+                if !conv {
+                    let rank = m.rank().unwrap_or(0);
+                    *counts.entry((rank, m.alpha().to_bits())).or_default() += 1;
+                }
+            }
             counts
                 .into_iter()
                 .max_by_key(|(_, n)| *n)
                 .map(|((rank, alpha), _)| (rank, f32::from_bits(alpha)))
         };
-        self.network_module
-            .get_or_insert_with(|| NETWORK_MODULE_LORA.to_string());
+        let network = weights.network_type();
+        if network == NetworkType::Lora {
+            if self.network_module.as_deref() == Some(NETWORK_MODULE_LYCORIS) {
+                self.network_module = None;
+            }
+            self.network_module
+                .get_or_insert_with(|| NETWORK_MODULE_LORA.to_string());
+        } else {
+            // As LyCORIS' kohya wrapper records its networks.
+            self.network_module = Some(NETWORK_MODULE_LYCORIS.to_string());
+            let algo = match network {
+                NetworkType::Loha => "loha",
+                NetworkType::Lokr => "lokr",
+                _ => "lora",
+            };
+            self.network_args.insert("algo".into(), algo.into());
+            if network == NetworkType::Dora {
+                self.network_args.insert("dora_wd".into(), "True".into());
+                let input_axis = weights.modules.values().any(|m| {
+                    m.dora_scale.as_ref().is_some_and(|s| {
+                        s.dims().first() == Some(&1) && s.dims().get(1) != Some(&1)
+                    })
+                });
+                let on_output = if input_axis { "False" } else { "True" };
+                self.network_args
+                    .insert("wd_on_output".into(), on_output.into());
+            }
+        }
         if let Some((rank, alpha)) = most_common(false) {
             self.network_dim = Some(rank);
             self.network_alpha = Some(alpha);

@@ -106,6 +106,10 @@ pub enum LoraFormatError {
         hint: String,
     },
 
+    /// The weights cannot be written in the requested format.
+    #[error("{file}: cannot be written in this format: {reason}")]
+    Unrepresentable { file: PathBuf, reason: String },
+
     /// Module names that map to no module of the model (or, without a model, of any
     /// SD1/SD2/SDXL model). Listed in full: loading them anyway would silently do nothing.
     #[error(

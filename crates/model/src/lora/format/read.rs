@@ -19,7 +19,8 @@ use candle_core::{DType, Device};
 use super::names::{self, KohyaNameMap, LoraFamily, NameError};
 use super::{LoraFile, LoraFormat, LoraFormatError};
 use crate::load::safetensors_file::SafetensorsFile;
-use crate::lora::{LoraComponent, LoraModule, LoraWeights, TargetInfo};
+use crate::lora::lycoris::{KronFactor, LycorisModule};
+use crate::lora::{LoraComponent, LoraModule, LoraWeights, ModuleWeights, TargetInfo};
 
 /// Reads a LoRA file, resolving module names by the SD1/SD2/SDXL grammar.
 pub fn read_lora(path: &Path) -> Result<LoraFile, LoraFormatError> {
@@ -42,7 +43,26 @@ enum Part {
     Down,
     Up,
     Alpha,
+    /// DoRA's magnitude: kohya/LyCORIS `dora_scale`, PEFT `lora_magnitude_vector`.
+    Magnitude,
+    /// A LyCORIS LoHa/LoKr tensor, by its key suffix (`hada_w1_a`, `lokr_w2`, …).
+    Lycoris(&'static str),
 }
+
+/// The LyCORIS LoHa/LoKr tensors sd-lora reads (Tucker-decomposed conv
+/// factors `hada_t1`/`hada_t2`/`lokr_t2` are not among them).
+const LYCORIS_SUFFIXES: [&str; 10] = [
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+];
 
 /// A key understood: its format (`None` for a dotted `.alpha`, which PEFT and diffusers files
 /// may both carry), the module it belongs to (as named in the file) and which part it is.
@@ -79,6 +99,19 @@ fn classify(key: &str) -> Option<KeyInfo> {
         } else {
             kohya(m, Part::Alpha)
         };
+    }
+    if let Some(m) = key.strip_suffix(".dora_scale") {
+        return kohya(m, Part::Magnitude);
+    }
+    for suffix in LYCORIS_SUFFIXES {
+        if let Some(m) = key.strip_suffix(suffix).and_then(|m| m.strip_suffix('.')) {
+            return kohya(m, Part::Lycoris(suffix));
+        }
+    }
+    for suffix in [".lora_magnitude_vector", ".lora_magnitude_vector.weight"] {
+        if let Some(m) = key.strip_suffix(suffix) {
+            return dotted(Some(LoraFormat::Peft), m, Part::Magnitude);
+        }
     }
     if let Some(m) = key.strip_suffix(".lora_A.weight") {
         return dotted(Some(LoraFormat::Peft), m, Part::Down);
@@ -118,12 +151,16 @@ fn classify(key: &str) -> Option<KeyInfo> {
 /// Why a set of unreadable keys is unreadable, when we can tell.
 fn unsupported_hint(keys: &[String]) -> String {
     let any = |pat: &str| keys.iter().any(|k| k.contains(pat));
-    if any("hada_") {
-        " (LyCORIS LoHa is not supported)".into()
-    } else if any("lokr_") {
-        " (LyCORIS LoKr is not supported)".into()
-    } else if any("dora_scale") || any("lora_magnitude_vector") {
-        " (DoRA is not supported)".into()
+    if any("hada_t1") || any("hada_t2") || any("lokr_t2") || any("lora_mid") {
+        " (LyCORIS Tucker-decomposed conv factors — `use_tucker`/`use_cp` — are not supported; \
+         retrain without them)"
+            .into()
+    } else if any("oft_") || any("boft_") {
+        " (LyCORIS (B)OFT is not supported)".into()
+    } else if any("ia3") || any("on_input") {
+        " (LyCORIS IA³ is not supported)".into()
+    } else if any("glora") || any(".a1.weight") {
+        " (LyCORIS GLoRA is not supported)".into()
     } else if any(".diff") {
         " (LyCORIS full-weight diffs are not supported)".into()
     } else {
@@ -136,6 +173,8 @@ struct Parts<'a> {
     down: Option<&'a str>,
     up: Option<&'a str>,
     alpha: Option<&'a str>,
+    magnitude: Option<&'a str>,
+    lycoris: BTreeMap<&'static str, &'a str>,
 }
 
 fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFormatError> {
@@ -171,6 +210,13 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
             Part::Down => &mut parts.down,
             Part::Up => &mut parts.up,
             Part::Alpha => &mut parts.alpha,
+            Part::Magnitude => &mut parts.magnitude,
+            Part::Lycoris(suffix) => {
+                if let Some(previous) = parts.lycoris.insert(suffix, key) {
+                    problems.push(format!("`{previous}` and `{key}` are the same tensor"));
+                }
+                continue;
+            }
         };
         if let Some(previous) = slot.replace(key) {
             problems.push(format!("`{previous}` and `{key}` are the same tensor"));
@@ -288,7 +334,21 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
     let mut seen: HashMap<(LoraComponent, String), &str> = HashMap::new();
     for (name, key) in resolved {
         let parts = &modules[name];
-        let (Some(down_key), Some(up_key)) = (parts.down, parts.up) else {
+        let lycoris = !parts.lycoris.is_empty();
+        let low_rank = parts.down.is_some() || parts.up.is_some();
+        if lycoris && (low_rank || parts.magnitude.is_some()) {
+            problems.push(format!(
+                "module `{name}` mixes LyCORIS tensors ({}) with {}",
+                parts.lycoris.keys().copied().collect::<Vec<_>>().join(", "),
+                if low_rank {
+                    "lora_up/lora_down"
+                } else {
+                    "a DoRA dora_scale (DoRA on LoHa/LoKr is not supported)"
+                }
+            ));
+            continue;
+        }
+        if !lycoris && (parts.down.is_none() || parts.up.is_none()) {
             let missing = match (parts.down, parts.up) {
                 (None, None) => "has an alpha but no weights",
                 (None, Some(_)) => "has no down weight",
@@ -296,7 +356,7 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
             };
             problems.push(format!("module `{name}` {missing}"));
             continue;
-        };
+        }
         if let Some(other) = seen.insert(key.clone(), name) {
             problems.push(format!(
                 "modules `{other}` and `{name}` both adapt {:?} `{}`",
@@ -330,10 +390,68 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
                 })?;
             Ok(Some(t))
         };
-        let (Some(down), Some(up)) = (load(down_key)?, load(up_key)?) else {
-            continue;
+        let module = if lycoris {
+            let mut tensors = BTreeMap::new();
+            let mut ok = true;
+            for (suffix, key) in &parts.lycoris {
+                match load(key)? {
+                    Some(t) => {
+                        tensors.insert(*suffix, t);
+                    }
+                    None => ok = false,
+                }
+            }
+            if !ok {
+                continue;
+            }
+            match lycoris_module(name, tensors) {
+                Ok(m) => ModuleWeights::Lycoris(m),
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            }
+        } else {
+            let (Some(down_key), Some(up_key)) = (parts.down, parts.up) else {
+                continue;
+            };
+            let (Some(down), Some(up)) = (load(down_key)?, load(up_key)?) else {
+                continue;
+            };
+            let magnitude = match parts.magnitude {
+                Some(k) => match load(k)? {
+                    // PEFT stores a Linear layer's magnitude as `[out]`.
+                    Some(m) if m.rank() == 1 => {
+                        let mut shape = vec![m.elem_count()];
+                        shape.resize(down.rank().max(2), 1);
+                        Some(m.reshape(shape).map_err(|source| LoraFormatError::Tensor {
+                            what: format!("{}: reshaping `{k}`", path.display()),
+                            source,
+                        })?)
+                    }
+                    // … and a conv's as `[1, out, 1, 1]`.
+                    Some(m) if format == LoraFormat::Peft && m.rank() == 4 => {
+                        let out = m.dims()[1];
+                        Some(m.reshape((out, 1, 1, 1)).map_err(|source| {
+                            LoraFormatError::Tensor {
+                                what: format!("{}: reshaping `{k}`", path.display()),
+                                source,
+                            }
+                        })?)
+                    }
+                    Some(m) => Some(m),
+                    None => continue,
+                },
+                None => None,
+            };
+            let mut m = LoraModule::new(down, up, 0.0);
+            m.dora_scale = magnitude;
+            ModuleWeights::LowRank(m)
         };
-        let rank = down.dims().first().copied().unwrap_or(0);
+        let rank = match &module {
+            ModuleWeights::LowRank(m) => m.rank(),
+            ModuleWeights::Lycoris(m) => m.rank().unwrap_or(1),
+        };
         let alpha = match parts.alpha {
             None => rank as f32,
             Some(alpha_key) => {
@@ -370,12 +488,19 @@ fn read(path: &Path, targets: Option<&[TargetInfo]>) -> Result<LoraFile, LoraFor
                 }
             }
         };
-        let module = LoraModule { down, up, alpha };
-        let before = problems.len();
-        problems.extend(module_problems(name, &module));
-        if problems.len() == before {
-            weights.modules.insert(key, module);
-        }
+        let module = match module {
+            ModuleWeights::LowRank(mut m) => {
+                m.alpha = alpha;
+                let before = problems.len();
+                problems.extend(module_problems(name, &m));
+                if problems.len() != before {
+                    continue;
+                }
+                ModuleWeights::LowRank(m)
+            }
+            ModuleWeights::Lycoris(m) => ModuleWeights::Lycoris(with_lycoris_alpha(m, alpha)),
+        };
+        weights.insert(key, module);
     }
     if !problems.is_empty() {
         return Err(LoraFormatError::BadModules {
@@ -485,6 +610,86 @@ fn metadata_family(metadata: &BTreeMap<String, String>) -> Option<LoraFamily> {
         Some(LoraFamily::Sd)
     } else {
         None
+    }
+}
+
+/// A LoHa or LoKr module from its tensors (by key suffix), or what is wrong
+/// with them. The alpha is set afterwards.
+fn lycoris_module(
+    name: &str,
+    mut t: BTreeMap<&'static str, candle_core::Tensor>,
+) -> Result<LycorisModule, String> {
+    let names: Vec<&str> = t.keys().copied().collect();
+    let hada = names.iter().any(|n| n.starts_with("hada_"));
+    let lokr = names.iter().any(|n| n.starts_with("lokr_"));
+    let module = if hada && lokr {
+        return Err(format!(
+            "module `{name}` mixes LoHa and LoKr tensors ({})",
+            names.join(", ")
+        ));
+    } else if hada {
+        match (
+            t.remove("hada_w1_a"),
+            t.remove("hada_w1_b"),
+            t.remove("hada_w2_a"),
+            t.remove("hada_w2_b"),
+        ) {
+            (Some(w1_a), Some(w1_b), Some(w2_a), Some(w2_b)) => LycorisModule::Hada {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+                alpha: 1.0,
+            },
+            _ => {
+                return Err(format!(
+                    "LoHa module `{name}` needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b; \
+                     it has {}",
+                    names.join(", ")
+                ));
+            }
+        }
+    } else {
+        let mut factor = |which: u8| -> Result<KronFactor, String> {
+            let full = t.remove(if which == 1 { "lokr_w1" } else { "lokr_w2" });
+            let a = t.remove(if which == 1 { "lokr_w1_a" } else { "lokr_w2_a" });
+            let b = t.remove(if which == 1 { "lokr_w1_b" } else { "lokr_w2_b" });
+            match (full, a, b) {
+                (Some(f), None, None) => Ok(KronFactor::Full(f)),
+                (None, Some(a), Some(b)) => Ok(KronFactor::LowRank { a, b }),
+                _ => Err(format!(
+                    "LoKr module `{name}` needs lokr_w{which} or both lokr_w{which}_a and \
+                     lokr_w{which}_b; it has {}",
+                    names.join(", ")
+                )),
+            }
+        };
+        let w1 = factor(1)?;
+        let w2 = factor(2)?;
+        LycorisModule::Kron { w1, w2, alpha: 1.0 }
+    };
+    module
+        .update_dims()
+        .map_err(|e| format!("module `{name}`: {e}"))?;
+    Ok(module)
+}
+
+fn with_lycoris_alpha(m: LycorisModule, alpha: f32) -> LycorisModule {
+    match m {
+        LycorisModule::Hada {
+            w1_a,
+            w1_b,
+            w2_a,
+            w2_b,
+            ..
+        } => LycorisModule::Hada {
+            w1_a,
+            w1_b,
+            w2_a,
+            w2_b,
+            alpha,
+        },
+        LycorisModule::Kron { w1, w2, .. } => LycorisModule::Kron { w1, w2, alpha },
     }
 }
 

@@ -4,6 +4,16 @@ use std::collections::BTreeMap;
 
 use super::{LoraFamily, LoraFile, LoraFormat};
 use crate::lora::LoraComponent;
+use crate::lora::lycoris::{DoraAxis, NetworkType};
+
+/// Whether a module path names a convolution of the UNet (its ResNet convs,
+/// shortcuts, down/upsamplers and the outer convs); LyCORIS modules do not
+/// show it in their shapes.
+fn is_conv_path(path: &str) -> bool {
+    path.contains(".resnets.")
+        || path.contains("samplers.")
+        || matches!(path, "conv_in" | "conv_out")
+}
 
 /// Metadata keys holding large JSON blobs, summarised rather than shown.
 const BULKY_KEYS: &[&str] = &[
@@ -19,6 +29,10 @@ const BULKY_KEYS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LoraSummary {
     pub format: LoraFormat,
+    /// LoRA, DoRA, LoHa or LoKr.
+    pub network_type: NetworkType,
+    /// DoRA: the axis of the magnitudes.
+    pub dora_axis: Option<DoraAxis>,
     /// The model family it is for (SD1/SD2 or SDXL).
     pub family: LoraFamily,
     /// `ss_base_model_version`, else `modelspec.architecture`.
@@ -63,6 +77,21 @@ impl LoraSummary {
             alphas.push(m.alpha);
             scales.push(m.scale());
         }
+        for ((component, path), m) in &file.weights.lycoris {
+            *modules.entry(*component).or_insert(0) += 1;
+            if is_conv_path(path) {
+                conv_modules += 1;
+            } else {
+                linear_modules += 1;
+            }
+            ranks.extend(m.rank());
+            alphas.push(m.alpha());
+            scales.push(m.scale() as f32);
+        }
+        let dora_axis = file.weights.modules.values().find_map(|m| {
+            let s = m.dora_scale.as_ref()?;
+            DoraAxis::of_shape(s.dims(), m.up.dims()[0], m.down.dims()[1])
+        });
         ranks.sort_unstable();
         ranks.dedup();
         for v in [&mut alphas, &mut scales] {
@@ -90,6 +119,8 @@ impl LoraSummary {
             .collect();
         LoraSummary {
             format: file.format,
+            network_type: file.weights.network_type(),
+            dora_axis,
             family: file.family,
             base_model_version: md
                 .get("ss_base_model_version")

@@ -33,7 +33,7 @@ pub fn validate(weights: &LoraWeights, targets: &[TargetInfo]) -> Result<(), Vec
         .map(|t| ((t.component, t.path.as_str()), t))
         .collect();
     let mut out = Vec::new();
-    for ((component, path), module) in &weights.modules {
+    for ((component, path), module) in weights.all() {
         let mismatch = |problem: String| Mismatch {
             component: *component,
             path: path.clone(),
@@ -47,18 +47,6 @@ pub fn validate(weights: &LoraWeights, targets: &[TargetInfo]) -> Result<(), Vec
             )));
             continue;
         };
-        let (down, up) = (module.down.dims(), module.up.dims());
-        let rank = down.first().copied().unwrap_or(0);
-        let (want_down, want_up): (Vec<usize>, Vec<usize>) = match target.kind {
-            LayerKind::Linear => (
-                vec![rank, target.in_features],
-                vec![target.out_features, rank],
-            ),
-            LayerKind::Conv2d { kernel, .. } => (
-                vec![rank, target.in_features, kernel[0], kernel[1]],
-                vec![target.out_features, rank, 1, 1],
-            ),
-        };
         let kind = match target.kind {
             LayerKind::Linear => format!("Linear {}→{}", target.in_features, target.out_features),
             LayerKind::Conv2d { kernel, .. } => format!(
@@ -66,15 +54,10 @@ pub fn validate(weights: &LoraWeights, targets: &[TargetInfo]) -> Result<(), Vec
                 target.in_features, target.out_features, kernel[0], kernel[1]
             ),
         };
-        let mut problems = Vec::new();
-        if down != want_down.as_slice() {
-            problems.push(format!("down is {down:?}, the layer needs {want_down:?}"));
-        }
-        if up != want_up.as_slice() {
-            problems.push(format!("up is {up:?}, the layer needs {want_up:?}"));
-        }
-        if !problems.is_empty() {
-            out.push(mismatch(format!("{} (layer: {kind})", problems.join(", "))));
+        if let Err(problem) =
+            module.check_fits(target.kind, target.in_features, target.out_features)
+        {
+            out.push(mismatch(format!("{problem} (layer: {kind})")));
         }
     }
     if out.is_empty() { Ok(()) } else { Err(out) }

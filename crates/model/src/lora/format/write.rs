@@ -120,7 +120,7 @@ pub fn write_lora(
 ) -> Result<(), LoraFormatError> {
     let sdxl = metadata.get("ss_base_model_version").map(String::as_str)
         == Some(BaseModelVersion::SdxlBase.as_str())
-        || weights.modules.keys().any(|(c, p)| {
+        || weights.keys().any(|(c, p)| {
             *c == LoraComponent::TextEncoder2
                 || (*c == LoraComponent::Unet && names::path_is_sdxl_only(p))
         });
@@ -141,11 +141,50 @@ fn write_lora_named(
     dtype: SaveDtype,
     naming: &KohyaNaming,
 ) -> Result<(), LoraFormatError> {
-    let problems: Vec<String> = weights
+    let mut problems: Vec<String> = weights
         .modules
         .iter()
         .flat_map(|((c, p), m)| module_problems(&format!("{c:?} {p}"), m))
         .collect();
+    problems.extend(weights.lycoris.iter().filter_map(|((c, p), m)| {
+        m.update_dims()
+            .err()
+            .map(|e| format!("module `{c:?} {p}`: {e}"))
+    }));
+    if format == WriteFormat::Peft {
+        if !weights.lycoris.is_empty() {
+            return Err(LoraFormatError::Unrepresentable {
+                file: path.to_path_buf(),
+                reason: format!(
+                    "this is a {} network: PEFT/diffusers LoRA files hold LoRA and DoRA only; \
+                     keep the kohya format, which ComfyUI, A1111 and Forge read",
+                    weights.network_type().display_name()
+                ),
+            });
+        }
+        let input_axis: Vec<String> = weights
+            .modules
+            .iter()
+            .filter(|(_, m)| {
+                m.dora_scale
+                    .as_ref()
+                    .is_some_and(|s| s.dims().first() == Some(&1) && m.up.dims()[0] != 1)
+            })
+            .map(|((c, p), _)| format!("{c:?} {p}"))
+            .take(3)
+            .collect();
+        if !input_axis.is_empty() {
+            return Err(LoraFormatError::Unrepresentable {
+                file: path.to_path_buf(),
+                reason: format!(
+                    "its DoRA magnitudes run along the input axis (e.g. {}); PEFT/diffusers DoRA \
+                     has one magnitude per output row: train with network.dora_axis = \"output\" \
+                     or keep the kohya format",
+                    input_axis.join(", ")
+                ),
+            });
+        }
+    }
     if !problems.is_empty() {
         return Err(LoraFormatError::BadModules {
             file: path.to_path_buf(),
@@ -201,14 +240,30 @@ fn kohya_tensors(
             dtype,
         )?);
         out.push(raw(format!("{name}.lora_up.weight"), &module.up, dtype)?);
-        out.push(RawTensor {
-            name: format!("{name}.alpha"),
-            dtype: dtype.safetensors_name(),
-            shape: vec![],
-            bytes: encode(&[module.alpha], dtype),
-        });
+        out.push(alpha_tensor(&name, module.alpha, dtype));
+        if let Some(m) = &module.dora_scale {
+            out.push(raw(format!("{name}.dora_scale"), m, dtype)?);
+        }
+    }
+    for ((component, path), module) in &weights.lycoris {
+        let Some(name) = naming.name(*component, path) else {
+            candle_core::bail!("{component:?} module `{path}` has no name in the sgm layout")
+        };
+        for (suffix, t) in module.named_tensors() {
+            out.push(raw(format!("{name}.{suffix}"), t, dtype)?);
+        }
+        out.push(alpha_tensor(&name, module.alpha(), dtype));
     }
     Ok(out)
+}
+
+fn alpha_tensor(name: &str, alpha: f32, dtype: SaveDtype) -> RawTensor {
+    RawTensor {
+        name: format!("{name}.alpha"),
+        dtype: dtype.safetensors_name(),
+        shape: vec![],
+        bytes: encode(&[alpha], dtype),
+    }
 }
 
 /// The PEFT/diffusers prefix of a component.
@@ -227,6 +282,22 @@ fn peft_tensors(weights: &LoraWeights, dtype: SaveDtype) -> candle_core::Result<
         let up = folded_up(module)?;
         out.push(raw(format!("{name}.lora_A.weight"), &module.down, dtype)?);
         out.push(raw(format!("{name}.lora_B.weight"), &up, dtype)?);
+        if let Some(m) = &module.dora_scale {
+            // PEFT keeps a Linear layer's magnitude as `[out]`, a conv's as
+            // `[1, out, 1, 1]`.
+            let m = if m.rank() == 2 {
+                m.flatten_all()?
+            } else {
+                m.reshape((1, m.elem_count(), 1, 1))?
+            };
+            // With `.weight`: transformers' loader (text encoders) needs it,
+            // diffusers' UNet loader takes either.
+            out.push(raw(
+                format!("{name}.lora_magnitude_vector.weight"),
+                &m,
+                dtype,
+            )?);
+        }
     }
     Ok(out)
 }
@@ -308,7 +379,7 @@ pub fn convert(
     Ok(ConvertReport {
         from: file.format,
         to,
-        modules: file.weights.modules.len(),
+        modules: file.weights.len(),
         dtype,
     })
 }
