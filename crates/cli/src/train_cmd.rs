@@ -750,14 +750,16 @@ fn estimate_memory(
         8
     };
     let (mut lora_params, mut lora_state) = (0u64, 0u64);
-    // DoRA, LoHa and LoKr also build each adapted layer's whole update (and
-    // DoRA an f32 copy of the weight and its normalised form) in every
-    // forward, kept for the backward: f32 values per weight value.
+    // DoRA, LoHa and LoKr build each adapted layer's whole update in its
+    // forward and again in its backward, one layer at a time (nothing of it
+    // is kept between the two): a few f32 copies of the largest adapted
+    // weight at once (DoRA: the weight, the update and its gradient, its
+    // normalised form).
     let update_values = match cfg.network.network_type {
         NetworkType::Lora => 0,
-        NetworkType::Dora => 4,
-        NetworkType::Loha => 3,
-        NetworkType::Lokr => 2,
+        NetworkType::Dora => 5,
+        NetworkType::Loha => 4,
+        NetworkType::Lokr => 4,
     };
     let mut update_bytes = 0u64;
     for t in m.layers.iter().filter(|t| spec.selects(t)) {
@@ -780,7 +782,8 @@ fn estimate_memory(
             lora_state += n * per_param + opt_spec.state_bytes(&dims);
         }
         let k = kernel.map(|[h, w]| h * w).unwrap_or(1) as u64;
-        update_bytes += update_values * 4 * (t.out_features * t.in_features) as u64 * k;
+        update_bytes =
+            update_bytes.max(update_values * 4 * (t.out_features * t.in_features) as u64 * k);
     }
     lora_state += update_bytes;
     let activations = m
@@ -1017,10 +1020,16 @@ fn dry_run_report(cfg: &TrainConfig, ds: &Dataset, r: &Report, m: &ModelFacts) -
     );
     let _ = writeln!(
         o,
-        "LoRA: {} layers, {} parameters; with gradients and {} state: {}",
+        "{}: {} layers, {} parameters; with gradients and {} state{}: {}",
+        cfg.network.network_type.display_name(),
         selected,
         est.lora_params,
         t.optimizer.display_name(),
+        if cfg.network.network_type == NetworkType::Lora {
+            ""
+        } else {
+            " and the update being built"
+        },
         gib(est.lora_state)
     );
     if m.unet.is_some() {

@@ -42,7 +42,7 @@ impl LoraLinear {
         };
         let (w, b) = (&self.base.weight, self.base.bias.as_ref());
         if lora.plain().is_none() {
-            return lora.apply_linear_update(x, self.base.forward(x)?, w);
+            return lora.apply_linear_update(x, &self.base);
         }
         if let Some(y) = super::linear_cpu::forward(lora, x, w, b)? {
             return Ok(y);
@@ -99,6 +99,11 @@ impl LoraConv2d {
     /// The frozen convolution plus the LoRA term when an unmerged adapter is
     /// attached.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(lora) = self.active_lora()
+            && lora.plain().is_none()
+        {
+            return lora.apply_conv_update(x, &self.base);
+        }
         let y = self.base.forward(x)?;
         match self.active_lora() {
             Some(lora) => {

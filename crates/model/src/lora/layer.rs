@@ -56,6 +56,7 @@ use crate::ops::checkpoint::param;
 use crate::ops::conv::input_grad;
 use crate::ops::matmul::matmul;
 use crate::ops::with_grad2;
+use crate::ops::{FrozenConv2d, FrozenLinear};
 
 /// The dtype of the LoRA tensors for a base layer of dtype `base`: f64 for an
 /// f64 base (tests), f32 otherwise.
@@ -174,13 +175,6 @@ pub enum KronVar {
 }
 
 impl KronVar {
-    fn tensor(&self) -> Result<Tensor> {
-        match self {
-            KronVar::Full(v) => Ok(param(v)),
-            KronVar::LowRank { a, b } => param(a).matmul(&param(b)),
-        }
-    }
-
     fn factor(&self, f: &dyn Fn(&Var) -> Result<Tensor>) -> Result<KronFactor> {
         Ok(match self {
             KronVar::Full(v) => KronFactor::Full(f(v)?),
@@ -206,6 +200,14 @@ impl KronVar {
                 b: Var::from_tensor(b)?,
             },
         })
+    }
+
+    /// Number of tensors (1 whole, 2 as a product).
+    fn len(&self) -> usize {
+        match self {
+            KronVar::Full(_) => 1,
+            KronVar::LowRank { .. } => 2,
+        }
     }
 
     fn named(&self, which: u8) -> Vec<(String, Var)> {
@@ -670,8 +672,7 @@ impl LoraAdapter {
     ) -> Result<Tensor> {
         let Some((down, up)) = self.plain() else {
             // DoRA, LoHa, LoKr: a conv with the whole update as its kernel.
-            let update = self.update(weight)?;
-            return conv2d_down(&self.input(x)?, &update, stride, padding)?.to_dtype(x.dtype());
+            return self.conv_update(x, weight, stride, padding, None);
         };
         let (r, _, _, _) = down.dims4()?;
         let (out, _, _, _) = up.dims4()?;
@@ -686,29 +687,159 @@ impl LoraAdapter {
     }
 
     /// A Linear layer's output for a DoRA, LoHa or LoKr adapter: `base` (the
-    /// frozen layer's output, computed with its graph) plus `x̃·ΔWᵀ`, where
-    /// the update `ΔW` ([`Self::update`]) is built from the parameters with
-    /// candle ops, which give it its backward.
-    pub fn apply_linear_update(&self, x: &Tensor, base: Tensor, weight: &Tensor) -> Result<Tensor> {
-        let update = self.update(weight)?;
-        let (out_features, in_features) = update.dims2()?;
-        let xl = self.input(x)?;
-        if xl.rank() == 0 || xl.dim(candle_core::D::Minus1)? != in_features {
+    /// frozen layer's output for `x`, computed without a graph) plus
+    /// `x̃·ΔWᵀ`, with the update `ΔW` ([`Self::update`]) built from the
+    /// parameters.
+    ///
+    /// One graph node on (`x`, the packed parameters): the forward builds `ΔW`
+    /// without a graph and drops it; the backward rebuilds it, gives
+    /// `dx = g·W + (g·ΔW) ⊙ mask` and `dΔW = gᵀ·x̃`, and differentiates the
+    /// rebuild for the parameters ([`Self::local_update`]). Built from candle
+    /// ops, every adapted layer would keep `ΔW` and the intermediates of its
+    /// rebuild (DoRA: four weight-sized tensors) until the backward — 8 GB more
+    /// than LoRA for SD1.5's default layers; this keeps the parameters only.
+    pub fn apply_linear_update(&self, x: &Tensor, frozen: &FrozenLinear) -> Result<Tensor> {
+        let weight = &frozen.weight;
+        let (packed, shapes) = self.packed_params()?;
+        let ldt = self.params.dtype();
+        // With the weight in the LoRA dtype and no dropout, `W + ΔW` is one
+        // product in the forward and one in the backward (instead of two each).
+        let fold = weight.dtype() == ldt && self.active_dropout().is_none();
+        let (out_features, in_features) = weight.dims2()?;
+        if x.rank() == 0 || x.dim(candle_core::D::Minus1)? != in_features {
             bail!(
                 "LoRA: input shape {:?} does not end in in_features {in_features}",
                 x.dims()
             )
         }
-        let m = xl.elem_count() / in_features;
-        let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("rank checked above") = out_features;
-        // candle's matmul, which records the graph (ops::matmul does not).
-        let delta = xl
-            .reshape((m, in_features))?
-            .matmul(&update.t()?)?
-            .reshape(shape)?
-            .to_dtype(base.dtype())?;
-        base + delta
+        let m = x.elem_count() / in_features;
+        let mask = match self.active_dropout() {
+            Some(d) => Some(
+                d.mask(x.dims(), ldt, x.device())?
+                    .reshape((m, in_features))?,
+            ),
+            None => None,
+        };
+        let lora_input = move |x: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
+            let x = x.to_dtype(ldt)?.reshape((m, in_features))?;
+            match mask {
+                Some(mask) => x.mul(mask),
+                None => Ok(x),
+            }
+        };
+        let weight = weight.detach();
+        let update = self.update_from(&Self::unpack(&packed.detach(), &shapes)?, &weight)?;
+        let y = if fold {
+            let merged = (&weight + &update)?;
+            drop(update);
+            FrozenLinear {
+                weight: merged,
+                bias: frozen.bias.as_ref().map(Tensor::detach),
+            }
+            .forward(&x.detach())?
+        } else {
+            let base = frozen.forward(&x.detach())?;
+            let delta = matmul(&lora_input(&x.detach(), &mask)?, &update.t()?.contiguous()?)?;
+            drop(update);
+            (&base + delta.reshape(base.shape())?.to_dtype(base.dtype())?)?
+        };
+        let this = self.clone();
+        crate::ops::with_grad2("linear-lora-update", [x, &packed], y, move |a| {
+            let [x, packed] = a.inputs;
+            let [need_x, need_p] = a.needs_grad;
+            let g = a.grad.reshape((m, out_features))?;
+            let gl = g.to_dtype(ldt)?;
+            let d_update = if need_p {
+                Some(matmul(&gl.t()?.contiguous()?, &lora_input(x, &mask)?)?)
+            } else {
+                None
+            };
+            let (update, dp) = this.update_and_grad(packed, &shapes, &weight, d_update.as_ref())?;
+            drop(d_update);
+            let dx = if !need_x {
+                None
+            } else if fold {
+                let merged = (&weight + &update)?;
+                Some(matmul(&g, &merged)?.reshape(x.shape())?)
+            } else {
+                let dl = matmul(&gl, &update.contiguous()?)?;
+                let dl = match &mask {
+                    Some(mask) => dl.mul(mask)?,
+                    None => dl,
+                };
+                let dx = (matmul(&g, &weight.to_dtype(g.dtype())?)? + dl.to_dtype(g.dtype())?)?;
+                Some(dx.reshape(x.shape())?)
+            };
+            Ok([dx, dp])
+        })
+    }
+
+    /// A Conv2d layer's output for a DoRA, LoHa or LoKr adapter: one node for
+    /// the whole layer when the kernel is in the LoRA dtype and there is no
+    /// dropout, else the frozen conv plus [`Self::conv_update`]'s term.
+    pub fn apply_conv_update(&self, x: &Tensor, frozen: &FrozenConv2d) -> Result<Tensor> {
+        let (stride, padding) = (frozen.stride, frozen.padding);
+        if frozen.weight.dtype() == self.params.dtype() && self.active_dropout().is_none() {
+            return self.conv_update(
+                x,
+                &frozen.weight,
+                stride,
+                padding,
+                Some(frozen.bias.as_ref()),
+            );
+        }
+        frozen.forward(x)? + self.conv_update(x, &frozen.weight, stride, padding, None)?
+    }
+
+    /// The LoRA term of a Conv2d layer for a DoRA, LoHa or LoKr adapter:
+    /// `conv(x̃, ΔW)`, one graph node on (`x̃`, the packed parameters) that, as
+    /// [`Self::apply_linear_update`], keeps no weight-sized tensor between the
+    /// forward and the backward.
+    /// With `bias` (`Some`: the frozen layer's bias, or `Some(None)` for a
+    /// layer without one) the node computes the whole layer, `conv(x, W + ΔW)
+    /// + b`: one convolution each way instead of two.
+    fn conv_update(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        stride: usize,
+        padding: usize,
+        bias: Option<Option<&Tensor>>,
+    ) -> Result<Tensor> {
+        let (packed, shapes) = self.packed_params()?;
+        let xl = self.input(x)?;
+        let (_, _, h, w) = xl.dims4()?;
+        let (out, _, kh, kw) = weight.dims4()?;
+        let weight = weight.detach();
+        let fold = bias.is_some();
+        let kernel =
+            |update: Tensor| -> Result<Tensor> { if fold { &weight + update } else { Ok(update) } };
+        let update = self.update_from(&Self::unpack(&packed.detach(), &shapes)?, &weight)?;
+        let mut y =
+            crate::ops::conv::conv2d_plain(&xl.detach(), &kernel(update)?, padding, stride)?;
+        if let Some(Some(b)) = bias {
+            y = y.broadcast_add(&b.detach().to_dtype(y.dtype())?.reshape((1, out, 1, 1))?)?;
+        }
+        let this = self.clone();
+        let y = crate::ops::with_grad2("conv-lora-update", [&xl, &packed], y, move |a| {
+            let [xl, packed] = a.inputs;
+            let [need_x, need_p] = a.needs_grad;
+            let d_update = if need_p {
+                Some(update_kernel_grad(xl, a.grad, (kh, kw), stride, padding)?)
+            } else {
+                None
+            };
+            let (update, dp) = this.update_and_grad(packed, &shapes, &weight, d_update.as_ref())?;
+            drop(d_update);
+            let dx = if need_x {
+                let k = if fold { (&weight + &update)? } else { update };
+                Some(input_grad(a.grad, &k, (h, w), (kh, kw), stride, padding)?)
+            } else {
+                None
+            };
+            Ok([dx, dp])
+        })?;
+        y.to_dtype(x.dtype())
     }
 
     /// The adapter's whole update of the frozen weight `weight`, shaped like
@@ -716,40 +847,168 @@ impl LoraAdapter {
     /// depends on `W`). Built from the parameters (through
     /// [`crate::ops::checkpoint::param`]), so it has their gradients.
     pub fn update(&self, weight: &Tensor) -> Result<Tensor> {
+        let tensors: Vec<Tensor> = self.params.vars().iter().map(param).collect();
+        self.update_from(&tensors, weight)
+    }
+
+    /// [`Self::update`] from the parameter values `t`, in [`AdapterParams::vars`]
+    /// order (the variables themselves, detached copies, or a local graph's).
+    fn update_from(&self, t: &[Tensor], weight: &Tensor) -> Result<Tensor> {
         let dtype = self.params.dtype();
         let shape = weight.dims();
         let mult = self.multiplier as f64;
         let ratio = self.scale_at_one();
         let scaled = |t: Tensor| if mult == 1.0 { Ok(t) } else { t * mult };
-        match &self.params {
-            AdapterParams::LowRank { down, up, dora } => {
-                let (down, up) = (param(down), param(up));
+        let product = |a: &Tensor, b: &Tensor| a.matmul(b);
+        match (&self.params, t) {
+            (AdapterParams::LowRank { dora, .. }, [down, up, rest @ ..]) => {
                 let r = down.dim(0)?;
                 let flat = down.reshape((r, down.elem_count() / r))?;
                 let delta =
                     (up.reshape((up.dim(0)?, r))?.matmul(&flat)? * ratio)?.reshape(shape)?;
-                match dora {
-                    None => scaled(delta),
-                    Some((m, axis)) => {
+                match (dora, rest) {
+                    (None, []) => scaled(delta),
+                    (Some((_, axis)), [m]) => {
                         let w = weight.detach().to_dtype(dtype)?;
-                        dora_delta(&w, &delta, &param(m), *axis, mult)
+                        dora_delta(&w, &delta, m, *axis, mult)
                     }
+                    _ => bail!("LoRA update: {} tensors for a DoRA/LoRA module", t.len()),
                 }
             }
-            AdapterParams::Hada {
-                w1_a,
-                w1_b,
-                w2_a,
-                w2_b,
-            } => scaled(hada_delta(
-                [&param(w1_a), &param(w1_b), &param(w2_a), &param(w2_b)],
-                ratio,
-                shape,
-            )?),
-            AdapterParams::Kron { w1, w2 } => {
-                scaled(kron_delta(&w1.tensor()?, &w2.tensor()?, ratio, shape)?)
+            (AdapterParams::Hada { .. }, [w1_a, w1_b, w2_a, w2_b]) => {
+                scaled(hada_delta([w1_a, w1_b, w2_a, w2_b], ratio, shape)?)
             }
+            (AdapterParams::Kron { w1, w2 }, t) => {
+                let (n1, n2) = (w1.len(), w2.len());
+                if t.len() != n1 + n2 {
+                    bail!("LoKr update: {} tensors, expected {}", t.len(), n1 + n2)
+                }
+                let factor = |f: &[Tensor]| match f {
+                    [full] => Ok(full.clone()),
+                    [a, b] => product(a, b),
+                    _ => bail!("LoKr factor of {} tensors", f.len()),
+                };
+                let (f1, f2) = (factor(&t[..n1])?, factor(&t[n1..])?);
+                scaled(kron_delta(&f1, &f2, ratio, shape)?)
+            }
+            _ => bail!("LoRA update: {} tensors do not fit the adapter", t.len()),
         }
+    }
+
+    /// The parameters packed into one flat tensor (through
+    /// [`crate::ops::checkpoint::param`]; `cat` gives each its gradient back), with
+    /// the shapes to unpack it.
+    fn packed_params(&self) -> Result<(Tensor, Vec<Vec<usize>>)> {
+        let vars = self.params.vars();
+        let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.dims().to_vec()).collect();
+        let flat: Vec<Tensor> = vars
+            .iter()
+            .map(|v| param(v).flatten_all())
+            .collect::<Result<_>>()?;
+        Ok((Tensor::cat(&flat, 0)?, shapes))
+    }
+
+    /// `packed` split back into tensors of `shapes`.
+    fn unpack(packed: &Tensor, shapes: &[Vec<usize>]) -> Result<Vec<Tensor>> {
+        let mut at = 0;
+        shapes
+            .iter()
+            .map(|s| {
+                let n: usize = s.iter().product();
+                let t = packed.narrow(0, at, n)?.reshape(s.as_slice())?;
+                at += n;
+                Ok(t)
+            })
+            .collect()
+    }
+
+    /// The gradient of the packed parameters `packed` given the gradient
+    /// `d_update` of the update they make on `weight`, written out per type
+    /// (checked against LyCORIS' autograd by `tests/lycoris.rs`): a few
+    /// weight-sized passes and skinny products, where candle's autograd of
+    /// [`Self::update_from`] would take several times as long for its
+    /// broadcasts. Also returns the update itself (without multiplier
+    /// folded differently: exactly [`Self::update_from`]'s value), which the
+    /// input gradient needs.
+    fn update_and_grad(
+        &self,
+        packed: &Tensor,
+        shapes: &[Vec<usize>],
+        weight: &Tensor,
+        d_update: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let t = Self::unpack(packed, shapes)?;
+        let update = self.update_from(&t, weight)?;
+        let Some(g) = d_update else {
+            return Ok((update, None));
+        };
+        let shape = weight.dims();
+        let out = shape[0];
+        let k_all = weight.elem_count() / out;
+        let mult = self.multiplier as f64;
+        let ratio = self.scale_at_one();
+        let g = g.to_dtype(packed.dtype())?.reshape((out, k_all))?;
+        let grads: Vec<Tensor> = match (&self.params, t.as_slice()) {
+            (AdapterParams::LowRank { dora, .. }, [down, up, rest @ ..]) => {
+                let r = down.dim(0)?;
+                let flat_down = down.reshape((r, down.elem_count() / r))?;
+                let up2 = up.reshape((out, r))?;
+                // The gradient of Δ = ratio·up·down.
+                let d_delta = match (dora, rest) {
+                    (None, []) => (g * mult)?,
+                    (Some((_, axis)), [m]) => {
+                        let (d_delta, dm) =
+                            dora_grad(weight, &up2, &flat_down, ratio, m, *axis, mult, &g)?;
+                        let (dd, du) = low_rank_grads(&d_delta, &up2, &flat_down, ratio)?;
+                        return Ok((update, Some(pack(&[dd, du, dm])?)));
+                    }
+                    _ => bail!("LoRA gradient: {} tensors for a LoRA/DoRA module", t.len()),
+                };
+                let (dd, du) = low_rank_grads(&d_delta, &up2, &flat_down, ratio)?;
+                vec![dd, du]
+            }
+            (AdapterParams::Hada { .. }, [w1_a, w1_b, w2_a, w2_b]) => {
+                let g = (g * (mult * ratio))?;
+                let p1 = matmul(w1_a, w1_b)?;
+                let p2 = matmul(w2_a, w2_b)?;
+                let dp1 = g.mul(&p2)?;
+                let dp2 = g.mul(&p1)?;
+                vec![
+                    matmul(&dp1, &w1_b.t()?.contiguous()?)?,
+                    matmul(&w1_a.t()?.contiguous()?, &dp1)?,
+                    matmul(&dp2, &w2_b.t()?.contiguous()?)?,
+                    matmul(&w2_a.t()?.contiguous()?, &dp2)?,
+                ]
+            }
+            (AdapterParams::Kron { w1, .. }, t) => {
+                let n1 = w1.len();
+                let factor = |f: &[Tensor]| -> Result<Tensor> {
+                    match f {
+                        [full] => Ok(full.clone()),
+                        [a, b] => matmul(a, b),
+                        _ => bail!("LoKr factor of {} tensors", f.len()),
+                    }
+                };
+                let f1 = factor(&t[..n1])?;
+                let f2 = factor(&t[n1..])?;
+                let (a, c) = f1.dims2()?;
+                let bb = f2.dim(0)?;
+                let dd = f2.elem_count() / bb;
+                // G as [a, b, c, d] → [a·c, b·d]: dF1 = G·vec(F2), dF2 = vec(F1)ᵀ·G.
+                let gp = (g * (mult * ratio))?
+                    .reshape((a, bb, c, dd))?
+                    .permute((0, 2, 1, 3))?
+                    .contiguous()?
+                    .reshape((a * c, bb * dd))?;
+                let df1 = matmul(&gp, &f2.reshape((bb * dd, 1))?)?.reshape((a, c))?;
+                let df2 = matmul(&f1.reshape((1, a * c))?, &gp)?.reshape((bb, dd))?;
+                let mut v = factor_grads(&t[..n1], &df1)?;
+                v.extend(factor_grads(&t[n1..], &df2)?);
+                v
+            }
+            _ => bail!("LoRA gradient: {} tensors do not fit the adapter", t.len()),
+        };
+        Ok((update, Some(pack(&grads)?)))
     }
 
     /// `alpha / rank` (1 for a LoKr with both factors full).
@@ -787,6 +1046,113 @@ fn conv2d_down(x: &Tensor, down: &Tensor, stride: usize, padding: usize) -> Resu
         };
         Ok([dx, dk])
     })
+}
+
+/// Flattens and concatenates gradients in the packed parameters' order.
+fn pack(grads: &[Tensor]) -> Result<Tensor> {
+    let flat: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.flatten_all())
+        .collect::<Result<_>>()?;
+    Tensor::cat(&flat, 0)
+}
+
+/// The gradients of `down` and `up` (`[r, K]`, `[out, r]`) given that of
+/// `Δ = ratio·up·down` (`[out, K]`).
+fn low_rank_grads(
+    d_delta: &Tensor,
+    up2: &Tensor,
+    flat_down: &Tensor,
+    ratio: f64,
+) -> Result<(Tensor, Tensor)> {
+    let d_down = (matmul(&up2.t()?.contiguous()?, d_delta)? * ratio)?;
+    let d_up = (matmul(d_delta, &flat_down.t()?.contiguous()?)? * ratio)?;
+    Ok((d_down, d_up))
+}
+
+/// The gradients of a LoKr factor's tensors (whole, or `a·b`) given that of
+/// the factor (`d`, 2-D).
+fn factor_grads(tensors: &[Tensor], d: &Tensor) -> Result<Vec<Tensor>> {
+    match tensors {
+        [_] => Ok(vec![d.clone()]),
+        [a, b] => Ok(vec![
+            matmul(d, &b.t()?.contiguous()?)?,
+            matmul(&a.t()?.contiguous()?, d)?,
+        ]),
+        _ => bail!("LoKr factor of {} tensors", tensors.len()),
+    }
+}
+
+/// DoRA's backward: given `g`, the gradient of the update
+/// `U = μ·(m ⊙ M/n − W)` (`M = W + Δ`, `Δ = ratio·up·down`, `n = ‖M‖ + ε`
+/// along `axis`), the gradients of `Δ` (`[out, K]`) and of the magnitude:
+/// with `c = Σ μg⊙M` along the axis, `dm = c/n` and
+/// `dΔ = μg ⊙ m/n − (c·m/n²) ⊙ M/‖M‖`.
+#[allow(clippy::too_many_arguments)]
+fn dora_grad(
+    weight: &Tensor,
+    up2: &Tensor,
+    flat_down: &Tensor,
+    ratio: f64,
+    m: &Tensor,
+    axis: DoraAxis,
+    mult: f64,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let dims = weight.dims();
+    let (out, inp) = (dims[0], dims[1]);
+    let k = weight.elem_count() / (out * inp);
+    let dt = g.dtype();
+    let w = weight.detach().to_dtype(dt)?.reshape((out, inp, k))?;
+    let delta = (matmul(up2, flat_down)? * ratio)?.reshape((out, inp, k))?;
+    let merged = (w + delta)?;
+    let axes: &[usize] = match axis {
+        DoraAxis::Output => &[1, 2],
+        DoraAxis::Input => &[0, 2],
+    };
+    let m3 = match axis {
+        DoraAxis::Output => m.reshape((out, 1, 1))?,
+        DoraAxis::Input => m.reshape((1, inp, 1))?,
+    };
+    let norm = merged.sqr()?.sum_keepdim(axes)?.sqrt()?;
+    let n = (&norm + f32::EPSILON as f64)?;
+    let g = (g.reshape((out, inp, k))? * mult)?;
+    let c = g.mul(&merged)?.sum_keepdim(axes)?;
+    let dm = c.div(&n)?;
+    // d‖M‖ = −c·m/n², spread over M/‖M‖.
+    let dnorm = c.mul(&m3)?.div(&n.sqr()?)?.neg()?;
+    let coef = dnorm.div(&norm.maximum(f32::MIN_POSITIVE as f64)?)?;
+    let d_merged = (g.broadcast_mul(&m3.div(&n)?)? + merged.broadcast_mul(&coef)?)?;
+    Ok((d_merged.reshape((out, inp * k))?, dm.reshape(m.dims())?))
+}
+
+/// The kernel gradient of a whole-update conv (`[out, in, kh, kw]`): for the
+/// 1×1 convs the default presets adapt (SD1's `proj_in`/`proj_out`), one
+/// matrix product `Σ_b g_b·x_bᵀ` over the pixels — many times faster than the
+/// general conv of [`kernel_grad`] at these channel counts.
+fn update_kernel_grad(
+    x: &Tensor,
+    g: &Tensor,
+    (kh, kw): (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if (kh, kw, stride, padding) != (1, 1, 1, 0) {
+        return kernel_grad(x, g, (kh, kw), stride, padding);
+    }
+    let (b, cin, h, w) = x.dims4()?;
+    let cout = g.dim(1)?;
+    // [in, b·hw] and [out, b·hw]: the batch joins the pixels.
+    let xs = x
+        .reshape((b, cin, h * w))?
+        .transpose(0, 1)?
+        .reshape((cin, b * h * w))?;
+    let gs = g
+        .to_dtype(x.dtype())?
+        .reshape((b, cout, h * w))?
+        .transpose(0, 1)?
+        .reshape((cout, b * h * w))?;
+    matmul(&gs.contiguous()?, &xs.t()?.contiguous()?)?.reshape((cout, cin, 1, 1))
 }
 
 /// The gradient of `conv2d(x, k, padding, stride)` with respect to the kernel
