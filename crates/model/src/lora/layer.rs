@@ -11,6 +11,18 @@
 //! from ordinary candle matmuls plus a custom-gradient conv for the `down`, added
 //! to the base output (which still computes only the input gradient).
 //!
+//! # DoRA, LoHa, LoKr
+//!
+//! The other network types ([`super::lycoris`]) hold their own tensors
+//! ([`AdapterParams`]) and change the whole weight: each adapted layer is one
+//! graph node on (`x`, the parameters packed into one tensor) whose forward
+//! builds the update `ΔW` without a graph (and, for an f32 weight without
+//! dropout, runs `W + ΔW` as one product), and whose backward rebuilds it,
+//! gives the input gradient and the parameters' gradients from `dΔW = gᵀ·x̃`
+//! with per-type formulas ([`LoraAdapter::apply_linear_update`]). No
+//! weight-sized tensor stays in the graph between the forward and the
+//! backward.
+//!
 //! # Dtypes
 //!
 //! The LoRA tensors are f32 whatever the base dtype (f64 only when the base is
@@ -927,9 +939,8 @@ impl LoraAdapter {
     /// (checked against LyCORIS' autograd by `tests/lycoris.rs`): a few
     /// weight-sized passes and skinny products, where candle's autograd of
     /// [`Self::update_from`] would take several times as long for its
-    /// broadcasts. Also returns the update itself (without multiplier
-    /// folded differently: exactly [`Self::update_from`]'s value), which the
-    /// input gradient needs.
+    /// broadcasts. Also returns the update itself ([`Self::update_from`]'s
+    /// value), which the input gradient needs.
     fn update_and_grad(
         &self,
         packed: &Tensor,

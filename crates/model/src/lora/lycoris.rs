@@ -22,7 +22,7 @@
 //! parameters are candle variables) and the files' modules (merging, `generate`)
 //! share one implementation; every op used has a backward in candle.
 
-use candle_core::{DType, Result, Tensor, bail};
+use candle_core::{DType, Result, Tensor};
 
 /// What the trained modules are made of (`network.type`).
 #[derive(
@@ -585,14 +585,6 @@ pub fn check_magnitude(
             DoraAxis::Input.magnitude_shape(weight_shape)
         )
     })
-}
-
-/// Fails unless `t` is a float tensor (a guard for the update formulas).
-pub fn ensure_float(t: &Tensor, what: &str) -> Result<()> {
-    if !t.dtype().is_float() {
-        bail!("{what} must be a float tensor, got {:?}", t.dtype())
-    }
-    Ok(())
 }
 
 #[cfg(test)]
