@@ -231,6 +231,22 @@ fn loss(sd: &StableDiffusion) -> Tensor {
         .unwrap()
 }
 
+/// The tiny model with fresh trainable adapters of `network` (conv preset,
+/// text encoder included).
+fn tiny_with(
+    network: NetworkType,
+) -> (StableDiffusion, sd_lora_model::lora::attach::TrainableLora) {
+    let mut sd = load_tiny();
+    let lora = create_trainable(
+        &mut sd.unet,
+        Some(&mut sd.text_encoder),
+        &spec(),
+        &options(network),
+    )
+    .unwrap();
+    (sd, lora)
+}
+
 /// Adds a deterministic pattern of ±0.05 to every trainable tensor.
 fn perturb(lora: &sd_lora_model::lora::attach::TrainableLora) {
     let mut salt = 0.0f32;
@@ -257,14 +273,7 @@ fn perturb(lora: &sd_lora_model::lora::attach::TrainableLora) {
 fn every_tensor_of_each_type_gets_a_gradient_and_training_starts_at_the_base() {
     let base_loss = loss(&load_tiny()).to_scalar::<f32>().unwrap();
     for network in [NetworkType::Dora, NetworkType::Loha, NetworkType::Lokr] {
-        let mut sd = load_tiny();
-        let lora = create_trainable(
-            &mut sd.unet,
-            Some(&mut sd.text_encoder),
-            &spec(),
-            &options(network),
-        )
-        .unwrap();
+        let (sd, lora) = tiny_with(network);
         assert!(lora.len() > 50);
         // At initialisation the update is zero (DoRA: up to its 1e-7 norm epsilon).
         let l0 = loss(&sd).to_scalar::<f32>().unwrap();
@@ -300,14 +309,7 @@ fn every_tensor_of_each_type_gets_a_gradient_and_training_starts_at_the_base() {
 fn files_of_each_type_read_back_and_merging_equals_the_adapter() {
     let dir = tempfile::TempDir::new().unwrap();
     for network in [NetworkType::Dora, NetworkType::Loha, NetworkType::Lokr] {
-        let mut sd = load_tiny();
-        let lora = create_trainable(
-            &mut sd.unet,
-            Some(&mut sd.text_encoder),
-            &spec(),
-            &options(network),
-        )
-        .unwrap();
+        let (sd, lora) = tiny_with(network);
         perturb(&lora);
         let with_lora = loss(&sd).to_scalar::<f32>().unwrap();
         let weights = extract(&sd.unet, Some(&sd.text_encoder)).unwrap();

@@ -557,6 +557,23 @@ impl LoraAdapter {
             .filter(|d| d.p > 0.0 && d.control.is_training())
     }
 
+    /// The active dropout's mask for `x` as an `[m, in]` matrix in `dtype`.
+    fn flat_mask(
+        &self,
+        x: &Tensor,
+        dtype: DType,
+        m: usize,
+        in_features: usize,
+    ) -> Result<Option<Tensor>> {
+        match self.active_dropout() {
+            Some(d) => Ok(Some(
+                d.mask(x.dims(), dtype, x.device())?
+                    .reshape((m, in_features))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// `x` in the LoRA dtype, with dropout applied when active. The mask is a
     /// constant, applied through a custom gradient so that no gradient buffer is
     /// stored for it.
@@ -608,21 +625,10 @@ impl LoraAdapter {
         let m = x.elem_count() / in_features;
         let ldt = down.dtype();
         let scale = self.scale();
-        let mask = match self.active_dropout() {
-            Some(d) => Some(
-                d.mask(x.dims(), ldt, x.device())?
-                    .reshape((m, in_features))?,
-            ),
-            None => None,
-        };
+        let mask = self.flat_mask(x, ldt, m, in_features)?;
         // x̃ in the LoRA dtype, as a [m, in] matrix.
-        let lora_input = move |x: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
-            let x = x.to_dtype(ldt)?.reshape((m, in_features))?;
-            match mask {
-                Some(mask) => x.mul(mask),
-                None => Ok(x),
-            }
-        };
+        let lora_input =
+            move |x: &Tensor, mask: &Option<Tensor>| flat_input(x, mask, ldt, (m, in_features));
         let (down_d, up_d) = (down.detach(), up.detach());
         let h = matmul(&lora_input(&x.detach(), &mask)?, &down_d.t()?)?;
         let delta = (matmul(&h, &up_d.t()?)? * scale)?;
@@ -725,20 +731,10 @@ impl LoraAdapter {
             )
         }
         let m = x.elem_count() / in_features;
-        let mask = match self.active_dropout() {
-            Some(d) => Some(
-                d.mask(x.dims(), ldt, x.device())?
-                    .reshape((m, in_features))?,
-            ),
-            None => None,
-        };
-        let lora_input = move |x: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
-            let x = x.to_dtype(ldt)?.reshape((m, in_features))?;
-            match mask {
-                Some(mask) => x.mul(mask),
-                None => Ok(x),
-            }
-        };
+        let mask = self.flat_mask(x, ldt, m, in_features)?;
+        // x̃ in the LoRA dtype, as a [m, in] matrix.
+        let lora_input =
+            move |x: &Tensor, mask: &Option<Tensor>| flat_input(x, mask, ldt, (m, in_features));
         let weight = weight.detach();
         let update = self.update_from(&Self::unpack(&packed.detach(), &shapes)?, &weight)?;
         let y = if fold {
@@ -871,7 +867,6 @@ impl LoraAdapter {
         let mult = self.multiplier as f64;
         let ratio = self.scale_at_one();
         let scaled = |t: Tensor| if mult == 1.0 { Ok(t) } else { t * mult };
-        let product = |a: &Tensor, b: &Tensor| a.matmul(b);
         match (&self.params, t) {
             (AdapterParams::LowRank { dora, .. }, [down, up, rest @ ..]) => {
                 let r = down.dim(0)?;
@@ -895,12 +890,7 @@ impl LoraAdapter {
                 if t.len() != n1 + n2 {
                     bail!("LoKr update: {} tensors, expected {}", t.len(), n1 + n2)
                 }
-                let factor = |f: &[Tensor]| match f {
-                    [full] => Ok(full.clone()),
-                    [a, b] => product(a, b),
-                    _ => bail!("LoKr factor of {} tensors", f.len()),
-                };
-                let (f1, f2) = (factor(&t[..n1])?, factor(&t[n1..])?);
+                let (f1, f2) = (kron_factor(&t[..n1])?, kron_factor(&t[n1..])?);
                 scaled(kron_delta(&f1, &f2, ratio, shape)?)
             }
             _ => bail!("LoRA update: {} tensors do not fit the adapter", t.len()),
@@ -949,9 +939,8 @@ impl LoraAdapter {
         d_update: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let t = Self::unpack(packed, shapes)?;
-        let update = self.update_from(&t, weight)?;
         let Some(g) = d_update else {
-            return Ok((update, None));
+            return Ok((self.update_from(&t, weight)?, None));
         };
         let shape = weight.dims();
         let out = shape[0];
@@ -959,24 +948,25 @@ impl LoraAdapter {
         let mult = self.multiplier as f64;
         let ratio = self.scale_at_one();
         let g = g.to_dtype(packed.dtype())?.reshape((out, k_all))?;
-        let grads: Vec<Tensor> = match (&self.params, t.as_slice()) {
+        // Each type forms its update from the intermediates its gradient
+        // needs, so nothing is computed twice.
+        let (update, grads): (Tensor, Vec<Tensor>) = match (&self.params, t.as_slice()) {
             (AdapterParams::LowRank { dora, .. }, [down, up, rest @ ..]) => {
                 let r = down.dim(0)?;
                 let flat_down = down.reshape((r, down.elem_count() / r))?;
                 let up2 = up.reshape((out, r))?;
-                // The gradient of Δ = ratio·up·down.
-                let d_delta = match (dora, rest) {
-                    (None, []) => (g * mult)?,
+                let delta = (matmul(&up2, &flat_down)? * ratio)?;
+                let (update, d_delta, dm) = match (dora, rest) {
+                    (None, []) => ((delta * mult)?, (g * mult)?, None),
                     (Some((_, axis)), [m]) => {
-                        let (d_delta, dm) =
-                            dora_grad(weight, &up2, &flat_down, ratio, m, *axis, mult, &g)?;
-                        let (dd, du) = low_rank_grads(&d_delta, &up2, &flat_down, ratio)?;
-                        return Ok((update, Some(pack(&[dd, du, dm])?)));
+                        let (update, d_delta, dm) =
+                            dora_update_and_grad(weight, &delta, m, *axis, mult, &g)?;
+                        (update, d_delta, Some(dm))
                     }
                     _ => bail!("LoRA gradient: {} tensors for a LoRA/DoRA module", t.len()),
                 };
                 let (dd, du) = low_rank_grads(&d_delta, &up2, &flat_down, ratio)?;
-                vec![dd, du]
+                (update, [dd, du].into_iter().chain(dm).collect())
             }
             (AdapterParams::Hada { .. }, [w1_a, w1_b, w2_a, w2_b]) => {
                 let g = (g * (mult * ratio))?;
@@ -984,24 +974,19 @@ impl LoraAdapter {
                 let p2 = matmul(w2_a, w2_b)?;
                 let dp1 = g.mul(&p2)?;
                 let dp2 = g.mul(&p1)?;
-                vec![
+                let update = (p1.mul(&p2)? * (mult * ratio))?;
+                let grads = vec![
                     matmul(&dp1, &w1_b.t()?.contiguous()?)?,
                     matmul(&w1_a.t()?.contiguous()?, &dp1)?,
                     matmul(&dp2, &w2_b.t()?.contiguous()?)?,
                     matmul(&w2_a.t()?.contiguous()?, &dp2)?,
-                ]
+                ];
+                (update, grads)
             }
             (AdapterParams::Kron { w1, .. }, t) => {
                 let n1 = w1.len();
-                let factor = |f: &[Tensor]| -> Result<Tensor> {
-                    match f {
-                        [full] => Ok(full.clone()),
-                        [a, b] => matmul(a, b),
-                        _ => bail!("LoKr factor of {} tensors", f.len()),
-                    }
-                };
-                let f1 = factor(&t[..n1])?;
-                let f2 = factor(&t[n1..])?;
+                let f1 = kron_factor(&t[..n1])?;
+                let f2 = kron_factor(&t[n1..])?;
                 let (a, c) = f1.dims2()?;
                 let bb = f2.dim(0)?;
                 let dd = f2.elem_count() / bb;
@@ -1013,13 +998,13 @@ impl LoraAdapter {
                     .reshape((a * c, bb * dd))?;
                 let df1 = matmul(&gp, &f2.reshape((bb * dd, 1))?)?.reshape((a, c))?;
                 let df2 = matmul(&f1.reshape((1, a * c))?, &gp)?.reshape((bb, dd))?;
-                let mut v = factor_grads(&t[..n1], &df1)?;
-                v.extend(factor_grads(&t[n1..], &df2)?);
-                v
+                let mut grads = factor_grads(&t[..n1], &df1)?;
+                grads.extend(factor_grads(&t[n1..], &df2)?);
+                (kron_delta(&f1, &f2, mult * ratio, shape)?, grads)
             }
             _ => bail!("LoRA gradient: {} tensors do not fit the adapter", t.len()),
         };
-        Ok((update, Some(pack(&grads)?)))
+        Ok((update.reshape(shape)?, Some(pack(&grads)?)))
     }
 
     /// `alpha / rank` (1 for a LoKr with both factors full).
@@ -1059,6 +1044,21 @@ fn conv2d_down(x: &Tensor, down: &Tensor, stride: usize, padding: usize) -> Resu
     })
 }
 
+/// `x̃ = x ⊙ mask` in `dtype`, as an `[m, in]` matrix (the fused Linear
+/// nodes' LoRA input, rebuilt in their backward).
+fn flat_input(
+    x: &Tensor,
+    mask: &Option<Tensor>,
+    dtype: DType,
+    shape: (usize, usize),
+) -> Result<Tensor> {
+    let x = x.to_dtype(dtype)?.reshape(shape)?;
+    match mask {
+        Some(mask) => x.mul(mask),
+        None => Ok(x),
+    }
+}
+
 /// Flattens and concatenates gradients in the packed parameters' order.
 fn pack(grads: &[Tensor]) -> Result<Tensor> {
     let flat: Vec<Tensor> = grads
@@ -1081,6 +1081,15 @@ fn low_rank_grads(
     Ok((d_down, d_up))
 }
 
+/// A LoKr factor from its tensors: whole, or the product `a·b`.
+fn kron_factor(tensors: &[Tensor]) -> Result<Tensor> {
+    match tensors {
+        [full] => Ok(full.clone()),
+        [a, b] => a.matmul(b),
+        _ => bail!("LoKr factor of {} tensors", tensors.len()),
+    }
+}
+
 /// The gradients of a LoKr factor's tensors (whole, or `a·b`) given that of
 /// the factor (`d`, 2-D).
 fn factor_grads(tensors: &[Tensor], d: &Tensor) -> Result<Vec<Tensor>> {
@@ -1094,29 +1103,27 @@ fn factor_grads(tensors: &[Tensor], d: &Tensor) -> Result<Vec<Tensor>> {
     }
 }
 
-/// DoRA's backward: given `g`, the gradient of the update
-/// `U = μ·(m ⊙ M/n − W)` (`M = W + Δ`, `Δ = ratio·up·down`, `n = ‖M‖ + ε`
-/// along `axis`), the gradients of `Δ` (`[out, K]`) and of the magnitude:
-/// with `c = Σ μg⊙M` along the axis, `dm = c/n` and
+/// DoRA's update `U = μ·(m ⊙ M/n − W)` (`M = W + Δ`, `n = ‖M‖ + ε` along
+/// `axis`; `delta` is `Δ` as `[out, K]`) and, given `g`, the gradient of `U`,
+/// the gradients of `Δ` (`[out, K]`) and of the magnitude: with
+/// `c = Σ μg⊙M` along the axis, `dm = c/n` and
 /// `dΔ = μg ⊙ m/n − (c·m/n²) ⊙ M/‖M‖`.
-#[allow(clippy::too_many_arguments)]
-fn dora_grad(
+fn dora_update_and_grad(
     weight: &Tensor,
-    up2: &Tensor,
-    flat_down: &Tensor,
-    ratio: f64,
+    delta: &Tensor,
     m: &Tensor,
     axis: DoraAxis,
     mult: f64,
     g: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dims = weight.dims();
     let (out, inp) = (dims[0], dims[1]);
     let k = weight.elem_count() / (out * inp);
-    let dt = g.dtype();
-    let w = weight.detach().to_dtype(dt)?.reshape((out, inp, k))?;
-    let delta = (matmul(up2, flat_down)? * ratio)?.reshape((out, inp, k))?;
-    let merged = (w + delta)?;
+    let w = weight
+        .detach()
+        .to_dtype(g.dtype())?
+        .reshape((out, inp, k))?;
+    let merged = (&w + delta.reshape((out, inp, k))?)?;
     let axes: &[usize] = match axis {
         DoraAxis::Output => &[1, 2],
         DoraAxis::Input => &[0, 2],
@@ -1127,14 +1134,20 @@ fn dora_grad(
     };
     let norm = merged.sqr()?.sum_keepdim(axes)?.sqrt()?;
     let n = (&norm + f32::EPSILON as f64)?;
+    let s = m3.div(&n)?;
+    let update = ((merged.broadcast_mul(&s)? - w)? * mult)?;
     let g = (g.reshape((out, inp, k))? * mult)?;
     let c = g.mul(&merged)?.sum_keepdim(axes)?;
     let dm = c.div(&n)?;
     // d‖M‖ = −c·m/n², spread over M/‖M‖.
     let dnorm = c.mul(&m3)?.div(&n.sqr()?)?.neg()?;
     let coef = dnorm.div(&norm.maximum(f32::MIN_POSITIVE as f64)?)?;
-    let d_merged = (g.broadcast_mul(&m3.div(&n)?)? + merged.broadcast_mul(&coef)?)?;
-    Ok((d_merged.reshape((out, inp * k))?, dm.reshape(m.dims())?))
+    let d_merged = (g.broadcast_mul(&s)? + merged.broadcast_mul(&coef)?)?;
+    Ok((
+        update.reshape((out, inp * k))?,
+        d_merged.reshape((out, inp * k))?,
+        dm.reshape(m.dims())?,
+    ))
 }
 
 /// The kernel gradient of a whole-update conv (`[out, in, kh, kw]`): for the

@@ -85,16 +85,6 @@ pub fn stored_targets(source: &ModelSource) -> Result<Vec<TargetInfo>, LoadError
     Ok(out)
 }
 
-/// `scale · up · down` flattened to `[out, in·kh·kw]` (f32).
-fn module_delta(m: &LoraModule, scale: f64) -> candle_core::Result<Tensor> {
-    let rank = m.rank();
-    let up = m.up.to_dtype(DType::F32)?;
-    let out = up.dims()[0];
-    let up = up.reshape((out, rank))?;
-    let down = m.down.to_dtype(DType::F32)?.flatten_from(1)?;
-    up.matmul(&down)?.affine(scale, 0.0)
-}
-
 /// `weight · Δ` of one module on the layer stored in `stored` (f32 values in
 /// the stored layout), flattened to `[out, in·kh·kw]` in the layer's layout.
 /// A plain LoRA's update does not depend on the weight; DoRA's does, and is
@@ -109,7 +99,7 @@ fn term_delta(
     if let ModuleWeights::LowRank(lr) = m
         && lr.dora_scale.is_none()
     {
-        return module_delta(lr, weight * f64::from(lr.scale()));
+        return lr.scaled_product(weight * f64::from(lr.scale()));
     }
     let w = if r.transposed {
         let (rows, cols) = (r.shape[1], r.shape[0]);

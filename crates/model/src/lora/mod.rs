@@ -141,15 +141,32 @@ impl LoraModule {
         }
     }
 
+    /// `scale · up·down` flattened to `[out, in·kh·kw]`, in f32.
+    pub fn scaled_product(&self, scale: f64) -> candle_core::Result<candle_core::Tensor> {
+        let r = self.rank();
+        let up = self.up.to_dtype(candle_core::DType::F32)?;
+        let out = up.dims().first().copied().unwrap_or(0);
+        let down = self
+            .down
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_from(1)?;
+        up.reshape((out, r))?.matmul(&down)?.affine(scale, 0.0)
+    }
+
     /// `alpha/rank · up·down` shaped like a weight with `down`'s trailing dims.
     pub fn low_rank_delta(&self) -> candle_core::Result<candle_core::Tensor> {
-        let r = self.rank();
-        let out = self.up.dims().first().copied().unwrap_or(0);
-        let flat_down = self.down.reshape((r, self.down.elem_count() / r.max(1)))?;
-        let w = self.up.reshape((out, r))?.matmul(&flat_down)?;
-        let mut shape = vec![out];
+        let mut shape = vec![self.up.dims().first().copied().unwrap_or(0)];
         shape.extend_from_slice(&self.down.dims()[1..]);
-        (w * self.scale() as f64)?.reshape(shape)
+        self.scaled_product(f64::from(self.scale()))?.reshape(shape)
+    }
+
+    /// The axis of the DoRA magnitude, read from its shape (`None` for plain
+    /// LoRA or a magnitude that fits neither axis).
+    pub fn dora_axis(&self) -> Option<lycoris::DoraAxis> {
+        let s = self.dora_scale.as_ref()?;
+        let out = *self.up.dims().first()?;
+        let in_ = *self.down.dims().get(1)?;
+        lycoris::DoraAxis::of_shape(s.dims(), out, in_)
     }
 
     /// What the module adds to the weight `weight` (f32, the layer's shape)

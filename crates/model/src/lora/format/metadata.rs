@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::lora::lycoris::NetworkType;
+use crate::lora::lycoris::{DoraAxis, NetworkType};
 
 use serde::{Deserialize, Serialize};
 
@@ -225,11 +225,10 @@ impl Metadata {
             self.network_args.insert("algo".into(), algo.into());
             if network == NetworkType::Dora {
                 self.network_args.insert("dora_wd".into(), "True".into());
-                let input_axis = weights.modules.values().any(|m| {
-                    m.dora_scale.as_ref().is_some_and(|s| {
-                        s.dims().first() == Some(&1) && s.dims().get(1) != Some(&1)
-                    })
-                });
+                let input_axis = weights
+                    .modules
+                    .values()
+                    .any(|m| m.dora_axis() == Some(DoraAxis::Input));
                 let on_output = if input_axis { "False" } else { "True" };
                 self.network_args
                     .insert("wd_on_output".into(), on_output.into());

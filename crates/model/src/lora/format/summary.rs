@@ -88,10 +88,7 @@ impl LoraSummary {
             alphas.push(m.alpha());
             scales.push(m.scale() as f32);
         }
-        let dora_axis = file.weights.modules.values().find_map(|m| {
-            let s = m.dora_scale.as_ref()?;
-            DoraAxis::of_shape(s.dims(), m.up.dims()[0], m.down.dims()[1])
-        });
+        let dora_axis = file.weights.modules.values().find_map(|m| m.dora_axis());
         ranks.sort_unstable();
         ranks.dedup();
         for v in [&mut alphas, &mut scales] {

@@ -23,6 +23,7 @@ use super::names::{self, KohyaNaming, LoraFamily};
 use super::read::{module_problems, read_lora};
 use super::serialize::{RawTensor, serialize, sshs_hashes};
 use super::{LoraFormat, LoraFormatError};
+use crate::lora::lycoris::DoraAxis;
 use crate::lora::{LoraComponent, LoraModule, LoraWeights};
 
 /// The dtype LoRA tensors are saved in.
@@ -165,11 +166,7 @@ fn write_lora_named(
         let input_axis: Vec<String> = weights
             .modules
             .iter()
-            .filter(|(_, m)| {
-                m.dora_scale
-                    .as_ref()
-                    .is_some_and(|s| s.dims().first() == Some(&1) && m.up.dims()[0] != 1)
-            })
+            .filter(|(_, m)| m.dora_axis() == Some(DoraAxis::Input))
             .map(|((c, p), _)| format!("{c:?} {p}"))
             .take(3)
             .collect();
