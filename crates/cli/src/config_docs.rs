@@ -5,40 +5,7 @@
 use serde_json::Value;
 use std::fmt::Write;
 
-/// A config section: its TOML table name and the schema of its struct.
-pub struct Section {
-    /// TOML path of the table, e.g. `dataset`.
-    pub table: &'static str,
-    /// `schemars::schema_for!` of the struct.
-    pub schema: schemars::Schema,
-}
-
-/// The sections `sd-lora` reads, in the order the docs present them.
-pub fn sections() -> Vec<Section> {
-    use sd_lora_train::config::{ModelSection, NetworkSection, OutputSection, TrainSection};
-    vec![
-        Section {
-            table: "model",
-            schema: schemars::schema_for!(ModelSection),
-        },
-        Section {
-            table: "network",
-            schema: schemars::schema_for!(NetworkSection),
-        },
-        Section {
-            table: "train",
-            schema: schemars::schema_for!(TrainSection),
-        },
-        Section {
-            table: "dataset",
-            schema: schemars::schema_for!(sd_lora_data::DatasetConfig),
-        },
-        Section {
-            table: "output",
-            schema: schemars::schema_for!(OutputSection),
-        },
-    ]
-}
+use sd_lora_train::config::section_schemas as sections;
 
 /// The whole reference as Markdown.
 pub fn render() -> String {

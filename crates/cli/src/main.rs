@@ -18,6 +18,7 @@ mod merge;
 mod output_guard;
 mod resize;
 mod train_cmd;
+mod ui_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -90,6 +91,12 @@ enum Command {
         after_help = "Examples:\n  sd-lora bench --train --model ./sd15 --data ./my_dog --resolution 512\n  sd-lora bench --train --config my_dog.toml --steps 3 --json\n  sd-lora bench --vae --model ./sd15 --resolution 512\n  sd-lora bench --resolution 512 --precision f16 --checkpointing --json\n  sd-lora bench --device cuda --resolution 512 --steps 10\n\nCompare with PyTorch: tools/bench_compare.sh --train / --vae (see docs/performance.md)."
     )]
     Bench(bench_cmd::BenchArgs),
+    /// Start the web app: dataset, training with live progress, generation
+    /// and LoRA tools in the browser (http://127.0.0.1:7878/).
+    #[command(
+        after_help = "Examples:\n  sd-lora ui\n  sd-lora ui --port 8000 --no-browser\n  sd-lora ui --root ~/lora-projects --root ~/models\n  sd-lora ui --listen 0.0.0.0 --token my-secret-token   # reachable from the LAN, token required\n\nThe app may only touch files under the --root folders (default: the current folder). See docs/ui.md."
+    )]
+    Ui(ui_cmd::UiArgs),
     /// Print the configuration reference (docs/config.md) generated from the config definitions.
     #[command(hide = true)]
     ConfigDocs,
@@ -183,6 +190,7 @@ fn main() -> ExitCode {
         Command::Extract(a) => extract::run(a),
         Command::Generate(a) => generate_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
+        Command::Ui(a) => ui_cmd::run(a),
         Command::ConfigDocs => {
             emit(&config_docs::render())?;
             Ok(0)

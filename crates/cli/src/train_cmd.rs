@@ -116,6 +116,10 @@ pub struct TrainArgs {
     /// Continue the run saved in this output folder (its newest state).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Write progress as JSON lines on stdout (for `sd-lora ui`, which runs
+    /// training as a child process); log lines still go to stderr.
+    #[arg(long, hide = true)]
+    pub events: bool,
 }
 
 /// A TOML string literal.
@@ -293,7 +297,7 @@ pub fn run(args: &TrainArgs) -> Result<u8> {
         crate::emit(&text)?;
         return Ok(0);
     }
-    start_training(&cfg, &ds, args.resume.as_deref())
+    start_training(&cfg, &ds, args.resume.as_deref(), args.events)
 }
 
 /// Generates the class images the plans lack, with the base model (no
@@ -396,13 +400,22 @@ fn identifier_warnings(ds: &Dataset) -> Vec<String> {
     out
 }
 
-/// Hands over to the training loop.
 /// Runs the training loop with a progress display, then writes the plot and
 /// the summary. Exit code 130 when stopped by Ctrl-C (after saving).
-fn start_training(cfg: &TrainConfig, ds: &Dataset, resume: Option<&Path>) -> Result<u8> {
-    let mut progress = sd_lora_train::progress::ProgressReporter::new(10);
+fn start_training(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    resume: Option<&Path>,
+    events: bool,
+) -> Result<u8> {
     sd_lora_train::trainer::install_interrupt_handler();
-    let outcome = sd_lora_train::trainer::train(cfg, ds, resume, &mut progress)?;
+    let outcome = if events {
+        let mut progress = sd_lora_train::events::JsonEvents::stdout(10);
+        sd_lora_train::trainer::train(cfg, ds, resume, &mut progress)?
+    } else {
+        let mut progress = sd_lora_train::progress::ProgressReporter::new(10);
+        sd_lora_train::trainer::train(cfg, ds, resume, &mut progress)?
+    };
     finish_outputs(
         cfg,
         &outcome.files,
@@ -412,6 +425,15 @@ fn start_training(cfg: &TrainConfig, ds: &Dataset, resume: Option<&Path>) -> Res
         outcome.skipped_steps,
         outcome.interrupted,
     )?;
+    if events {
+        let done = serde_json::json!({
+            "type": "done",
+            "lora_file": outcome.lora_file,
+            "interrupted": outcome.interrupted,
+            "steps": outcome.steps,
+        });
+        crate::emit(&format!("{done}\n"))?;
+    }
     Ok(if outcome.interrupted { 130 } else { 0 })
 }
 

@@ -40,6 +40,41 @@ pub use sd_lora_model::builtin::BUILTIN_MODELS;
 /// The top-level tables of a training config.
 pub const SECTIONS: &[&str] = &["model", "network", "train", "dataset", "output"];
 
+/// A config section: its TOML table name and the JSON schema of its struct,
+/// from which both docs/config.md and the web app's form are generated.
+pub struct SectionSchema {
+    /// TOML path of the table, e.g. `dataset`.
+    pub table: &'static str,
+    /// `schemars::schema_for!` of the struct.
+    pub schema: schemars::Schema,
+}
+
+/// The sections `sd-lora` reads, in the order the docs present them.
+pub fn section_schemas() -> Vec<SectionSchema> {
+    vec![
+        SectionSchema {
+            table: "model",
+            schema: schemars::schema_for!(ModelSection),
+        },
+        SectionSchema {
+            table: "network",
+            schema: schemars::schema_for!(NetworkSection),
+        },
+        SectionSchema {
+            table: "train",
+            schema: schemars::schema_for!(TrainSection),
+        },
+        SectionSchema {
+            table: "dataset",
+            schema: schemars::schema_for!(sd_lora_data::DatasetConfig),
+        },
+        SectionSchema {
+            table: "output",
+            schema: schemars::schema_for!(OutputSection),
+        },
+    ]
+}
+
 /// A whole training run: what to train, on what, how, and where to write it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]

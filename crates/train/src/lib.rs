@@ -28,6 +28,7 @@ pub mod bench;
 pub mod bench_pipeline;
 pub mod class_images;
 pub mod config;
+pub mod events;
 pub mod generate;
 pub mod kohya_dataset;
 pub mod latents;

@@ -89,6 +89,12 @@ pub trait TrainProgress {
     fn step(&mut self, report: &StepReport);
     /// A message worth showing (checkpoint written, skipped step, ...).
     fn note(&mut self, message: &str);
+    /// Preview images were written after step `step`: `files` are the
+    /// images, `grid` the grid of them when one was made. Called after the
+    /// matching [`TrainProgress::note`], for displays that show them.
+    fn previews(&mut self, step: usize, files: &[PathBuf], grid: Option<&Path>) {
+        let _ = (step, files, grid);
+    }
     /// Training ended (normally or not).
     fn end(&mut self);
     /// Asked after every step: `true` stops the run there, saving a
@@ -860,7 +866,8 @@ pub fn train(
             match rendered {
                 Ok(written) => {
                     // The grids stand for the previews in the list of outputs.
-                    if let Some(grid) = written.last().filter(|_| written.len() > p.len()) {
+                    let grid = written.last().filter(|_| written.len() > p.len());
+                    if let Some(grid) = grid {
                         progress.note(&format!(
                             "step {step}: {} previews, grid {}",
                             p.len(),
@@ -868,6 +875,8 @@ pub fn train(
                         ));
                         files.push(grid.clone());
                     }
+                    let images = &written[..written.len().min(p.len())];
+                    progress.previews(step, images, grid.map(PathBuf::as_path));
                 }
                 Err(e) => progress.note(&format!(
                     "step {step}: previews failed ({e:#}); training goes on"
