@@ -516,6 +516,11 @@ fn train_follow_generate_and_tools() {
     let first = &g["images"][0];
     assert_eq!(first["settings"]["prompt"], "ohwx robot");
     assert_eq!(first["settings"]["seed"], 11);
+    assert_eq!(
+        first["settings"]["loras"][0]["path"],
+        lora.as_str(),
+        "{first}"
+    );
     assert!(
         first["parameters"]
             .as_str()

@@ -125,8 +125,10 @@ async fn artist_trains_and_generates_in_the_browser() {
         );
     };
     let ui = UiServer::start(&[]);
+    // A relative folder is taken from the repository root (tests run in crates/cli).
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let shots = std::env::var_os("SD_LORA_UI_SCREENSHOT_DIR")
-        .map(PathBuf::from)
+        .map(|d| repo.join(d))
         .unwrap_or_else(|| ui.root.join("screenshots"));
     let profile = tempfile::tempdir().unwrap();
     let config = BrowserConfig::builder()

@@ -127,8 +127,16 @@ pub async fn generate(
 
 /// GET /api/gallery: the generated images, newest first (at most 200),
 /// with their parameters.
-pub async fn gallery(State(st): State<Shared>) -> Json<Value> {
-    let mut files: Vec<(std::time::SystemTime, PathBuf)> = pngs(&gallery_dir(&st))
+pub async fn gallery(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
+    // Reading PNGs and hashing LoRA files is blocking work.
+    tokio::task::spawn_blocking(move || Json(gallery_json(&st)))
+        .await
+        .map_err(|e| ApiError::internal(format!("the gallery task failed: {e}")))
+}
+
+/// The gallery's JSON (see [`gallery`]).
+fn gallery_json(st: &Shared) -> Value {
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = pngs(&gallery_dir(st))
         .into_iter()
         .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
@@ -151,12 +159,82 @@ pub async fn gallery(State(st): State<Shared>) -> Json<Value> {
                         "seed": g.seed,
                         "width": g.width,
                         "height": g.height,
-                        "model": g.model_name,
-                        "loras": g.loras.iter().map(|l| json!({"name": l.name, "weight": l.scale})).collect::<Vec<_>>(),
+                        "model": g.model_name.as_deref().and_then(|m| find_model(st, m)),
+                        "model_name": g.model_name,
+                        "loras": g.loras.iter().map(|l| json!({
+                            "name": l.name,
+                            "weight": l.scale,
+                            "path": find_lora(st, &l.name, &l.hash),
+                        })).collect::<Vec<_>>(),
                     })
                 });
             json!({"path": p, "parameters": text, "settings": settings})
         })
         .collect();
-    Json(json!({"images": images}))
+    json!({"images": images})
+}
+
+/// The file of a LoRA a PNG names (A1111 keeps only the file's stem and a
+/// short hash of its tensors): among the `NAME.safetensors` files under the
+/// output folder and the first root (a few folders deep), the one whose
+/// hash matches — or the first, when the PNG has no hash.
+fn find_lora(st: &Shared, name: &str, hash: &str) -> Option<PathBuf> {
+    let file = format!("{name}.safetensors");
+    let mut found = Vec::new();
+    for dir in [st.output_dir.as_path(), st.roots.base()] {
+        find_files(dir, &file, 4, &mut found);
+    }
+    if hash.is_empty() {
+        return found.into_iter().next();
+    }
+    found
+        .into_iter()
+        .find(|p| st.lora_hash(p).as_deref() == Some(hash))
+}
+
+/// The model a PNG names: a built-in one as it is, else a checkpoint file
+/// (`NAME.safetensors` / `.ckpt`) or a diffusers folder named NAME under the
+/// first root, a few folders deep. None when there is no such thing (the
+/// page then keeps its model).
+fn find_model(st: &Shared, name: &str) -> Option<String> {
+    if name.starts_with("builtin:") {
+        return Some(name.to_string());
+    }
+    let mut found = Vec::new();
+    for file in [
+        format!("{name}.safetensors"),
+        format!("{name}.ckpt"),
+        name.to_string(),
+    ] {
+        find_files(st.roots.base(), &file, 4, &mut found);
+    }
+    found
+        .into_iter()
+        .find(|p| p.is_file() || p.join("model_index.json").is_file())
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Every `name` in `dir` or its sub-folders down to `depth` levels (hidden
+/// folders and symlinks left out, so nothing outside the roots is found).
+fn find_files(dir: &Path, name: &str, depth: usize, out: &mut Vec<PathBuf>) {
+    let here = dir.join(name);
+    if here.exists() && !out.contains(&here) {
+        out.push(here);
+    }
+    if depth == 0 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut subdirs: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    subdirs.sort();
+    for d in subdirs {
+        find_files(&d, name, depth - 1, out);
+    }
 }

@@ -64,6 +64,8 @@ pub(crate) struct AppState {
     pub exe: PathBuf,
     pub jobs: Arc<jobs::JobSlot>,
     pub thumbs: api_files::ThumbCache,
+    /// Short hashes of LoRA files (A1111's), by path and modification time.
+    pub lora_hashes: std::sync::Mutex<std::collections::HashMap<LoraHashKey, String>>,
     /// Where the app writes what it makes (generated images, run configs).
     pub output_dir: PathBuf,
     /// Scratch folder for the configs of dry-run checks.
@@ -71,6 +73,24 @@ pub(crate) struct AppState {
 }
 
 pub(crate) type Shared = Arc<AppState>;
+
+/// A LoRA file and its modification time.
+type LoraHashKey = (PathBuf, Option<std::time::SystemTime>);
+
+impl AppState {
+    /// A1111's short hash of the LoRA at `path`, computed once per version
+    /// of the file.
+    pub fn lora_hash(&self, path: &std::path::Path) -> Option<String> {
+        let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let key = (path.to_path_buf(), mtime);
+        if let Some(h) = self.lora_hashes.lock().ok()?.get(&key) {
+            return Some(h.clone());
+        }
+        let h = sd_lora_train::png_meta::lora_short_hash(path).ok()?;
+        self.lora_hashes.lock().ok()?.insert(key, h.clone());
+        Some(h)
+    }
+}
 
 /// The app's routes over `state` (the tests build it without a socket).
 fn router(state: Shared) -> Router {
@@ -155,6 +175,7 @@ pub fn serve(opts: UiOptions) -> Result<()> {
             exe: opts.exe.clone(),
             jobs: Arc::new(jobs::JobSlot::default()),
             thumbs: api_files::ThumbCache::default(),
+            lora_hashes: Default::default(),
             output_dir,
             scratch: scratch.clone(),
         });
