@@ -636,3 +636,36 @@ fn stop_resume_and_ctrl_c() {
         "no checkpoint from the Ctrl-C stop: {saved:?}"
     );
 }
+
+/// No endpoint runs a shell: text the page sends reaches the CLI as one
+/// argument, so shell syntax in a prompt or a caption is just text.
+#[test]
+fn shell_syntax_in_values_is_just_text() {
+    let ui = UiServer::start(&[]);
+    let prompt = "ohwx robot $(touch pwned1); touch pwned2 `touch pwned3` | touch pwned4";
+    let r = ui.post(
+        "/api/generate",
+        &json!({"model": "builtin:tiny", "prompt": prompt, "steps": 1, "width": 64, "height": 64, "seed": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = ui.events_until_exit(0, Duration::from_secs(120));
+    assert_eq!(events.last().unwrap()["status"], "finished", "{events:#?}");
+    let g = ui.get("/api/gallery").json();
+    assert_eq!(g["images"][0]["settings"]["prompt"], prompt);
+    let r = ui.post(
+        "/api/caption",
+        &json!({"image": "data/10_ohwx robot/robot_03.png", "text": "$(touch pwned5)"}),
+    );
+    assert_eq!(r.status, 200);
+    let r = ui.get("/api/dataset?path=data%3B%20touch%20pwned6");
+    assert_eq!(r.status, 400);
+    for n in 1..=6 {
+        for dir in [ui.root.clone(), ui.root.join("output/generate")] {
+            assert!(
+                !dir.join(format!("pwned{n}")).exists(),
+                "pwned{n} in {}",
+                dir.display()
+            );
+        }
+    }
+}

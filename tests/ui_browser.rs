@@ -166,7 +166,32 @@ async fn artist_trains_and_generates_in_the_browser() {
 
     // Dataset view: load the example dataset, see its eight images.
     click(&page, "button.tab[data-view=dataset]").await;
-    set_value(&page, "#ds-path", "data").await;
+    // Choose the folder with the server-side picker: open `data`, press Choose.
+    set_value(&page, "#ds-path", "").await;
+    click(&page, "#ds-browse").await;
+    wait_for(
+        &page,
+        "document.querySelector('#picker').open && document.querySelector('.picker-entry[data-path$=\"/data\"]')",
+        "the picker with the project folder",
+        Duration::from_secs(10),
+    )
+    .await;
+    click(&page, ".picker-entry[data-path$=\"/data\"]").await;
+    wait_for(
+        &page,
+        "document.querySelector('.picker-entry[data-path$=\"/10_ohwx robot\"]')",
+        "the picker inside data/",
+        Duration::from_secs(10),
+    )
+    .await;
+    click(&page, "#picker-choose").await;
+    wait_for(
+        &page,
+        "!document.querySelector('#picker').open && document.querySelector('#ds-path').value.endsWith('/data')",
+        "the chosen folder in the field",
+        Duration::from_secs(10),
+    )
+    .await;
     click(&page, "#ds-load").await;
     wait_for(
         &page,
@@ -228,7 +253,7 @@ async fn artist_trains_and_generates_in_the_browser() {
     click(&page, "#train-start").await;
     wait_for(
         &page,
-        "/running/.test(document.querySelector('#job-status').textContent)",
+        "/running|finished/.test(document.querySelector('#job-status').textContent)",
         "the run to start",
         Duration::from_secs(60),
     )
