@@ -642,7 +642,7 @@ fn stop_resume_and_ctrl_c() {
 #[test]
 fn shell_syntax_in_values_is_just_text() {
     let ui = UiServer::start(&[]);
-    let prompt = "ohwx robot $(touch pwned1); touch pwned2 `touch pwned3` | touch pwned4";
+    let prompt = "-ohwx robot $(touch pwned1); touch pwned2 `touch pwned3` | touch pwned4";
     let r = ui.post(
         "/api/generate",
         &json!({"model": "builtin:tiny", "prompt": prompt, "steps": 1, "width": 64, "height": 64, "seed": 1}),

@@ -76,10 +76,9 @@ pub async fn generate(
         "generate".into(),
         "--model".into(),
         model,
-        "--prompt".into(),
-        b.prompt.into(),
-        "--negative-prompt".into(),
-        b.negative.into(),
+        // `--flag=VALUE`: a prompt that starts with `-` stays a value.
+        format!("--prompt={}", b.prompt).into(),
+        format!("--negative-prompt={}", b.negative).into(),
     ];
     for l in &b.loras {
         args.push("--lora".into());

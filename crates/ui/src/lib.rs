@@ -206,7 +206,13 @@ pub fn serve(opts: UiOptions) -> Result<()> {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = tokio::signal::ctrl_c().await;
-                shutdown_state.jobs.shut_down().await;
+                // A second Ctrl-C stops waiting for the run to save.
+                tokio::select! {
+                    () = shutdown_state.jobs.shut_down() => {}
+                    _ = tokio::signal::ctrl_c() => {
+                        println!("second Ctrl-C: not waiting for the run any longer");
+                    }
+                }
             })
             .await
             .context("the web server stopped with an error")
