@@ -3,7 +3,7 @@
 //! example dataset, starts a short run on `builtin:tiny` from the form,
 //! reloads the page while it runs (the page must reattach), waits for the
 //! progress to reach the end with a loss chart and a preview image on the
-//! page, then generates an image with the trained LoRA. Writes screenshots
+//! page, inspects the trained file, then generates an image with it. Writes screenshots
 //! (`SD_LORA_UI_SCREENSHOT_DIR`, default the test's scratch folder); the
 //! README's is `docs/images/ui-train.png`.
 //!
@@ -291,6 +291,17 @@ async fn artist_trains_and_generates_in_the_browser() {
     .await;
     wait_for(&page, "Array.from(document.querySelectorAll('#previews img')).some(i => i.complete && i.naturalWidth > 0)", "a preview image", Duration::from_secs(30)).await;
     screenshot(&page, "ui-train.png", &shots).await;
+
+    // The LoRA files view: the trained file inspected from the train panel.
+    click(&page, "#train-inspect-lora").await;
+    wait_for(
+        &page,
+        "/kohya/.test(document.querySelector('#lora-info').textContent) && /72/.test(document.querySelector('#lora-info').textContent)",
+        "the trained LoRA's format and module count",
+        Duration::from_secs(30),
+    )
+    .await;
+    screenshot(&page, "ui-lora.png", &shots).await;
 
     // Generate view: an image with the trained LoRA.
     click(&page, "button.tab[data-view=generate]").await;
