@@ -409,13 +409,12 @@ fn start_training(
     events: bool,
 ) -> Result<u8> {
     sd_lora_train::trainer::install_interrupt_handler();
-    let outcome = if events {
-        let mut progress = sd_lora_train::events::JsonEvents::stdout(10);
-        sd_lora_train::trainer::train(cfg, ds, resume, &mut progress)?
+    let mut progress: Box<dyn sd_lora_train::trainer::TrainProgress> = if events {
+        Box::new(sd_lora_train::events::JsonEvents::stdout(10))
     } else {
-        let mut progress = sd_lora_train::progress::ProgressReporter::new(10);
-        sd_lora_train::trainer::train(cfg, ds, resume, &mut progress)?
+        Box::new(sd_lora_train::progress::ProgressReporter::new(10))
     };
+    let outcome = sd_lora_train::trainer::train(cfg, ds, resume, progress.as_mut())?;
     finish_outputs(
         cfg,
         &outcome.files,

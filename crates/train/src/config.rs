@@ -1101,50 +1101,64 @@ pub fn kohya_dataset_document(path: &Path) -> Table {
     doc
 }
 
-/// Joins relative path strings at the keys that hold file-system paths to
-/// `base`: `model.path` (unless built-in), `dataset.subsets[*].path`,
-/// `output.dir`, `train.latent_cache_dir`. Values of another type are left for
-/// the typed parse to report.
-pub fn resolve_paths(doc: &mut Table, base: &Path) {
-    if base.as_os_str().is_empty() {
-        return;
-    }
-    let fix = |v: &mut Value| {
-        if let Value::String(s) = v {
-            let p = Path::new(s.as_str());
-            if !s.is_empty() && p.is_relative() && !s.starts_with("builtin:") {
-                *s = clean(&base.join(p)).to_string_lossy().into_owned();
-            }
-        }
-    };
-    let mut at = |table: &str, key: &str| {
-        if let Some(v) = doc
-            .get_mut(table)
+/// The keys that hold file-system paths, as `(table, key)`; each
+/// `dataset.subsets[*].path` is one too (see [`try_for_each_path`]).
+const PATH_KEYS: &[(&str, &str)] = &[
+    ("model", "path"),
+    ("model", "vae"),
+    ("model", "config"),
+    ("output", "dir"),
+    ("train", "latent_cache_dir"),
+    ("train", "validation_dir"),
+    ("dataset", "kohya_config"),
+];
+
+/// Calls `f(key, value)` on every path string in `doc` (at [`PATH_KEYS`]
+/// and `dataset.subsets[N].path`, named so in `key`), stopping at the first
+/// error. Values of another type are left for the typed parse to report.
+pub fn try_for_each_path<E>(
+    doc: &mut Table,
+    mut f: impl FnMut(&str, &mut String) -> Result<(), E>,
+) -> Result<(), E> {
+    for (table, key) in PATH_KEYS {
+        if let Some(Value::String(s)) = doc
+            .get_mut(*table)
             .and_then(Value::as_table_mut)
-            .and_then(|t| t.get_mut(key))
+            .and_then(|t| t.get_mut(*key))
         {
-            fix(v);
+            f(&format!("{table}.{key}"), s)?;
         }
-    };
-    at("model", "path");
-    at("model", "vae");
-    at("model", "config");
-    at("output", "dir");
-    at("train", "latent_cache_dir");
-    at("train", "validation_dir");
-    at("dataset", "kohya_config");
+    }
     if let Some(subsets) = doc
         .get_mut("dataset")
         .and_then(Value::as_table_mut)
         .and_then(|t| t.get_mut("subsets"))
         .and_then(Value::as_array_mut)
     {
-        for s in subsets {
-            if let Some(v) = s.as_table_mut().and_then(|t| t.get_mut("path")) {
-                fix(v);
+        for (i, s) in subsets.iter_mut().enumerate() {
+            if let Some(Value::String(p)) = s.as_table_mut().and_then(|t| t.get_mut("path")) {
+                f(&format!("dataset.subsets[{i}].path"), p)?;
             }
         }
     }
+    Ok(())
+}
+
+/// Joins relative path strings at the keys that hold file-system paths to
+/// `base`: `model.path` (unless built-in), `model.vae`, `model.config`,
+/// `dataset.subsets[*].path`, `dataset.kohya_config`, `output.dir`,
+/// `train.latent_cache_dir`, `train.validation_dir`.
+pub fn resolve_paths(doc: &mut Table, base: &Path) {
+    if base.as_os_str().is_empty() {
+        return;
+    }
+    let _ = try_for_each_path(doc, |_, s| {
+        let p = Path::new(s.as_str());
+        if !s.is_empty() && p.is_relative() && !s.starts_with("builtin:") {
+            *s = clean(&base.join(p)).to_string_lossy().into_owned();
+        }
+        Ok::<(), std::convert::Infallible>(())
+    });
 }
 
 /// Removes `.` and `name/..` pairs without touching the file system, so

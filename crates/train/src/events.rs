@@ -10,7 +10,6 @@ use crate::trainer::{StepReport, TrainProgress};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// Writes training progress as JSON lines:
 ///
@@ -26,10 +25,9 @@ use std::time::Instant;
 /// A non-finite loss is written as `null` (JSON has no NaN).
 pub struct JsonEvents {
     out: Box<dyn Write + Send>,
-    /// Keeps the log lines and the smoothed loss the terminal display shows.
+    /// Keeps the log lines, the smoothed loss and the ETA the terminal
+    /// display shows.
     log: ProgressReporter,
-    start: usize,
-    began: Instant,
 }
 
 impl JsonEvents {
@@ -45,12 +43,7 @@ impl JsonEvents {
             log_every,
             Box::new(std::io::stderr()),
         );
-        JsonEvents {
-            out,
-            log,
-            start: 0,
-            began: Instant::now(),
-        }
+        JsonEvents { out, log }
     }
 
     /// Writes one event. A reader that went away (the app stopped) must not
@@ -75,15 +68,11 @@ impl TrainProgress for JsonEvents {
     }
     fn begin(&mut self, total: usize, start: usize) {
         self.log.begin(total, start);
-        self.start = start;
-        self.began = Instant::now();
         self.emit(json!({"type": "begin", "total": total, "start": start}));
     }
     fn step(&mut self, r: &StepReport) {
         TrainProgress::step(&mut self.log, r);
-        let done = r.step.saturating_sub(self.start) as f64;
-        let elapsed = self.began.elapsed().as_secs_f64();
-        let eta = (done > 0.0).then(|| elapsed / done * r.total.saturating_sub(r.step) as f64);
+        let eta = self.log.eta_seconds();
         let event = json!({
             "type": "step",
             "step": r.step,

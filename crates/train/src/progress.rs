@@ -187,15 +187,16 @@ impl ProgressReporter {
         s
     }
 
+    /// Seconds left at this run's rate (None before a step has finished).
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let rate = self.rate();
+        (rate > 0.0).then(|| self.total.saturating_sub(self.step) as f64 / rate)
+    }
+
     /// `step 20/200 (10%)  loss 0.1234  lr 1.00e-4  2.31 it/s  ETA 1m18s`.
     fn log_line(&self) -> String {
         let rate = self.rate();
-        let left = self.total.saturating_sub(self.step);
-        let eta = if rate > 0.0 {
-            fmt_duration(left as f64 / rate)
-        } else {
-            "-".to_string()
-        };
+        let eta = self.eta_seconds().map_or("-".to_string(), fmt_duration);
         let pct = (100 * self.step).checked_div(self.total).unwrap_or(100);
         format!(
             "step {}/{} ({pct}%)  {}  {:.2} it/s  ETA {eta}",

@@ -6,8 +6,10 @@ use crate::Shared;
 use crate::error::{ApiError, ApiQuery};
 use axum::Json;
 use axum::extract::State;
+use sd_lora_model::clip::ClipTokenizer;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::sync::OnceLock;
 
 #[derive(Deserialize)]
 pub struct DatasetQuery {
@@ -80,10 +82,12 @@ pub async fn dataset(
 
 /// Rare-token advice on the identifier words of `prompt`.
 fn advice_for(prompt: &str) -> Vec<Value> {
-    let Ok(tok) = sd_lora_model::clip::ClipTokenizer::embedded() else {
+    // Built once: the page asks on every change of the trigger-word box.
+    static TOKENIZER: OnceLock<Option<ClipTokenizer>> = OnceLock::new();
+    let Some(tok) = TOKENIZER.get_or_init(|| ClipTokenizer::embedded().ok()) else {
         return Vec::new();
     };
-    sd_lora_train::rare_token::check_identifier(&tok, prompt)
+    sd_lora_train::rare_token::check_identifier(tok, prompt)
         .into_iter()
         .map(|a| json!({"word": a.word, "prompt": prompt, "problem": a.problem, "suggestions": a.suggestions}))
         .collect()

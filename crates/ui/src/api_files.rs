@@ -2,12 +2,12 @@
 //! images, and writing a caption back to its `.txt` file.
 
 use crate::Shared;
-use crate::config_doc::write_atomic;
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use sd_lora_train::outputs::write_atomic;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -64,13 +64,15 @@ pub async fn list(
             continue;
         }
         let path = entry.path();
-        // Follows symlinks; one that leads outside the roots is not listed.
+        // Only a symlink can lead outside a confined folder: one that does is
+        // not listed. `metadata` follows it.
+        let link = entry.file_type().is_ok_and(|t| t.is_symlink());
+        if link && st.roots.resolve(&path.to_string_lossy(), "entry").is_err() {
+            continue;
+        }
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
         };
-        if st.roots.resolve(&path.to_string_lossy(), "entry").is_err() {
-            continue;
-        }
         entries.push((!meta.is_dir(), name, path, meta.len()));
     }
     entries.sort_by_key(|e| (e.0, e.1.to_lowercase()));
@@ -201,7 +203,7 @@ pub async fn caption(
     if text.contains('\0') {
         return Err(ApiError::bad("the caption holds a NUL character"));
     }
-    write_atomic(&txt, &format!("{text}\n"))
-        .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", txt.display())))?;
+    write_atomic(&txt, format!("{text}\n").as_bytes())
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Json(json!({"caption_file": txt})))
 }

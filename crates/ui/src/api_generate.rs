@@ -56,21 +56,10 @@ pub async fn generate(
     if b.prompt.trim().is_empty() {
         return Err(ApiError::bad("write a prompt").with_key("prompt"));
     }
-    let model = b.model.trim();
-    let model: OsString = if model.starts_with("builtin:") {
-        model.into()
-    } else if model.is_empty() {
+    if b.model.trim().is_empty() {
         return Err(ApiError::bad("choose a base model").with_key("model"));
-    } else {
-        let p = st.roots.resolve(model, "model")?;
-        if !p.exists() {
-            return Err(ApiError::bad(format!(
-                "{}: no such model file or folder",
-                p.display()
-            )));
-        }
-        p.into_os_string()
-    };
+    }
+    let model = crate::api_lora::model(&st, &b.model)?;
     let out = gallery_dir(&st);
     let mut args: Vec<OsString> = vec![
         "generate".into(),

@@ -26,13 +26,20 @@ fn path(st: &Shared, value: &str, what: &str) -> Result<OsString, ApiError> {
     Ok(st.roots.resolve(value, what)?.into_os_string())
 }
 
-/// A model: built-in or a confined path.
-fn model(st: &Shared, value: &str) -> Result<OsString, ApiError> {
+/// A model: built-in, or a confined path to something that exists.
+pub fn model(st: &Shared, value: &str) -> Result<OsString, ApiError> {
+    let value = value.trim();
     if value.starts_with("builtin:") {
-        Ok(value.into())
-    } else {
-        path(st, value, "model")
+        return Ok(value.into());
     }
+    let p = st.roots.resolve(value, "model")?;
+    if !p.exists() {
+        return Err(ApiError::bad(format!(
+            "{}: no such model file or folder",
+            p.display()
+        )));
+    }
+    Ok(p.into_os_string())
 }
 
 #[derive(Deserialize)]

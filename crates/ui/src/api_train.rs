@@ -4,11 +4,12 @@
 //! child process (`train --events`).
 
 use crate::Shared;
-use crate::config_doc::{self, confine_paths, document, output_dir, write_atomic};
+use crate::config_doc::{self, confine_paths, document, output_dir};
 use crate::error::{ApiError, ApiJson};
 use crate::jobs::JobKind;
 use axum::Json;
 use axum::extract::{Path as UrlPath, State};
+use sd_lora_train::outputs::write_atomic;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::ffi::OsString;
@@ -114,24 +115,32 @@ pub async fn preset(UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiErro
 /// Numbers the scratch config files.
 static SCRATCH: AtomicU64 = AtomicU64::new(0);
 
+/// `doc` as TOML text.
+fn toml_text(doc: &Table) -> Result<String, ApiError> {
+    toml::to_string(doc).map_err(|e| ApiError::bad(format!("cannot write the config: {e}")))
+}
+
+/// Writes `doc` to a new file `KIND-N.toml` in the scratch folder.
+fn write_scratch(st: &Shared, kind: &str, doc: &Table) -> Result<PathBuf, ApiError> {
+    let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
+    let file = st.scratch.join(format!("{kind}-{n}.toml"));
+    write_atomic(&file, toml_text(doc)?.as_bytes())
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(file)
+}
+
 /// What `train --dry-run` said of a config.
 struct DryRun {
-    ok: bool,
-    errors: Vec<Value>,
+    /// Its warnings and notes.
     warnings: Vec<String>,
-    report: String,
-    estimate: Option<String>,
+    /// Its report, or its error (naming the config key when there is one).
+    outcome: Result<String, ApiError>,
 }
 
 /// Runs `train --config DOC --dry-run [--resume DIR]`: every check the CLI
 /// makes before training, with its messages.
 async fn dry_run(st: &Shared, doc: &Table, resume: Option<&Path>) -> Result<DryRun, ApiError> {
-    let text =
-        toml::to_string(doc).map_err(|e| ApiError::bad(format!("cannot write the config: {e}")))?;
-    let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
-    let file = st.scratch.join(format!("check-{n}.toml"));
-    write_atomic(&file, &text)
-        .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", file.display())))?;
+    let file = write_scratch(st, "check", doc)?;
     let mut args: Vec<OsString> = vec![
         "train".into(),
         "--config".into(),
@@ -154,29 +163,12 @@ async fn dry_run(st: &Shared, doc: &Table, resume: Option<&Path>) -> Result<DryR
         })
         .map(str::to_string)
         .collect();
-    if run.ok() {
-        let estimate = run
-            .stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("total: "))
-            .map(str::to_string);
-        return Ok(DryRun {
-            ok: true,
-            errors: Vec::new(),
-            warnings,
-            report: run.stdout,
-            estimate,
-        });
-    }
-    let e = run.error();
-    let field = e.key.as_deref().map(crate::error::field_of);
-    Ok(DryRun {
-        ok: false,
-        errors: vec![json!({"key": e.key, "field": field, "message": e.message})],
-        warnings,
-        report: String::new(),
-        estimate: None,
-    })
+    let outcome = if run.ok() {
+        Ok(run.stdout)
+    } else {
+        Err(run.error())
+    };
+    Ok(DryRun { warnings, outcome })
 }
 
 #[derive(Deserialize)]
@@ -193,7 +185,7 @@ pub async fn check(
     ApiJson(b): ApiJson<ConfigBody>,
 ) -> Result<Json<Value>, ApiError> {
     let doc = document(&b.config)?;
-    let toml_text = toml::to_string(&doc).unwrap_or_default();
+    let text = toml_text(&doc)?;
     let command = config_doc::command_line(&doc);
     let mut confined = doc.clone();
     let dry = match confine_paths(&mut confined, &st.roots) {
@@ -202,22 +194,28 @@ pub async fn check(
             dry_run(&st, &confined, resume.as_deref()).await?
         }
         Err(e) => DryRun {
-            ok: false,
-            errors: vec![
-                json!({"key": e.key, "field": e.key.as_deref().map(crate::error::field_of), "message": e.message}),
-            ],
             warnings: Vec::new(),
-            report: String::new(),
-            estimate: None,
+            outcome: Err(e),
         },
     };
+    let (report, errors) = match &dry.outcome {
+        Ok(report) => (report.as_str(), Vec::new()),
+        Err(e) => (
+            "",
+            vec![
+                json!({"key": e.key, "field": e.key.as_deref().map(crate::error::field_of), "message": e.message}),
+            ],
+        ),
+    };
+    // The estimate is the dry run's "total:" line.
+    let estimate = report.lines().find_map(|l| l.strip_prefix("total: "));
     Ok(Json(json!({
-        "ok": dry.ok,
-        "errors": dry.errors,
+        "ok": dry.outcome.is_ok(),
+        "errors": errors,
         "warnings": dry.warnings,
-        "report": dry.report,
-        "estimate": dry.estimate,
-        "toml": toml_text,
+        "report": report,
+        "estimate": estimate,
+        "toml": text,
         "command": command,
     })))
 }
@@ -229,11 +227,8 @@ pub async fn start(
     State(st): State<Shared>,
     ApiJson(b): ApiJson<ConfigBody>,
 ) -> Result<Json<Value>, ApiError> {
-    if let Some(kind) = st.jobs.busy() {
-        return Err(ApiError::busy(format!(
-            "a {kind} run is already going; stop it or wait for it to end before starting another"
-        )));
-    }
+    // Refused before the dry run; `JobSlot::start` checks again.
+    st.jobs.ensure_idle()?;
     let mut doc = document(&b.config)?;
     confine_paths(&mut doc, &st.roots)?;
     let out = output_dir(&doc, st.roots.base());
@@ -242,21 +237,8 @@ pub async fn start(
         .resolve(&out.to_string_lossy(), "`output.dir`")
         .map_err(|e| e.with_key("output.dir"))?;
     let resume = b.resume.then(|| out.clone());
-    let dry = dry_run(&st, &doc, resume.as_deref()).await?;
-    if !dry.ok {
-        let e = &dry.errors[0];
-        let mut err = ApiError::bad(e["message"].as_str().unwrap_or("the config is not valid"));
-        if let Some(k) = e["key"].as_str() {
-            err = err.with_key(k);
-        }
-        return Err(err);
-    }
-    let text = toml::to_string(&doc)
-        .map_err(|e| ApiError::bad(format!("cannot write the config: {e}")))?;
-    let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
-    let file = st.scratch.join(format!("run-{n}.toml"));
-    write_atomic(&file, &text)
-        .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", file.display())))?;
+    dry_run(&st, &doc, resume.as_deref()).await?.outcome?;
+    let file = write_scratch(&st, "run", &doc)?;
     let mut args: Vec<OsString> = vec![
         "train".into(),
         "--config".into(),
@@ -336,9 +318,8 @@ pub async fn save(
     let mut doc = document(&b.config)?;
     confine_paths(&mut doc, &st.roots)?;
     let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
-    config_doc::relative_to(&mut doc, &dir)?;
-    let text = toml::to_string(&doc)
-        .map_err(|e| ApiError::bad(format!("cannot write the config: {e}")))?;
+    config_doc::relative_to(&mut doc, &dir);
+    let text = toml_text(&doc)?;
     let text = format!(
         "# Written by sd-lora ui; run it with: sd-lora train --config {}\n\n{text}",
         p.display()
@@ -347,7 +328,6 @@ pub async fn save(
         std::fs::create_dir_all(d)
             .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", d.display())))?;
     }
-    write_atomic(&p, &text)
-        .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", p.display())))?;
+    write_atomic(&p, text.as_bytes()).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Json(json!({"path": p})))
 }

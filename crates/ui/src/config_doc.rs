@@ -5,23 +5,10 @@
 
 use crate::error::ApiError;
 use crate::roots::Roots;
-use sd_lora_train::config::SECTIONS;
+use sd_lora_train::config::{SECTIONS, try_for_each_path};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
-
-/// Keys whose values are paths: `(table, key)`; `dataset.subsets[*].path`
-/// is handled on its own. The same list as the CLI's relative-path rule
-/// (`sd_lora_train::config::resolve_paths`).
-const PATH_KEYS: &[(&str, &str)] = &[
-    ("model", "path"),
-    ("model", "vae"),
-    ("model", "config"),
-    ("output", "dir"),
-    ("train", "latent_cache_dir"),
-    ("train", "validation_dir"),
-    ("dataset", "kohya_config"),
-];
 
 /// JSON → TOML: `null`s are left out (a key not set), integers stay
 /// integers. `key` names the value in messages.
@@ -86,39 +73,10 @@ pub fn document(config: &Json) -> Result<Table, ApiError> {
     Ok(doc)
 }
 
-/// Applies `f(key, value)` to every path string in `doc`.
-fn for_each_path(
-    doc: &mut Table,
-    mut f: impl FnMut(&str, &mut String) -> Result<(), ApiError>,
-) -> Result<(), ApiError> {
-    for (table, key) in PATH_KEYS {
-        if let Some(Value::String(s)) = doc
-            .get_mut(*table)
-            .and_then(Value::as_table_mut)
-            .and_then(|t| t.get_mut(*key))
-        {
-            f(&format!("{table}.{key}"), s)?;
-        }
-    }
-    if let Some(subsets) = doc
-        .get_mut("dataset")
-        .and_then(Value::as_table_mut)
-        .and_then(|t| t.get_mut("subsets"))
-        .and_then(Value::as_array_mut)
-    {
-        for (i, s) in subsets.iter_mut().enumerate() {
-            if let Some(Value::String(p)) = s.as_table_mut().and_then(|t| t.get_mut("path")) {
-                f(&format!("dataset.subsets[{i}].path"), p)?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Makes every path in `doc` absolute and inside the roots (built-in models
 /// are not paths). The error names the key.
 pub fn confine_paths(doc: &mut Table, roots: &Roots) -> Result<(), ApiError> {
-    for_each_path(doc, |key, s| {
+    try_for_each_path(doc, |key, s| {
         if s.is_empty() || s.starts_with("builtin:") {
             return Ok(());
         }
@@ -133,14 +91,14 @@ pub fn confine_paths(doc: &mut Table, roots: &Roots) -> Result<(), ApiError> {
 /// Rewrites absolute paths in `doc` relative to `dir` (where the file is
 /// saved) when they lie under it, so a saved config can move with its
 /// project; the CLI reads paths relative to the file's folder.
-pub fn relative_to(doc: &mut Table, dir: &Path) -> Result<(), ApiError> {
-    for_each_path(doc, |_, s| {
+pub fn relative_to(doc: &mut Table, dir: &Path) {
+    let _ = try_for_each_path(doc, |_, s| {
         if let Ok(rest) = Path::new(s.as_str()).strip_prefix(dir) {
             let rel = rest.to_string_lossy().into_owned();
             *s = if rel.is_empty() { ".".to_string() } else { rel };
         }
-        Ok(())
-    })
+        Ok::<(), std::convert::Infallible>(())
+    });
 }
 
 /// TOML → JSON for the page.
@@ -185,20 +143,6 @@ pub fn output_dir(doc: &Table, base: &Path) -> PathBuf {
     } else {
         base.join(dir)
     }
-}
-
-/// Writes `text` to `path` atomically: a temporary file beside it, then a
-/// rename, so a crash leaves the old file or the new one, never half.
-pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 #[cfg(test)]
@@ -255,7 +199,7 @@ mod tests {
                 .map(PathBuf::from),
             Some(base.join("data"))
         );
-        relative_to(&mut doc, &base).unwrap();
+        relative_to(&mut doc, &base);
         assert_eq!(doc["output"]["dir"].as_str(), Some("out/run"));
         let mut bad = document(&json!({"dataset": {"subsets": [{"path": "../x"}]}})).unwrap();
         let e = confine_paths(&mut bad, &roots).unwrap_err();

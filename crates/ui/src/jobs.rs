@@ -119,12 +119,28 @@ impl JobSlot {
     }
 
     /// Whether a job is running.
-    pub fn busy(&self) -> Option<&'static str> {
-        let s = self.lock();
-        s.job
+    fn running(&self) -> bool {
+        self.lock()
+            .job
             .as_ref()
-            .filter(|j| j.status == "running")
-            .map(|j| j.kind.name())
+            .is_some_and(|j| j.status == "running")
+    }
+
+    /// Refused while a job runs: the message says which.
+    fn idle(s: &Slot) -> Result<(), ApiError> {
+        match s.job.as_ref().filter(|j| j.status == "running") {
+            Some(j) => Err(ApiError::busy(format!(
+                "a {} run is already going (started as `{}`); stop it or wait for it to end before starting another",
+                j.kind.name(),
+                j.command
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// `Ok` when no job runs (checked again when one is started).
+    pub fn ensure_idle(&self) -> Result<(), ApiError> {
+        Self::idle(&self.lock())
     }
 
     /// Appends `event` to job `id` (ignored when another job has started).
@@ -168,13 +184,7 @@ impl JobSlot {
         on_exit: OnExit,
     ) -> Result<Value, ApiError> {
         let mut s = self.lock();
-        if let Some(j) = s.job.as_ref().filter(|j| j.status == "running") {
-            return Err(ApiError::busy(format!(
-                "a {} run is already going (started as `{}`); stop it or wait for it to end before starting another",
-                j.kind.name(),
-                j.command
-            )));
-        }
+        Self::idle(&s)?;
         let command = crate::cli::command_line(&args);
         let mut child = tokio::process::Command::new(exe)
             .args(&args)
@@ -290,19 +300,14 @@ impl JobSlot {
     /// stop and waited for (up to two minutes), so it saves its state.
     pub async fn shut_down(&self) {
         self.closing.send_replace(true);
-        let running = self
-            .lock()
-            .job
-            .as_ref()
-            .is_some_and(|j| j.status == "running");
-        if !running {
+        if !self.running() {
             return;
         }
         println!("stopping the running job (it saves a checkpoint first)…");
         let _ = self.stop();
         let mut tick = self.tick.subscribe();
         let wait = async {
-            while self.busy().is_some() {
+            while self.running() {
                 if tick.changed().await.is_err() {
                     break;
                 }

@@ -187,13 +187,6 @@ pub enum KronVar {
 }
 
 impl KronVar {
-    fn factor(&self, f: &dyn Fn(&Var) -> Result<Tensor>) -> Result<KronFactor> {
-        Ok(match self {
-            KronVar::Full(v) => KronFactor::Full(f(v)?),
-            KronVar::LowRank { a, b } => KronFactor::LowRank { a: f(a)?, b: f(b)? },
-        })
-    }
-
     fn view(&self) -> KronFactor {
         match self {
             KronVar::Full(v) => KronFactor::Full(v.as_tensor().clone()),
@@ -329,48 +322,31 @@ impl AdapterParams {
 
     /// Copies of the current values as f32 CPU module weights with `alpha`.
     pub fn snapshot(&self, alpha: f32) -> Result<ModuleWeights> {
-        let snap = |v: &Var| -> Result<Tensor> {
-            v.as_tensor()
-                .detach()
+        let snap = |t: &Tensor| -> Result<Tensor> {
+            t.detach()
                 .to_dtype(DType::F32)?
                 .to_device(&candle_core::Device::Cpu)?
                 .copy()
         };
-        Ok(match self {
-            AdapterParams::LowRank { down, up, dora } => ModuleWeights::LowRank(LoraModule {
-                down: snap(down)?,
-                up: snap(up)?,
+        Ok(match self.view(alpha) {
+            ModuleWeights::LowRank(m) => ModuleWeights::LowRank(LoraModule {
+                down: snap(&m.down)?,
+                up: snap(&m.up)?,
                 alpha,
-                dora_scale: dora.as_ref().map(|(m, _)| snap(m)).transpose()?,
+                dora_scale: m.dora_scale.as_ref().map(snap).transpose()?,
             }),
-            AdapterParams::Hada {
-                w1_a,
-                w1_b,
-                w2_a,
-                w2_b,
-            } => ModuleWeights::Lycoris(LycorisModule::Hada {
-                w1_a: snap(w1_a)?,
-                w1_b: snap(w1_b)?,
-                w2_a: snap(w2_a)?,
-                w2_b: snap(w2_b)?,
-                alpha,
-            }),
-            AdapterParams::Kron { w1, w2 } => ModuleWeights::Lycoris(LycorisModule::Kron {
-                w1: w1.factor(&snap)?,
-                w2: w2.factor(&snap)?,
-                alpha,
-            }),
+            ModuleWeights::Lycoris(l) => ModuleWeights::Lycoris(l.map(&snap)?),
         })
     }
 
-    /// The current values as module weights sharing the variables' storage
-    /// (no copy; for shape checks).
-    pub fn view(&self) -> ModuleWeights {
+    /// The current values as module weights with `alpha`, sharing the
+    /// variables' storage (no copy).
+    pub fn view(&self, alpha: f32) -> ModuleWeights {
         match self {
             AdapterParams::LowRank { down, up, dora } => ModuleWeights::LowRank(LoraModule {
                 down: down.as_tensor().clone(),
                 up: up.as_tensor().clone(),
-                alpha: 1.0,
+                alpha,
                 dora_scale: dora.as_ref().map(|(m, _)| m.as_tensor().clone()),
             }),
             AdapterParams::Hada {
@@ -383,12 +359,12 @@ impl AdapterParams {
                 w1_b: w1_b.as_tensor().clone(),
                 w2_a: w2_a.as_tensor().clone(),
                 w2_b: w2_b.as_tensor().clone(),
-                alpha: 1.0,
+                alpha,
             }),
             AdapterParams::Kron { w1, w2 } => ModuleWeights::Lycoris(LycorisModule::Kron {
                 w1: w1.view(),
                 w2: w2.view(),
-                alpha: 1.0,
+                alpha,
             }),
         }
     }
@@ -540,7 +516,7 @@ impl LoraAdapter {
         out_features: usize,
     ) -> Result<()> {
         self.params
-            .view()
+            .view(self.alpha)
             .check_fits(kind, in_features, out_features)
             .map_err(candle_core::Error::Msg)
     }
