@@ -352,7 +352,11 @@ fn config_check_load_and_save() {
             .starts_with("sd-lora train --set ")
     );
     for (key, value, msg) in [
-        ("train.steps", json!(-3), "train.steps"),
+        (
+            "train.steps",
+            json!(-3),
+            "`train.steps` in the form: invalid value",
+        ),
         ("network.rank", json!(0), "must be at least 1"),
         ("train.stepz", json!(3), "unknown field `stepz`"),
     ] {

@@ -166,7 +166,10 @@ async fn dry_run(st: &Shared, doc: &Table, resume: Option<&Path>) -> Result<DryR
     let outcome = if run.ok() {
         Ok(run.stdout)
     } else {
-        Err(run.error())
+        // The CLI names the config file; here that is the form.
+        let mut e = run.error();
+        e.message = e.message.replace(&file.display().to_string(), "the form");
+        Err(e)
     };
     Ok(DryRun { warnings, outcome })
 }
